@@ -1,0 +1,35 @@
+"""streamq: re-quantize a Hugging Face model repo to 4-bit bitsandbytes shard by shard, resumably."""
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    AccessDeniedError,
+    AlreadyQuantizedError,
+    CorruptShardError,
+    ManifestMismatchError,
+    NoSafetensorsError,
+    OutputNotWritableError,
+    SourceNotFoundError,
+    StreamqError,
+    UnsupportedDtypeError,
+    UnsupportedModelError,
+)
+from .pipeline import RequantizeResult, ShardRecord, iter_requantize, stream_requantize  # noqa: E402
+
+__all__ = [
+    "AccessDeniedError",
+    "AlreadyQuantizedError",
+    "CorruptShardError",
+    "ManifestMismatchError",
+    "NoSafetensorsError",
+    "OutputNotWritableError",
+    "RequantizeResult",
+    "ShardRecord",
+    "SourceNotFoundError",
+    "StreamqError",
+    "UnsupportedDtypeError",
+    "UnsupportedModelError",
+    "__version__",
+    "iter_requantize",
+    "stream_requantize",
+]

@@ -1,0 +1,161 @@
+"""Sources: where the input model is read from, one whole shard at a time.
+
+A source lists its files, reads small files and safetensors headers without downloading weights, and
+fetches one shard into the work directory. The pipeline only talks to the `Source` protocol, so a
+source that reads tensors by HTTP range can replace whole-file downloads without touching the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, NotASafetensorsRepoError, SafetensorsParsingError
+from safetensors import SafetensorError, safe_open
+
+from . import hub
+from .errors import CorruptShardError, SourceNotFoundError
+from .targets import TensorInfo
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    size: int
+    sha256: str | None  # known up front for Hub LFS files
+
+
+@dataclass(frozen=True)
+class Fetched:
+    path: Path
+    sha256: str
+    temporary: bool  # True when streamq downloaded it and must delete it
+
+
+class Source(Protocol):
+    name: str  # what the user passed, for messages and the manifest
+    revision: str | None  # the resolved commit, None for a local directory
+
+    def files(self) -> dict[str, SourceFile]: ...
+
+    def read_text(self, path: str) -> str: ...
+
+    def copy_to(self, path: str, dest: Path) -> Path: ...
+
+    def headers(self, filenames: list[str]) -> dict[str, dict[str, TensorInfo]]: ...
+
+    def fetch(self, path: str, work_dir: Path) -> Fetched: ...
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_header(path: Path, name: str) -> dict[str, TensorInfo]:
+    """Tensor names, dtypes and shapes of a local safetensors file (safetensors validates the layout)."""
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: TensorInfo(f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
+        raise CorruptShardError(f"{name}: not a valid safetensors file ({exc}); re-upload or re-save it") from exc
+
+
+class LocalSource:
+    """A model directory on this machine; shards are read in place, never copied or deleted."""
+
+    def __init__(self, root: Path) -> None:
+        if not root.is_dir():
+            raise SourceNotFoundError(f"source directory {root} does not exist")
+        self.root = root.resolve()
+        self.name = str(self.root)
+        self.revision = None
+
+    def files(self) -> dict[str, SourceFile]:
+        found = {}
+        for path in sorted(self.root.rglob("*")):
+            rel = path.relative_to(self.root).as_posix()
+            if path.is_file() and not rel.startswith((".git/", ".cache/")):
+                found[rel] = SourceFile(path.stat().st_size, None)
+        return found
+
+    def read_text(self, path: str) -> str:
+        return (self.root / path).read_text(encoding="utf-8")
+
+    def copy_to(self, path: str, dest: Path) -> Path:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.root / path, dest)
+        return dest
+
+    def headers(self, filenames: list[str]) -> dict[str, dict[str, TensorInfo]]:
+        return {name: read_header(self.root / name, name) for name in filenames}
+
+    def fetch(self, path: str, work_dir: Path) -> Fetched:
+        local = self.root / path
+        return Fetched(local, file_sha256(local), temporary=False)
+
+
+class HubSource:
+    """A Hub repo pinned to the commit its revision pointed at when the run started."""
+
+    def __init__(self, api: HfApi, repo_id: str, revision: str | None) -> None:
+        self.api = api
+        self.repo_id = repo_id
+        self.name = repo_id
+        with hub.reading(repo_id if revision is None else f"{repo_id}@{revision}"):
+            info = api.model_info(repo_id, revision=revision, files_metadata=True)
+        self.revision = info.sha
+        self._files = {
+            s.rfilename: SourceFile(s.size or 0, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []
+        }
+
+    def files(self) -> dict[str, SourceFile]:
+        return dict(self._files)
+
+    def _download(self, path: str, local_dir: Path) -> Path:
+        with hub.reading(self.repo_id):
+            return Path(
+                hf_hub_download(
+                    self.repo_id, path, revision=self.revision, local_dir=local_dir, endpoint=self.api.endpoint,
+                    token=self.api.token,
+                )
+            )
+
+    def read_text(self, path: str) -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            return self._download(path, Path(tmp)).read_text(encoding="utf-8")
+
+    def copy_to(self, path: str, dest: Path) -> Path:
+        downloaded = self._download(path, dest.parent / ".download")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        downloaded.replace(dest)
+        return dest
+
+    def headers(self, filenames: list[str]) -> dict[str, dict[str, TensorInfo]]:
+        found = {}
+        for name in filenames:
+            try:
+                with hub.reading(self.repo_id):
+                    meta = self.api.parse_safetensors_file_metadata(self.repo_id, name, revision=self.revision)
+            except (SafetensorsParsingError, NotASafetensorsRepoError) as exc:
+                raise CorruptShardError(f"{name}: cannot read its safetensors header ({exc})") from exc
+            found[name] = {k: TensorInfo(t.dtype, tuple(t.shape)) for k, t in meta.tensors.items()}
+        return found
+
+    def fetch(self, path: str, work_dir: Path) -> Fetched:
+        """Download exactly one file into `work_dir` (not the shared cache, so deleting it frees the disk)."""
+        try:
+            local = self._download(path, work_dir / "in")
+        except EntryNotFoundError as exc:
+            raise SourceNotFoundError(f"{self.repo_id}: {path} is listed but cannot be downloaded") from exc
+        digest = file_sha256(local)
+        expected = self._files.get(path, SourceFile(0, None)).sha256
+        if expected is not None and digest != expected:
+            local.unlink(missing_ok=True)
+            raise CorruptShardError(f"{path}: downloaded bytes have sha256 {digest}, the Hub says {expected}; run again")
+        return Fetched(local, digest, temporary=True)

@@ -1,0 +1,66 @@
+"""The few things streamq needs around `huggingface_hub`: a client, and errors a user can act on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from huggingface_hub import HfApi
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from .errors import AccessDeniedError, OutputNotWritableError, SourceNotFoundError, StreamqError
+
+
+def make_api(token: str | bool | None, endpoint: str | None) -> HfApi:
+    """One client for the whole run; `token`/`endpoint` default the way huggingface_hub resolves them."""
+    return HfApi(endpoint=endpoint, token=token, library_name="streamq")
+
+
+@contextmanager
+def reading(repo: str) -> Iterator[None]:
+    """Turn the client's read errors into messages that say what to check."""
+    try:
+        yield
+    except GatedRepoError as exc:
+        raise AccessDeniedError(
+            f"{repo} is gated: accept its terms on the Hub with the account of your token, then run again"
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise SourceNotFoundError(f"{repo}: revision not found; check the branch, tag or commit after '@'") from exc
+    except EntryNotFoundError:
+        raise
+    except RepositoryNotFoundError as exc:
+        raise SourceNotFoundError(
+            f"repo {repo} not found, or private and your token cannot see it; check the name, or log in "
+            "(HF_TOKEN or token=) with an account that can read it"
+        ) from exc
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            raise AccessDeniedError(f"no read access to {repo} (HTTP {status}); use a token that can read it") from exc
+        raise StreamqError(f"reading {repo} failed: {_short(exc)}; run again to resume") from exc
+
+
+@contextmanager
+def writing(repo: str) -> Iterator[None]:
+    """Turn the client's write errors into messages that say what to check."""
+    try:
+        yield
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            raise OutputNotWritableError(
+                f"cannot write to {repo} (HTTP {status}): use a token with write access to it (HF_TOKEN or token=)"
+            ) from exc
+        raise StreamqError(f"publishing to {repo} failed: {_short(exc)}; run again to resume") from exc
+
+
+def _short(exc: Exception) -> str:
+    """First line of a client error, which holds the status and the server's message but no token."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

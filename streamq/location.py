@@ -1,0 +1,47 @@
+"""Where a model lives: a local directory or a Hub repo (optionally at a revision)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class LocalDir:
+    path: Path
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+@dataclass(frozen=True)
+class HubRepo:
+    repo_id: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return self.repo_id if self.revision is None else f"{self.repo_id}@{self.revision}"
+
+
+Location = LocalDir | HubRepo
+
+
+def parse_location(value: str | Path, *, allow_revision: bool = True) -> Location:
+    """A `Path`, or a string starting with `/`, `.` or `~`, is local; any other string is a repo id.
+
+    A repo id may carry `@revision` (source only), as in `org/model@v1.0`.
+    """
+    if isinstance(value, Path):
+        return LocalDir(value.expanduser())
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a Hub repo id or a local path, got {value!r}")
+    if value.startswith(("/", ".", "~")):
+        return LocalDir(Path(value).expanduser())
+    repo_id, sep, revision = value.partition("@")
+    if sep and not allow_revision:
+        raise ValueError(f"{value!r}: an output repo takes no @revision (use branch= to publish to a branch)")
+    if sep and not revision:
+        raise ValueError(f"{value!r}: empty revision after '@'")
+    if repo_id.count("/") > 1 or not repo_id.strip("/"):
+        raise ValueError(f"{value!r} is not a Hub repo id ('org/name') nor a local path (start it with ./ or /)")
+    return HubRepo(repo_id, revision or None)

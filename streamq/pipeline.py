@@ -1,0 +1,266 @@
+"""The run: plan -> (fetch -> quantize -> write -> publish -> record) per shard -> finish.
+
+`iter_requantize` is the pipeline as an iterator, yielding one record per shard as it is published;
+`stream_requantize` drives it and returns the summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Generator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from tqdm.auto import tqdm
+
+from . import __version__
+from .convert import convert_shard
+from .errors import OutputNotWritableError, StreamqError
+from .fetch import HubSource, LocalSource, Source
+from .finish import output_config, output_index
+from .hub import make_api
+from .location import HubRepo, LocalDir, parse_location
+from .manifest import MANIFEST_NAME, Manifest, ShardEntry
+from .modelcard import render_model_card
+from .plan import INDEX_NAME, Plan, ShardPlan, build_plan
+from .publish import HubSink, LocalSink, Payload, Sink
+from .settings import QuantSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One shard, as published (or found already published by an earlier run)."""
+
+    index: int
+    total: int
+    name: str
+    input_bytes: int
+    output_bytes: int
+    skipped: bool  # done by an earlier run: not downloaded again
+    committed: bool  # False while its bytes are uploaded but wait for a later commit
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RequantizeResult:
+    source: str
+    source_revision: str | None
+    output: str
+    shards: int
+    shards_skipped: int
+    bytes_in: int
+    bytes_out: int
+    tensors_quantized: int
+    tensors_kept: int
+    device: str
+    elapsed: float
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_in / self.bytes_out if self.bytes_out else 0.0
+
+
+def stream_requantize(src: str | Path, dst: str | Path, **options) -> RequantizeResult:
+    """Re-quantize `src` into `dst` shard by shard; run it again to resume. Options: see `iter_requantize`."""
+    run = iter_requantize(src, dst, **options)
+    while True:
+        try:
+            next(run)
+        except StopIteration as done:
+            return done.value
+
+
+def iter_requantize(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    revision: str | None = None,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    blocksize: int = 64,
+    compute_dtype: str = "bfloat16",
+    skip_modules: Sequence[str] | None = None,
+    work_dir: str | Path | None = None,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+    private: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    min_commit_interval: float = 36.0,
+) -> Generator[ShardRecord, None, RequantizeResult]:
+    """Yield a `ShardRecord` per shard as it is published; the generator returns the `RequantizeResult`.
+
+    `src`/`dst`: a `Path` or a string starting with `/`, `.` or `~` is a local directory, any other string
+    a Hub repo id (`src` may be `id@revision`). `work_dir` holds the one input and one output shard
+    (default: a temporary directory). `min_commit_interval` spaces Hub commits (the Hub limits them per
+    hour); shards uploaded in between are committed with the next one. `overwrite` discards an
+    existing output made with other settings or from another revision.
+    """
+    started = time.monotonic()
+    settings = QuantSettings(quant_type, double_quant, blocksize, compute_dtype, tuple(skip_modules) if skip_modules is not None else None)
+    src_loc = parse_location(src)
+    dst_loc = parse_location(dst, allow_revision=False)
+    if isinstance(src_loc, HubRepo) and revision is not None:
+        if src_loc.revision not in (None, revision):
+            raise ValueError(f"two revisions given for {src_loc.repo_id}: @{src_loc.revision} and revision={revision!r}")
+        src_loc = HubRepo(src_loc.repo_id, revision)
+    if _same_location(src_loc, dst_loc):
+        raise StreamqError(f"the output {dst} is the source itself; choose another output repo or directory")
+    device = _resolve_device(device)
+
+    with ExitStack() as stack:
+        work = _work_dir(work_dir, stack)
+        if not progress and not are_progress_bars_disabled():
+            disable_progress_bars()
+            stack.callback(enable_progress_bars)
+        api = make_api(token, endpoint) if isinstance(src_loc, HubRepo) or isinstance(dst_loc, HubRepo) else None
+        source: Source = HubSource(api, src_loc.repo_id, src_loc.revision) if isinstance(src_loc, HubRepo) else LocalSource(src_loc.path)
+        plan = build_plan(source, settings, work / "meta", trust_remote_code=trust_remote_code)
+        for warning in plan.warnings:
+            logger.warning(warning)
+        sink: Sink = (
+            HubSink(api, dst_loc.repo_id, private=private, min_commit_interval=min_commit_interval)
+            if isinstance(dst_loc, HubRepo)
+            else LocalSink(dst_loc.path)
+        )
+        manifest = _open_manifest(sink, plan, settings, device, work, overwrite)
+        _clean_leftovers(work)
+
+        bar = stack.enter_context(tqdm(total=plan.input_bytes, unit="B", unit_scale=True, disable=not progress, desc="streamq"))
+        total = len(plan.shards)
+        skipped = 0
+        for number, shard in enumerate(plan.shards, 1):
+            shard_started = time.monotonic()
+            done = manifest.shards.get(shard.name)
+            if done is not None and _still_valid(done, shard):
+                bar.update(shard.size)
+                skipped += 1
+                yield ShardRecord(number, total, shard.name, shard.size, done.output_size, True, True, 0.0)
+                continue
+
+            def phase(name: str, number: int = number) -> None:
+                bar.set_description(f"shard {number}/{total} {name}")
+
+            output, entry = convert_shard(source, shard, plan, work, device, phase)
+            phase("upload")
+            manifest.shards[shard.name] = entry
+            committed = sink.add_shard(output, shard.name, manifest)
+            bar.update(shard.size)
+            yield ShardRecord(number, total, shard.name, shard.size, entry.output_size, False, committed, time.monotonic() - shard_started)
+
+        bar.set_description("finishing")
+        if manifest.status != "done":
+            manifest.status = "done"
+            sink.finalize(_final_files(source, plan, manifest, work, dst_loc, trust_remote_code), manifest)
+        bar.set_description("done")
+
+    entries = manifest.shards.values()
+    rules = plan.rules.values()
+    return RequantizeResult(
+        source=plan.source,
+        source_revision=plan.revision,
+        output=sink.location,
+        shards=total,
+        shards_skipped=skipped,
+        bytes_in=plan.input_bytes,
+        bytes_out=sum(e.output_size for e in entries),
+        tensors_quantized=sum(1 for r in rules if r.action == "quantize"),
+        tensors_kept=sum(1 for r in rules if r.action == "keep"),
+        device=device,
+        elapsed=time.monotonic() - started,
+    )
+
+
+def _same_location(a: HubRepo | LocalDir, b: HubRepo | LocalDir) -> bool:
+    if isinstance(a, HubRepo) and isinstance(b, HubRepo):
+        return a.repo_id == b.repo_id
+    if isinstance(a, LocalDir) and isinstance(b, LocalDir):
+        return a.path.resolve() == b.path.resolve()
+    return False
+
+
+def _resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise StreamqError("device='cuda' but torch sees no CUDA device; use device='cpu' or 'auto'")
+    return device
+
+
+def _work_dir(work_dir: str | Path | None, stack: ExitStack) -> Path:
+    """The given directory (kept, so a partial download can be reused), or a temporary one (removed)."""
+    if work_dir is None:
+        path = Path(tempfile.mkdtemp(prefix="streamq-"))
+        stack.callback(shutil.rmtree, path, ignore_errors=True)
+        return path
+    path = Path(work_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputNotWritableError(f"cannot create work_dir {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def _open_manifest(sink: Sink, plan: Plan, settings: QuantSettings, device: str, work: Path, overwrite: bool) -> Manifest:
+    """Resume the manifest already in the output, after checking it describes the same job."""
+    fresh = Manifest(plan.source, plan.revision, settings.as_dict(), device, __version__)
+    existing = sink.read_manifest(work / "meta-out")
+    if existing is not None and not overwrite:
+        existing.check_compatible(fresh)
+        return existing
+    leftovers = sink.existing_files()
+    if leftovers and not overwrite:
+        raise OutputNotWritableError(
+            f"{sink.location} already holds files ({', '.join(leftovers[:3])}) that streamq did not write; "
+            "choose an empty output, or pass overwrite=True (--overwrite) to replace them"
+        )
+    if leftovers:
+        sink.clear()
+    return fresh
+
+
+def _clean_leftovers(work: Path) -> None:
+    """Output shards from a dead run are never trusted: they are remade. Inputs are re-checked by sha256."""
+    shutil.rmtree(work / "out", ignore_errors=True)
+    shutil.rmtree(work / "extra", ignore_errors=True)
+
+
+def _still_valid(entry: ShardEntry, shard: ShardPlan) -> bool:
+    """A published shard counts only if it came from these exact input bytes."""
+    if shard.sha256 is not None:
+        return entry.input_sha256 == shard.sha256
+    return entry.input_size == shard.size
+
+
+def _final_files(source: Source, plan: Plan, manifest: Manifest, work: Path, dst: HubRepo | LocalDir, trust_remote_code: bool) -> dict[str, Payload]:
+    """Carried-over files first, then the model card, config.json and the index last."""
+    files: dict[str, Payload] = {}
+    source_card = None
+    for name in plan.extra_files:
+        if name in ("config.json", MANIFEST_NAME):
+            continue
+        path = source.fetch(name, work / "extra").path
+        if name == "README.md":
+            source_card = path.read_text(encoding="utf-8", errors="replace")
+            continue
+        files[name] = path
+    output_bytes = sum(e.output_size for e in manifest.shards.values())
+    repo_name = dst.repo_id if isinstance(dst, HubRepo) else str(dst.path)
+    files["README.md"] = render_model_card(plan, repo_name, source_card, output_bytes).encode()
+    files["config.json"] = output_config(plan, work / "meta", trust_remote_code)
+    if not plan.single_file:
+        files[INDEX_NAME] = output_index(plan, manifest)
+    return files

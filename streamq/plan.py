@@ -1,0 +1,144 @@
+"""Plan a run from the source's small files and safetensors headers, before any weight is downloaded."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import AlreadyQuantizedError, CorruptShardError, NoSafetensorsError, UnsupportedDtypeError, UnsupportedModelError
+from .fetch import Source, SourceFile
+from .settings import QuantSettings
+from .targets import TensorInfo, TensorPlan, TensorRule, plan_tensors
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+SUPPORTED_DTYPES = {"F16", "BF16", "F32", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL"}
+# Weight files of any format: never carried into the 4-bit repo.
+WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.gguf|\.onnx|\.onnx_data|\.safetensors\.index\.json|\.bin\.index\.json)$")
+QUANTIZED_KEY = re.compile(r"\.(absmax|quant_map|quant_state\.[\w]+|qweight|qzeros|scales|g_idx|weight_scale|weight_scale_inv|input_scale|weight_packed|SCB)$")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    name: str
+    size: int
+    sha256: str | None
+    keys: tuple[str, ...]
+
+
+@dataclass
+class Plan:
+    source: str
+    revision: str | None
+    settings: QuantSettings
+    config: dict[str, Any]
+    shards: list[ShardPlan]
+    tensors: TensorPlan
+    tensor_info: dict[str, TensorInfo]
+    extra_files: list[str]
+    single_file: bool
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def rules(self) -> dict[str, TensorRule]:
+        return self.tensors.rules
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+
+def build_plan(source: Source, settings: QuantSettings, meta_dir: Path, *, trust_remote_code: bool = False) -> Plan:
+    """Read config, index and headers; refuse inputs streamq cannot convert faithfully."""
+    files = source.files()
+    if "config.json" not in files:
+        raise UnsupportedModelError(f"{source.name} has no config.json; streamq converts transformers model repos")
+    config = json.loads(source.read_text("config.json"))
+    _refuse_quantized_config(source.name, config)
+    shard_names, weight_map, single = _weight_files(source, files)
+    headers = source.headers(shard_names)
+    tensor_info: dict[str, TensorInfo] = {}
+    shards = []
+    for name in shard_names:
+        keys = tuple(headers[name])
+        for key in keys:
+            if key in tensor_info:
+                raise CorruptShardError(f"{name}: tensor {key} also appears in another shard; the checkpoint is inconsistent")
+            tensor_info[key] = headers[name][key]
+        if weight_map is not None:
+            _check_index(name, keys, weight_map)
+        shards.append(ShardPlan(name, files[name].size, files[name].sha256, keys))
+    if weight_map is not None:
+        listed = set(weight_map) - set(tensor_info)
+        if listed:
+            raise CorruptShardError(f"{INDEX_NAME} names {len(listed)} tensor(s) no shard holds, e.g. {sorted(listed)[0]}")
+    _check_tensors(tensor_info, headers)
+    config_dir = _stage_config(source, files, meta_dir, trust_remote_code)
+    tensors = plan_tensors(config, tensor_info, settings, trust_remote_code=trust_remote_code, model_dir=str(config_dir))
+    extra = [f for f in files if not WEIGHT_FILE.search(f) and f != ".gitattributes"]
+    return Plan(source.name, source.revision, settings, config, shards, tensors, tensor_info, extra, single, list(tensors.warnings))
+
+
+def _refuse_quantized_config(name: str, config: dict[str, Any]) -> None:
+    quant = config.get("quantization_config") or config.get("compression_config")
+    if quant:
+        method = quant.get("quant_method", "unknown method") if isinstance(quant, dict) else "unknown method"
+        raise AlreadyQuantizedError(
+            f"{name} is already quantized ({method}); start from the full-precision model instead"
+        )
+
+
+def _weight_files(source: Source, files: dict[str, SourceFile]) -> tuple[list[str], dict[str, str] | None, bool]:
+    if INDEX_NAME in files:
+        try:
+            weight_map = json.loads(source.read_text(INDEX_NAME))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CorruptShardError(f"{INDEX_NAME} is not a valid index ({exc})") from exc
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if n not in files]
+        if missing:
+            raise CorruptShardError(f"{INDEX_NAME} names shard {missing[0]}, which is not in {source.name}")
+        return names, weight_map, False
+    if SINGLE_NAME in files:
+        return [SINGLE_NAME], None, True
+    others = [f for f in files if WEIGHT_FILE.search(f)]
+    found = f" (found: {', '.join(others[:3])})" if others else ""
+    raise NoSafetensorsError(
+        f"{source.name} has no safetensors weights{found}; streamq reads only safetensors, never pickle files. "
+        "Convert the model to safetensors first (for example by loading and saving it with transformers)"
+    )
+
+
+def _check_index(name: str, keys: tuple[str, ...], weight_map: dict[str, str]) -> None:
+    for key in keys:
+        if weight_map.get(key) != name:
+            raise CorruptShardError(
+                f"{name} holds tensor {key}, but {INDEX_NAME} maps it to {weight_map.get(key)!r}; the index is inconsistent"
+            )
+
+
+def _check_tensors(tensor_info: dict[str, TensorInfo], headers: dict[str, dict[str, TensorInfo]]) -> None:
+    quantized = [k for k in tensor_info if QUANTIZED_KEY.search(k)]
+    if quantized:
+        raise AlreadyQuantizedError(
+            f"the checkpoint already holds quantized tensors (e.g. {quantized[0]}); start from the full-precision model"
+        )
+    for name, tensors in headers.items():
+        for key, info in tensors.items():
+            if info.dtype not in SUPPORTED_DTYPES:
+                hint = " (an FP8 checkpoint is already quantized)" if info.dtype.startswith("F8") else ""
+                raise UnsupportedDtypeError(
+                    f"{name}: tensor {key} has dtype {info.dtype}{hint}; streamq converts F16, BF16, F32 and F64 weights"
+                )
+
+
+def _stage_config(source: Source, files: dict[str, SourceFile], meta_dir: Path, trust_remote_code: bool) -> Path:
+    """Put config.json (and custom code, only if trusted) where transformers' AutoConfig can read it."""
+    meta_dir.mkdir(parents=True, exist_ok=True)
+    wanted = ["config.json"] + ([f for f in files if f.endswith(".py")] if trust_remote_code else [])
+    for name in wanted:
+        source.copy_to(name, meta_dir / name)
+    return meta_dir

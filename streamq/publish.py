@@ -1,0 +1,172 @@
+"""Sinks: where output shards are published, together with the manifest that records them.
+
+Both sinks keep the same promise: a shard is visible in the output exactly when the manifest beside
+it says so, and config.json plus the index only appear in the final step, so an unfinished output
+never looks like a loadable model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Protocol
+
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+from . import hub
+from .errors import OutputNotWritableError
+from .manifest import MANIFEST_NAME, Manifest
+
+logger = logging.getLogger(__name__)
+
+# A file to publish: its bytes, or a local path to take them from.
+Payload = bytes | Path
+
+
+class Sink(Protocol):
+    location: str  # URL or path shown to the user
+
+    def read_manifest(self, scratch: Path) -> Manifest | None: ...
+
+    def existing_files(self) -> list[str]: ...
+
+    def clear(self) -> None: ...
+
+    def add_shard(self, local: Path, name: str, manifest: Manifest) -> bool:
+        """Take ownership of `local` (moved or deleted); True when it is committed already."""
+        ...
+
+    def finalize(self, files: dict[str, Payload], manifest: Manifest) -> None: ...
+
+
+class LocalSink:
+    """An output directory; shards are moved in, the manifest is replaced atomically after each."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.location = str(self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".streamq-write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise OutputNotWritableError(f"cannot write to {self.root}: {exc.strerror or exc}; choose another output") from exc
+
+    def read_manifest(self, scratch: Path) -> Manifest | None:
+        path = self.root / MANIFEST_NAME
+        return Manifest.from_json(path.read_text()) if path.exists() else None
+
+    def existing_files(self) -> list[str]:
+        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+
+    def clear(self) -> None:
+        for name in self.existing_files():
+            (self.root / name).unlink()
+
+    def add_shard(self, local: Path, name: str, manifest: Manifest) -> bool:
+        self._place(local, name)
+        self._write(MANIFEST_NAME, manifest.to_json().encode())
+        return True
+
+    def finalize(self, files: dict[str, Payload], manifest: Manifest) -> None:
+        for name, payload in files.items():  # the caller orders config.json and the index last
+            if isinstance(payload, Path):
+                self._place(payload, name, keep_source=True)
+            else:
+                self._write(name, payload)
+        self._write(MANIFEST_NAME, manifest.to_json().encode())
+
+    def _place(self, local: Path, name: str, keep_source: bool = False) -> None:
+        dest = self.root / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".partial")
+        if keep_source:
+            shutil.copyfile(local, partial)
+        else:
+            shutil.move(local, partial)  # a rename when work_dir is on the same filesystem
+        os.replace(partial, dest)
+
+    def _write(self, name: str, data: bytes) -> None:
+        dest = self.root / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".partial")
+        partial.write_bytes(data)
+        os.replace(partial, dest)
+
+
+class HubSink:
+    """A Hub repo. Shard bytes are uploaded as soon as they exist (`preupload_lfs_files`); commits carry
+    the uploaded shards together with the manifest, at most one per `min_commit_interval` seconds,
+    because the Hub limits commits per hour."""
+
+    def __init__(self, api: HfApi, repo_id: str, *, private: bool, min_commit_interval: float, branch: str | None = None) -> None:
+        self.api = api
+        self.repo_id = repo_id
+        self.branch = branch
+        self.min_commit_interval = min_commit_interval
+        self._pending: list[CommitOperationAdd] = []
+        self._delete_after_commit: list[Path] = []
+        self._last_commit = float("-inf")
+        with hub.writing(repo_id):
+            url = api.create_repo(repo_id, private=private, exist_ok=True)
+        self.location = str(url)
+
+    def read_manifest(self, scratch: Path) -> Manifest | None:
+        try:
+            with hub.reading(self.repo_id):
+                path = hf_hub_download(
+                    self.repo_id, MANIFEST_NAME, revision=self.branch, local_dir=scratch, endpoint=self.api.endpoint, token=self.api.token
+                )
+        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+            return None
+        return Manifest.from_json(Path(path).read_text())
+
+    def existing_files(self) -> list[str]:
+        with hub.reading(self.repo_id):
+            return sorted(f for f in self.api.list_repo_files(self.repo_id, revision=self.branch) if f != ".gitattributes")
+
+    def clear(self) -> None:
+        deletions = [CommitOperationDelete(path) for path in self.existing_files()]
+        if deletions:
+            self._commit(deletions, "streamq: start over")
+
+    def add_shard(self, local: Path, name: str, manifest: Manifest) -> bool:
+        """Upload the shard's bytes now; commit it with the manifest now or with a later shard.
+
+        The local file is deleted as soon as its bytes are on the Hub, so batching commits costs no disk.
+        """
+        op = CommitOperationAdd(name, str(local))
+        with hub.writing(self.repo_id):
+            self.api.preupload_lfs_files(self.repo_id, [op], revision=self.branch)
+        if getattr(op, "_is_uploaded", False):  # LFS: the commit only needs its sha256 from now on
+            local.unlink()
+        else:  # a regular upload is read at commit time
+            self._delete_after_commit.append(local)
+        self._pending.append(op)
+        if time.monotonic() - self._last_commit < self.min_commit_interval:
+            logger.info("%s uploaded; committing it with a later shard to respect the Hub's commit rate", name)
+            return False
+        self._commit_pending(manifest, f"streamq: add {', '.join(o.path_in_repo for o in self._pending)}")
+        return True
+
+    def finalize(self, files: dict[str, Payload], manifest: Manifest) -> None:
+        self._pending.extend(CommitOperationAdd(name, payload if isinstance(payload, bytes) else str(payload)) for name, payload in files.items())
+        self._commit_pending(manifest, "streamq: finish 4-bit conversion (config, index, model card)")
+
+    def _commit_pending(self, manifest: Manifest, message: str) -> None:
+        ops = [*self._pending, CommitOperationAdd(MANIFEST_NAME, manifest.to_json().encode())]
+        self._commit(ops, message)
+        for path in self._delete_after_commit:
+            path.unlink(missing_ok=True)
+        self._delete_after_commit.clear()
+        self._pending.clear()
+
+    def _commit(self, ops: list, message: str) -> None:
+        with hub.writing(self.repo_id):
+            self.api.create_commit(self.repo_id, ops, commit_message=message, revision=self.branch)
+        self._last_commit = time.monotonic()
