@@ -8,6 +8,7 @@ Only when transformers cannot build the model does a name/shape rule take over, 
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import warnings
@@ -110,6 +111,7 @@ def _build_meta_model(
     import transformers
     from transformers import AutoConfig
     from transformers.quantizers import AutoHfQuantizer
+    from transformers.utils import ContextManagers
 
     if config_dict.get("auto_map") and not trust_remote_code:
         raise UnsupportedModelError(
@@ -124,9 +126,11 @@ def _build_meta_model(
     model_class = _model_class(config, transformers, trust_remote_code)
     quantizer = AutoHfQuantizer.from_config(settings.bnb_config(), pre_quantized=False)
     torch_dtype = getattr(torch, dtype)
-    with torch.device("meta"), warnings.catch_warnings():
+    # The same init context from_pretrained uses (meta device, default dtype), around the same two steps.
+    contexts = model_class.get_init_context(torch_dtype, True, False, None)
+    with ContextManagers(contexts), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = model_class._from_config(config, dtype=torch_dtype)
+        model = model_class(copy.deepcopy(config))
         quantizer.preprocess_model(model=model, dtype=torch_dtype, device_map={"": "cpu"}, checkpoint_files=None)
     return model, quantizer
 

@@ -1,0 +1,87 @@
+"""Tiny random transformers models, and transformers' own 4-bit save of them as the reference."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+FAMILIES = {
+    "llama": lambda: __import__("transformers").LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    ),
+    "gemma": lambda: __import__("transformers").Gemma2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True,
+    ),
+    "qwen": lambda: __import__("transformers").Qwen2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    ),
+}
+
+
+def make_model(path: Path, family: str = "llama", dtype: torch.dtype = torch.bfloat16, max_shard_size: str = "40KB", seed: int = 0) -> Path:
+    """Save a random model of `family` in `dtype`, sharded so that tiny models still have several shards."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(FAMILIES[family](), dtype=dtype)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    (path / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
+    (path / "nested").mkdir()
+    (path / "nested" / "notes.txt").write_text("carried over unchanged\n")
+    (path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Tiny test model\n\nOriginal card text.\n")
+    return path
+
+
+def bnb_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype
+    )
+
+
+INPUT_IDS = torch.tensor([[1, 5, 9, 42, 7, 3, 100, 64]])
+
+
+def reference(src: Path, out: Path, **config) -> torch.Tensor:
+    """transformers' in-memory 4-bit model of `src`: save it to `out` (before any forward pass), return its logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=bnb_config(**config), device_map="cpu")
+    model.save_pretrained(out)
+    with torch.no_grad():
+        return model(INPUT_IDS).logits
+
+
+def logits_of(path: Path | str, **kwargs) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with torch.no_grad():
+        return model(INPUT_IDS).logits
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(glob.glob(str(path / "*.safetensors"))):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def byte_mismatches(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> list[str]:
+    """Keys whose dtype, shape or raw bytes differ (or that only one side has)."""
+    bad = sorted(set(ours) ^ set(ref))
+    for key in sorted(set(ours) & set(ref)):
+        a, b = ours[key], ref[key]
+        same = a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+        if not same:
+            bad.append(key)
+    return bad
