@@ -1,0 +1,80 @@
+"""Interrupted runs resume: finished shards are not redone, and the output is the same as one clean run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import streamq
+from streamq import iter_requantize, stream_requantize
+from tiny_models import load_tensors, make_model
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    skip = {"streamq_manifest.json"}
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def test_failure_after_some_shards_then_resume_matches_clean_run(tmp_path: Path, monkeypatch) -> None:
+    src = make_model(tmp_path / "src")
+    stream_requantize(src, tmp_path / "clean", progress=False)
+
+    import streamq.pipeline as pipeline
+
+    real = pipeline.convert_shard
+    calls: list[str] = []
+    fail_on_call = [3]
+
+    def failing(source, shard, *args, **kwargs):
+        calls.append(shard.name)
+        if len(calls) in fail_on_call:
+            fail_on_call.clear()
+            raise OSError("injected failure")
+        return real(source, shard, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "convert_shard", failing)
+    with pytest.raises(OSError, match="injected"):
+        stream_requantize(src, tmp_path / "out", progress=False)
+    manifest = json.loads((tmp_path / "out" / "streamq_manifest.json").read_text())
+    assert manifest["status"] == "in_progress" and len(manifest["shards"]) == 2
+    assert not (tmp_path / "out" / "config.json").exists()
+
+    calls.clear()
+    result = stream_requantize(src, tmp_path / "out", progress=False)
+    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    assert calls == shards[2:]  # the two finished shards are not read again
+    assert result.shards_skipped == 2
+    assert _files(tmp_path / "out") == _files(tmp_path / "clean")
+
+
+def test_iterator_closed_midway_resumes(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "src")
+    run = iter_requantize(src, tmp_path / "out", progress=False)
+    first = next(run)
+    assert first.index == 1 and not first.skipped and first.committed
+    run.close()  # like a process that stops between shards
+    records = list(iter_requantize(src, tmp_path / "out", progress=False))
+    assert [r.skipped for r in records] == [True] + [False] * (len(records) - 1)
+    assert len(load_tensors(tmp_path / "out")) > 0
+
+
+def test_second_run_on_finished_output_is_a_no_op(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "src")
+    stream_requantize(src, tmp_path / "out", progress=False)
+    before = _files(tmp_path / "out")
+    result = stream_requantize(src, tmp_path / "out", progress=False)
+    assert result.shards_skipped == result.shards
+    assert _files(tmp_path / "out") == before
+
+
+def test_other_settings_against_existing_output(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "src")
+    stream_requantize(src, tmp_path / "out", progress=False)
+    with pytest.raises(streamq.ManifestMismatchError, match="overwrite"):
+        stream_requantize(src, tmp_path / "out", quant_type="fp4", progress=False)
+    stream_requantize(src, tmp_path / "out", quant_type="fp4", overwrite=True, progress=False)
+    manifest = json.loads((tmp_path / "out" / "streamq_manifest.json").read_text())
+    assert manifest["settings"]["quant_type"] == "fp4" and manifest["status"] == "done"
+    assert any(k.endswith("bitsandbytes__fp4") for k in load_tensors(tmp_path / "out"))
