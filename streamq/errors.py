@@ -45,3 +45,7 @@ class ManifestMismatchError(StreamqError):
 
 class UnsupportedModelError(StreamqError):
     """The model cannot be planned (for example custom code without `trust_remote_code`)."""
+
+
+class InsufficientDiskError(StreamqError):
+    """The work directory cannot hold one input shard plus one output shard."""

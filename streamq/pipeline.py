@@ -20,14 +20,14 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .convert import convert_shard
-from .errors import OutputNotWritableError, StreamqError
+from .errors import InsufficientDiskError, OutputNotWritableError, StreamqError
 from .fetch import HubSource, LocalSource, Source
 from .finish import output_config, output_index
 from .hub import make_api
 from .location import HubRepo, LocalDir, parse_location
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry
 from .modelcard import render_model_card
-from .plan import INDEX_NAME, Plan, ShardPlan, build_plan
+from .plan import INDEX_NAME, Plan, ShardPlan, build_plan, expected_output_size
 from .publish import HubSink, LocalSink, Payload, Sink
 from .settings import QuantSettings
 
@@ -134,6 +134,7 @@ def iter_requantize(
         )
         manifest = _open_manifest(sink, plan, settings, device, work, overwrite)
         _clean_leftovers(work)
+        _check_disk(work, plan, [s for s in plan.shards if s.name not in manifest.shards], downloads=isinstance(source, HubSource))
 
         bar = stack.enter_context(tqdm(total=plan.input_bytes, unit="B", unit_scale=True, disable=not progress, desc="streamq"))
         total = len(plan.shards)
@@ -236,6 +237,24 @@ def _clean_leftovers(work: Path) -> None:
     """Output shards from a dead run are never trusted: they are remade. Inputs are re-checked by sha256."""
     shutil.rmtree(work / "out", ignore_errors=True)
     shutil.rmtree(work / "extra", ignore_errors=True)
+
+
+def _check_disk(work: Path, plan: Plan, todo: list[ShardPlan], downloads: bool) -> None:
+    """Stop before starting if the largest input plus the largest output shard cannot fit."""
+    if not todo:
+        return
+    largest_in = max(s.size for s in todo) if downloads else 0
+    largest_out = max(expected_output_size(s, plan) for s in todo)
+    free = shutil.disk_usage(work).free
+    if largest_in + largest_out > free:
+        raise InsufficientDiskError(
+            f"work_dir {work} needs {_gb(largest_in + largest_out)} (largest input shard {_gb(largest_in)} + largest "
+            f"output shard {_gb(largest_out)}) but has {_gb(free)} free; free some space or pass work_dir= on a larger disk"
+        )
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB"
 
 
 def _still_valid(entry: ShardEntry, shard: ShardPlan) -> bool:

@@ -142,3 +142,33 @@ def _stage_config(source: Source, files: dict[str, SourceFile], meta_dir: Path, 
     for name in wanted:
         source.copy_to(name, meta_dir / name)
     return meta_dir
+
+
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+_CODE_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_HEADER_BYTES_PER_TENSOR = 160  # safetensors JSON entry, generously
+_QUANT_STATE_JSON = 220
+
+
+def expected_output_size(shard: ShardPlan, plan: Plan) -> int:
+    """The output shard's size in bytes, from shapes alone (exact data, header estimated)."""
+    settings = plan.settings
+    total = 8
+    for key in shard.keys:
+        rule, info = plan.rules[key], plan.tensor_info[key]
+        numel = 1
+        for dim in info.shape:
+            numel *= dim
+        if rule.action == "drop":
+            continue
+        if rule.action == "keep":
+            itemsize = _ITEMSIZE.get(rule.dtype or "", _CODE_ITEMSIZE.get(info.dtype, 4))
+            total += numel * itemsize + _HEADER_BYTES_PER_TENSOR
+            continue
+        blocks = -(-numel // settings.blocksize)
+        total += -(-numel // 2) + 64 + _QUANT_STATE_JSON + 4 * _HEADER_BYTES_PER_TENSOR
+        if settings.double_quant:
+            total += blocks + 4 * -(-blocks // 256) + 1024 + 2 * _HEADER_BYTES_PER_TENSOR
+        else:
+            total += 4 * blocks
+    return total

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -64,6 +65,9 @@ def quantize_weight(weight: torch.Tensor, settings: QuantSettings, device: str) 
 
 
 def _kernel_supports(weight: torch.Tensor, settings: QuantSettings) -> bool:
+    """Use streamq's fast CPU kernel unless it cannot run here (or STREAMQ_CPU_KERNEL=0 asks for bitsandbytes)."""
+    if os.environ.get("STREAMQ_CPU_KERNEL", "1") == "0":
+        return False
     try:
         from .kernels import cpu
     except ImportError:
