@@ -15,7 +15,8 @@ from .errors import (  # noqa: E402
     UnsupportedDtypeError,
     UnsupportedModelError,
 )
-from .pipeline import RequantizeResult, ShardRecord, iter_requantize, stream_requantize  # noqa: E402
+from .pipeline import RequantizeResult, ShardRecord, iter_requantize, plan_requantize, stream_requantize  # noqa: E402
+from .verify import VerifyReport, read_status, verify_output  # noqa: E402
 
 __all__ = [
     "AccessDeniedError",
@@ -27,11 +28,15 @@ __all__ = [
     "OutputNotWritableError",
     "RequantizeResult",
     "ShardRecord",
+    "VerifyReport",
     "SourceNotFoundError",
     "StreamqError",
     "UnsupportedDtypeError",
     "UnsupportedModelError",
     "__version__",
     "iter_requantize",
+    "plan_requantize",
+    "read_status",
+    "verify_output",
     "stream_requantize",
 ]

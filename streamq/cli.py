@@ -1,4 +1,4 @@
-"""`streamq` command line: the library's options, one flag each, with one-line errors."""
+"""`streamq` command line: the library's functions as subcommands, one flag per option, one-line errors."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from dataclasses import asdict
+from typing import Any
 
 from .errors import StreamqError
 
@@ -15,62 +16,154 @@ EXAMPLES = """examples:
   streamq requantize meta-llama/Llama-3.1-8B-Instruct me/Llama-3.1-8B-Instruct-nf4
   streamq requantize org/model@v1.0 ./model-nf4 --work-dir /mnt/scratch
   streamq requantize ./my-model me/my-model-fp4 --quant-type fp4 --no-double-quant --private
+  streamq plan mistralai/Mistral-7B-v0.3            # what would happen, without downloading weights
+  streamq verify me/Llama-3.1-8B-Instruct-nf4 --load
+  streamq status me/Llama-3.1-8B-Instruct-nf4
 
-Run the same command again to resume an interrupted run. HF_TOKEN and HF_ENDPOINT are honoured.
+Run the same requantize command again to resume an interrupted run.
+Environment: HF_TOKEN, HF_ENDPOINT, HF_HOME, HF_HUB_DISABLE_PROGRESS_BARS as in huggingface_hub.
+Exit codes: 0 done, 1 error (one line on stderr), 2 bad arguments, 3 verify found problems, 130 interrupted.
 """
 
 
+def _hub_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login); never printed")
+    parser.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
+
+
+def _plan_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="IN", help="Hub repo id (org/name[@revision]) or local directory (./dir, /dir, ~/dir)")
+    parser.add_argument("--revision", help="source branch, tag or commit (same as IN@revision)")
+    parser.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
+    parser.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="do not quantize the absmax statistics")
+    parser.add_argument("--blocksize", type=int, default=64)
+    parser.add_argument("--compute-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--skip-modules", nargs="+", metavar="NAME", help="modules kept in full precision (replaces transformers' defaults, like llm_int8_skip_modules)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow building models that ship custom code (read it first)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    _hub_options(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamq", description="Re-quantize a Hugging Face model to 4-bit bitsandbytes, shard by shard.")
+    parser = argparse.ArgumentParser(
+        prog="streamq",
+        description="Re-quantize a Hugging Face model to 4-bit bitsandbytes, shard by shard, on a small disk.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail (-vv for debug)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("requantize", help="convert IN to a 4-bit repo or directory OUT", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("src", metavar="IN", help="Hub repo id (org/name[@revision]) or local directory (./dir, /dir, ~/dir)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("requantize", help="convert IN into a 4-bit repo or directory OUT", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _plan_options(run)
     run.add_argument("dst", metavar="OUT", help="Hub repo id or local directory for the 4-bit model")
-    run.add_argument("--revision", help="source branch, tag or commit (same as IN@revision)")
-    run.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
-    run.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="do not quantize the absmax statistics")
-    run.add_argument("--blocksize", type=int, default=64)
-    run.add_argument("--compute-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    run.add_argument("--skip-modules", nargs="+", metavar="NAME", help="modules kept in full precision (replaces transformers' defaults, like llm_int8_skip_modules)")
+    run.add_argument("--dry-run", action="store_true", help="print the plan (same as `streamq plan`) and stop")
     run.add_argument("--work-dir", help="where the one input and one output shard live (default: a temporary directory)")
-    run.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
-    run.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
     run.add_argument("--private", action="store_true", help="create the output repo private")
+    run.add_argument("--branch", help="publish to this branch of OUT instead of main")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     run.add_argument("--overwrite", action="store_true", help="discard an existing output made from another revision or with other settings")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to quantize (recorded in the manifest)")
-    run.add_argument("--trust-remote-code", action="store_true", help="allow building models that ship custom code (read it first)")
     run.add_argument("--min-commit-interval", type=float, default=36.0, help="seconds between Hub commits; shards in between are committed together")
-    run.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    plan = commands.add_parser("plan", help="show what requantize would do, reading only headers")
+    _plan_options(plan)
+
+    verify = commands.add_parser("verify", help="check a finished output against its manifest")
+    verify.add_argument("dst", metavar="OUT")
+    verify.add_argument("--branch")
+    verify.add_argument("--load", action="store_true", help="also load it with transformers on CPU and run one forward pass")
+    verify.add_argument("--json", action="store_true")
+    _hub_options(verify)
+
+    status = commands.add_parser("status", help="what the manifest of OUT says: done, pending, settings")
+    status.add_argument("dst", metavar="OUT")
+    status.add_argument("--branch")
+    status.add_argument("--json", action="store_true")
+    _hub_options(status)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)], format="%(levelname)s %(name)s: %(message)s")
-    from .pipeline import stream_requantize
-
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "src", "dst", "json")}
-    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1" or not sys.stderr.isatty():
-        options["progress"] = False
     try:
-        result = stream_requantize(args.src, args.dst, **options)
+        return COMMANDS[args.command](args)
     except (StreamqError, ValueError) as exc:
         print(f"streamq: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("streamq: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+
+
+def _options(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names}
+
+
+PLAN_OPTIONS = ("revision", "quant_type", "double_quant", "blocksize", "compute_dtype", "skip_modules", "token", "endpoint", "trust_remote_code")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .fetch import HubSource  # noqa: F401  (keeps import errors inside the error handler)
+    from .location import HubRepo, parse_location
+    from .pipeline import plan_requantize
+    from .report import format_plan, plan_summary
+
+    plan = plan_requantize(args.src, **_options(args, *PLAN_OPTIONS))
+    summary = plan_summary(plan, downloads=isinstance(parse_location(args.src), HubRepo))
+    print(json.dumps(summary, indent=2) if args.json else format_plan(summary, verbose=args.verbose > 0, rules=plan.rules))
+    return 0
+
+
+def _requantize(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return _plan(args)
+    from .pipeline import stream_requantize
+    from .report import human_size
+
+    options = _options(args, *PLAN_OPTIONS, "work_dir", "private", "branch", "progress", "overwrite", "device", "min_commit_interval")
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1" or not sys.stderr.isatty():
+        options["progress"] = False
+    result = stream_requantize(args.src, args.dst, **options)
     if args.json:
         print(json.dumps({**asdict(result), "ratio": result.ratio}, indent=2))
-    else:
-        print(
-            f"{result.output}: {result.shards} shards ({result.shards_skipped} already done), "
-            f"{result.tensors_quantized} tensors quantized, {result.tensors_kept} kept, "
-            f"{result.bytes_in / 1e9:.2f} GB -> {result.bytes_out / 1e9:.2f} GB ({result.ratio:.2f}x) in {result.elapsed:.1f} s"
-        )
+        return 0
+    rate = result.bytes_in / result.elapsed / 1e6 if result.elapsed else 0.0
+    rows = [
+        ("output", result.output),
+        ("shards", f"{result.shards} ({result.shards_skipped} already done)"),
+        ("tensors", f"{result.tensors_quantized} quantized, {result.tensors_kept} kept"),
+        ("size", f"{human_size(result.bytes_in)} -> {human_size(result.bytes_out)} ({result.ratio:.2f}x smaller)"),
+        ("time", f"{result.elapsed:.1f} s ({rate:.1f} MB/s of input)"),
+    ]
+    print("\n".join(f"{k:<8} {v}" for k, v in rows))
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify_output
+
+    report = verify_output(args.dst, **_options(args, "load", "branch", "token", "endpoint"))
+    if args.json:
+        print(json.dumps({"ok": report.ok, "problems": report.problems, "checked_files": report.checked_files, "loaded": report.loaded}, indent=2))
+    else:
+        loaded = "" if report.loaded is None else (", loaded and ran one forward pass" if report.loaded else "")
+        print(f"{report.location}: {'OK' if report.ok else 'PROBLEMS'} ({report.checked_files} shards checked{loaded})")
+        for problem in report.problems:
+            print(f"  - {problem}")
+    return 0 if report.ok else 3
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .report import format_status
+    from .verify import read_status
+
+    manifest = read_status(args.dst, **_options(args, "branch", "token", "endpoint"))
+    print(json.dumps(asdict(manifest), indent=2) if args.json else format_status(manifest))
+    return 0
+
+
+COMMANDS = {"requantize": _requantize, "plan": _plan, "verify": _verify, "status": _status}
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import hub
 from .errors import CorruptShardError, SourceNotFoundError
+from .location import HubRepo, LocalDir
 from .targets import TensorInfo
 
 
@@ -159,3 +160,9 @@ class HubSource:
             local.unlink(missing_ok=True)
             raise CorruptShardError(f"{path}: downloaded bytes have sha256 {digest}, the Hub says {expected}; run again")
         return Fetched(local, digest, temporary=True)
+
+
+def open_source(location: HubRepo | LocalDir, api: HfApi) -> Source:
+    if isinstance(location, HubRepo):
+        return HubSource(api, location.repo_id, location.revision)
+    return LocalSource(location.path)

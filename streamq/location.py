@@ -45,3 +45,13 @@ def parse_location(value: str | Path, *, allow_revision: bool = True) -> Locatio
     if repo_id.count("/") > 1 or not repo_id.strip("/"):
         raise ValueError(f"{value!r} is not a Hub repo id ('org/name') nor a local path (start it with ./ or /)")
     return HubRepo(repo_id, revision or None)
+
+
+def source_location(src: str | Path, revision: str | None) -> Location:
+    """The source, with `revision=` folded into `id@revision` (refusing two different ones)."""
+    location = parse_location(src)
+    if isinstance(location, HubRepo) and revision is not None:
+        if location.revision not in (None, revision):
+            raise ValueError(f"two revisions given for {location.repo_id}: @{location.revision} and revision={revision!r}")
+        location = HubRepo(location.repo_id, revision)
+    return location

@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 from . import __version__
 from .convert import convert_shard
 from .errors import InsufficientDiskError, OutputNotWritableError, StreamqError
-from .fetch import HubSource, LocalSource, Source
+from .fetch import HubSource, Source, open_source
 from .finish import output_config, output_index
 from .hub import make_api
-from .location import HubRepo, LocalDir, parse_location
+from .location import HubRepo, LocalDir, parse_location, source_location
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry
 from .modelcard import render_model_card
 from .plan import INDEX_NAME, Plan, ShardPlan, build_plan, expected_output_size
@@ -96,6 +96,7 @@ def iter_requantize(
     device: str = "auto",
     trust_remote_code: bool = False,
     min_commit_interval: float = 36.0,
+    branch: str | None = None,
 ) -> Generator[ShardRecord, None, RequantizeResult]:
     """Yield a `ShardRecord` per shard as it is published; the generator returns the `RequantizeResult`.
 
@@ -103,16 +104,13 @@ def iter_requantize(
     a Hub repo id (`src` may be `id@revision`). `work_dir` holds the one input and one output shard
     (default: a temporary directory). `min_commit_interval` spaces Hub commits (the Hub limits them per
     hour); shards uploaded in between are committed with the next one. `overwrite` discards an
-    existing output made with other settings or from another revision.
+    existing output made with other settings or from another revision. `branch` publishes to that
+    branch of the output repo (created from main if missing) instead of main.
     """
     started = time.monotonic()
-    settings = QuantSettings(quant_type, double_quant, blocksize, compute_dtype, tuple(skip_modules) if skip_modules is not None else None)
-    src_loc = parse_location(src)
+    settings = _settings(quant_type, double_quant, blocksize, compute_dtype, skip_modules)
+    src_loc = source_location(src, revision)
     dst_loc = parse_location(dst, allow_revision=False)
-    if isinstance(src_loc, HubRepo) and revision is not None:
-        if src_loc.revision not in (None, revision):
-            raise ValueError(f"two revisions given for {src_loc.repo_id}: @{src_loc.revision} and revision={revision!r}")
-        src_loc = HubRepo(src_loc.repo_id, revision)
     if _same_location(src_loc, dst_loc):
         raise StreamqError(f"the output {dst} is the source itself; choose another output repo or directory")
     device = _resolve_device(device)
@@ -122,13 +120,13 @@ def iter_requantize(
         if not progress and not are_progress_bars_disabled():
             disable_progress_bars()
             stack.callback(enable_progress_bars)
-        api = make_api(token, endpoint) if isinstance(src_loc, HubRepo) or isinstance(dst_loc, HubRepo) else None
-        source: Source = HubSource(api, src_loc.repo_id, src_loc.revision) if isinstance(src_loc, HubRepo) else LocalSource(src_loc.path)
+        api = make_api(token, endpoint)
+        source = open_source(src_loc, api)
         plan = build_plan(source, settings, work / "meta", trust_remote_code=trust_remote_code)
         for warning in plan.warnings:
             logger.warning(warning)
         sink: Sink = (
-            HubSink(api, dst_loc.repo_id, private=private, min_commit_interval=min_commit_interval)
+            HubSink(api, dst_loc.repo_id, private=private, min_commit_interval=min_commit_interval, branch=branch)
             if isinstance(dst_loc, HubRepo)
             else LocalSink(dst_loc.path)
         )
@@ -179,6 +177,30 @@ def iter_requantize(
         device=device,
         elapsed=time.monotonic() - started,
     )
+
+
+def plan_requantize(
+    src: str | Path,
+    *,
+    revision: str | None = None,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    blocksize: int = 64,
+    compute_dtype: str = "bfloat16",
+    skip_modules: Sequence[str] | None = None,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+    trust_remote_code: bool = False,
+) -> Plan:
+    """What a run would do, from config, index and safetensors headers only (no weights downloaded)."""
+    settings = _settings(quant_type, double_quant, blocksize, compute_dtype, skip_modules)
+    source = open_source(source_location(src, revision), make_api(token, endpoint))
+    with tempfile.TemporaryDirectory(prefix="streamq-plan-") as tmp:
+        return build_plan(source, settings, Path(tmp), trust_remote_code=trust_remote_code)
+
+
+def _settings(quant_type: str, double_quant: bool, blocksize: int, compute_dtype: str, skip_modules: Sequence[str] | None) -> QuantSettings:
+    return QuantSettings(quant_type, double_quant, blocksize, compute_dtype, tuple(skip_modules) if skip_modules is not None else None)
 
 
 def _same_location(a: HubRepo | LocalDir, b: HubRepo | LocalDir) -> bool:

@@ -114,7 +114,9 @@ class HubSink:
         self._last_commit = float("-inf")
         with hub.writing(repo_id):
             url = api.create_repo(repo_id, private=private, exist_ok=True)
-        self.location = str(url)
+            if branch is not None:
+                api.create_branch(repo_id, branch=branch, exist_ok=True)
+        self.location = str(url) if branch is None else f"{url} (branch {branch})"
 
     def read_manifest(self, scratch: Path) -> Manifest | None:
         try:

@@ -1,0 +1,1 @@
+"""Quantization kernels that reproduce bitsandbytes' output bit for bit, only faster."""

@@ -1,0 +1,96 @@
+"""What a plan or a manifest says, as data for `--json` and as text for people."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from .manifest import Manifest
+from .plan import Plan, expected_output_size
+
+
+def plan_summary(plan: Plan, *, downloads: bool) -> dict[str, Any]:
+    """Shards, tensor decisions with reasons, expected sizes and the disk a run needs."""
+    rules = plan.rules
+    shards = []
+    for shard in plan.shards:
+        actions = Counter(rules[k].action for k in shard.keys)
+        shards.append({
+            "name": shard.name,
+            "input_bytes": shard.size,
+            "expected_output_bytes": expected_outputhuman_size(shard, plan),
+            "quantize": actions["quantize"],
+            "keep": actions["keep"],
+            "drop": actions["drop"],
+        })
+    out_total = sum(s["expected_output_bytes"] for s in shards)
+    largest_in = max((s["input_bytes"] for s in shards), default=0) if downloads else 0
+    largest_out = max((s["expected_output_bytes"] for s in shards), default=0)
+    warnings = list(plan.warnings)
+    tied = sorted(k for k, r in rules.items() if r.action == "drop" and "tied" in r.reason)
+    if tied:
+        warnings.append(f"tied weights are not written again: {', '.join(tied)}")
+    return {
+        "source": plan.source,
+        "revision": plan.revision,
+        "model_dtype": plan.tensors.dtype,
+        "settings": plan.settings.as_dict(),
+        "shards": shards,
+        "tensors": {
+            action: sum(1 for r in rules.values() if r.action == action) for action in ("quantize", "keep", "drop")
+        },
+        "reasons": dict(Counter(f"{r.action}: {r.reason}" for r in rules.values()).most_common()),
+        "input_bytes": plan.input_bytes,
+        "expected_output_bytes": out_total,
+        "compression_ratio": plan.input_bytes / out_total if out_total else 0.0,
+        "disk_needed_bytes": largest_in + largest_out,
+        "carried_files": [f for f in plan.extra_files],
+        "warnings": warnings,
+    }
+
+
+def format_plan(summary: dict[str, Any], *, verbose: bool = False, rules: dict | None = None) -> str:
+    lines = [
+        f"source: {summary['source']}" + (f" @ {summary['revision']}" if summary["revision"] else ""),
+        f"model dtype: {summary['model_dtype']}   settings: {summary['settings']}",
+        "",
+        f"{'shard':<44} {'in':>10} {'out (est.)':>11} {'quant':>6} {'keep':>5} {'drop':>5}",
+    ]
+    for s in summary["shards"]:
+        lines.append(
+            f"{s['name']:<44} {human_size(s['input_bytes']):>10} {human_size(s['expected_output_bytes']):>11} {s['quantize']:>6} {s['keep']:>5} {s['drop']:>5}"
+        )
+    lines += ["", "tensors:"]
+    lines += [f"  {count:>6}  {reason}" for reason, count in summary["reasons"].items()]
+    if verbose and rules:
+        lines += ["", "per tensor:"] + [f"  {r.action:<8} {k}  ({r.reason})" for k, r in rules.items()]
+    lines += [
+        "",
+        f"size: {human_size(summary['input_bytes'])} -> {human_size(summary['expected_output_bytes'])} "
+        f"({summary['compression_ratio']:.2f}x smaller)",
+        f"disk needed in work_dir: {human_size(summary['disk_needed_bytes'])} (largest input + largest output shard)",
+        f"files carried over: {len(summary['carried_files'])}",
+    ]
+    lines += [f"warning: {w}" for w in summary["warnings"]]
+    return "\n".join(lines)
+
+
+def format_status(manifest: Manifest, total_shards: int | None = None) -> str:
+    done = [e for e in manifest.shards.values() if e.status == "done"]
+    total = f"/{total_shards}" if total_shards else ""
+    lines = [
+        f"status: {manifest.status}  ({len(done)}{total} shards published)",
+        f"source: {manifest.source}" + (f" @ {manifest.source_revision}" if manifest.source_revision else ""),
+        f"settings: {manifest.settings}   device: {manifest.device}   streamq {manifest.streamq_version}",
+        f"started: {manifest.created_at}   last update: {manifest.updated_at}",
+    ]
+    for entry in sorted(done, key=lambda e: e.output_name):
+        lines.append(f"  done  {entry.output_name}  {human_size(entry.input_size)} -> {human_size(entry.output_size)}  {entry.finished_at}")
+    return "\n".join(lines)
+
+
+def human_size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
