@@ -10,7 +10,9 @@ import logging
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Generator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +21,10 @@ from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_b
 from tqdm.auto import tqdm
 
 from . import __version__
-from .convert import convert_shard
+from .budget import DiskBudget
+from .convert import convert_fetched
 from .errors import InsufficientDiskError, OutputNotWritableError, StreamqError
-from .fetch import HubSource, Source, open_source
+from .fetch import Fetched, HubSource, Source, open_source
 from .finish import output_config, output_index
 from .hub import make_api
 from .location import HubRepo, LocalDir, parse_location, source_location
@@ -97,6 +100,7 @@ def iter_requantize(
     trust_remote_code: bool = False,
     min_commit_interval: float = 36.0,
     branch: str | None = None,
+    disk_budget: int | None = None,
 ) -> Generator[ShardRecord, None, RequantizeResult]:
     """Yield a `ShardRecord` per shard as it is published; the generator returns the `RequantizeResult`.
 
@@ -105,7 +109,9 @@ def iter_requantize(
     (default: a temporary directory). `min_commit_interval` spaces Hub commits (the Hub limits them per
     hour); shards uploaded in between are committed with the next one. `overwrite` discards an
     existing output made with other settings or from another revision. `branch` publishes to that
-    branch of the output repo (created from main if missing) instead of main.
+    branch of the output repo (created from main if missing) instead of main. `disk_budget` (bytes)
+    lets work_dir hold more than one input plus one output shard, so the next download overlaps this
+    shard's quantization; by default only the upload of the previous output overlaps.
     """
     started = time.monotonic()
     settings = _settings(quant_type, double_quant, blocksize, compute_dtype, skip_modules)
@@ -132,29 +138,57 @@ def iter_requantize(
         )
         manifest = _open_manifest(sink, plan, settings, device, work, overwrite)
         _clean_leftovers(work)
-        _check_disk(work, plan, [s for s in plan.shards if s.name not in manifest.shards], downloads=isinstance(source, HubSource))
+        downloads = isinstance(source, HubSource)
+        todo = [s for s in plan.shards if not (s.name in manifest.shards and _still_valid(manifest.shards[s.name], s))]
+        budget = DiskBudget(_disk_limit(work, plan, todo, downloads, disk_budget))
+        stack.callback(budget.close)  # runs before the thread pools below are shut down
 
         bar = stack.enter_context(tqdm(total=plan.input_bytes, unit="B", unit_scale=True, disable=not progress, desc="streamq"))
         total = len(plan.shards)
-        skipped = 0
-        for number, shard in enumerate(plan.shards, 1):
-            shard_started = time.monotonic()
-            done = manifest.shards.get(shard.name)
-            if done is not None and _still_valid(done, shard):
+        numbers = {s.name: i for i, s in enumerate(plan.shards, 1)}
+        for shard in plan.shards:
+            if shard not in todo:
+                done = manifest.shards[shard.name]
                 bar.update(shard.size)
-                skipped += 1
-                yield ShardRecord(number, total, shard.name, shard.size, done.output_size, True, True, 0.0)
-                continue
+                yield ShardRecord(numbers[shard.name], total, shard.name, shard.size, done.output_size, True, True, 0.0)
+        skipped = total - len(todo)
 
-            def phase(name: str, number: int = number) -> None:
-                bar.set_description(f"shard {number}/{total} {name}")
+        fetcher = stack.enter_context(ThreadPoolExecutor(1, "streamq-fetch"))
+        publisher = stack.enter_context(ThreadPoolExecutor(1, "streamq-publish"))
+        in_size = {s.name: s.size if downloads else 0 for s in todo}
 
-            output, entry = convert_shard(source, shard, plan, work, device, phase)
-            phase("upload")
-            manifest.shards[shard.name] = entry
+        def fetch(shard: ShardPlan) -> Fetched:
+            budget.reserve(in_size[shard.name])
+            return source.fetch(shard.name, work)
+
+        def publish(shard: ShardPlan, output: Path, entry: ShardEntry, reserved: int, started: float) -> ShardRecord:
+            bar.set_postfix_str(f"uploading {shard.name}")
+            manifest.shards[shard.name] = entry  # only this thread touches the manifest while shards run
             committed = sink.add_shard(output, shard.name, manifest)
+            budget.release(reserved)
             bar.update(shard.size)
-            yield ShardRecord(number, total, shard.name, shard.size, entry.output_size, False, committed, time.monotonic() - shard_started)
+            return ShardRecord(numbers[shard.name], total, shard.name, shard.size, entry.output_size, False, committed, time.monotonic() - started)
+
+        next_fetch = fetcher.submit(fetch, todo[0]) if todo else None
+        published: deque[Future[ShardRecord]] = deque()
+        for position, shard in enumerate(todo):
+            started = time.monotonic()
+            bar.set_description(f"shard {numbers[shard.name]}/{total} download")
+            fetched = next_fetch.result()
+            reserved = expected_output_size(shard, plan)
+            budget.reserve(reserved)  # before the next download may claim the space
+            if position + 1 < len(todo):
+                next_fetch = fetcher.submit(fetch, todo[position + 1])
+            bar.set_description(f"shard {numbers[shard.name]}/{total} quantize")
+            output, entry = convert_fetched(fetched, shard, plan, work, device)
+            budget.release(in_size[shard.name])
+            published.append(publisher.submit(publish, shard, output, entry, reserved, started))
+            while published and published[0].done():
+                yield published.popleft().result()
+        while published:
+            yield published.popleft().result()
+        bar.set_postfix_str("")
+        logger.info("peak work_dir use %d bytes of a %d byte budget", budget.peak, budget.limit)
 
         bar.set_description("finishing")
         if manifest.status != "done":
@@ -261,18 +295,23 @@ def _clean_leftovers(work: Path) -> None:
     shutil.rmtree(work / "extra", ignore_errors=True)
 
 
-def _check_disk(work: Path, plan: Plan, todo: list[ShardPlan], downloads: bool) -> None:
-    """Stop before starting if the largest input plus the largest output shard cannot fit."""
+def _disk_limit(work: Path, plan: Plan, todo: list[ShardPlan], downloads: bool, disk_budget: int | None) -> int:
+    """The bytes work_dir may hold: by default one input plus one output shard (the largest pair)."""
     if not todo:
-        return
-    largest_in = max(s.size for s in todo) if downloads else 0
-    largest_out = max(expected_output_size(s, plan) for s in todo)
-    free = shutil.disk_usage(work).free
-    if largest_in + largest_out > free:
+        return 0
+    pair = max((s.size if downloads else 0) + expected_output_size(s, plan) for s in todo)
+    if disk_budget is not None and disk_budget < pair:
         raise InsufficientDiskError(
-            f"work_dir {work} needs {_gb(largest_in + largest_out)} (largest input shard {_gb(largest_in)} + largest "
-            f"output shard {_gb(largest_out)}) but has {_gb(free)} free; free some space or pass work_dir= on a larger disk"
+            f"disk_budget {_gb(disk_budget)} is below the {_gb(pair)} one input plus one output shard need; raise it"
         )
+    limit = pair if disk_budget is None else disk_budget
+    free = shutil.disk_usage(work).free
+    if limit > free:
+        raise InsufficientDiskError(
+            f"work_dir {work} needs {_gb(limit)} ({'the disk budget' if disk_budget else 'largest input plus output shard'}) "
+            f"but has {_gb(free)} free; free some space, lower disk_budget or pass work_dir= on a larger disk"
+        )
+    return limit
 
 
 def _gb(size: int) -> str:
