@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .errors import (  # noqa: E402
     AccessDeniedError,
     AlreadyQuantizedError,
+    ConcurrentRunError,
     CorruptShardError,
     InsufficientDiskError,
     ManifestMismatchError,
@@ -21,6 +22,7 @@ from .verify import VerifyReport, read_status, verify_output  # noqa: E402
 __all__ = [
     "AccessDeniedError",
     "AlreadyQuantizedError",
+    "ConcurrentRunError",
     "CorruptShardError",
     "InsufficientDiskError",
     "ManifestMismatchError",

@@ -49,3 +49,7 @@ class UnsupportedModelError(StreamqError):
 
 class InsufficientDiskError(StreamqError):
     """The work directory cannot hold one input shard plus one output shard."""
+
+
+class ConcurrentRunError(StreamqError):
+    """Another run is writing the same output at the same time."""

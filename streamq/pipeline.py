@@ -136,6 +136,7 @@ def iter_requantize(
             if isinstance(dst_loc, HubRepo)
             else LocalSink(dst_loc.path)
         )
+        stack.callback(sink.close)
         manifest = _open_manifest(sink, plan, settings, device, work, overwrite)
         _clean_leftovers(work)
         downloads = isinstance(source, HubSource)

@@ -7,6 +7,7 @@ never looks like a loadable model.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -15,10 +16,10 @@ from pathlib import Path
 from typing import Protocol
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from . import hub
-from .errors import OutputNotWritableError
+from .errors import ConcurrentRunError, OutputNotWritableError, StreamqError
 from .manifest import MANIFEST_NAME, Manifest
 
 logger = logging.getLogger(__name__)
@@ -42,27 +43,40 @@ class Sink(Protocol):
 
     def finalize(self, files: dict[str, Payload], manifest: Manifest) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class LocalSink:
     """An output directory; shards are moved in, the manifest is replaced atomically after each."""
+
+    LOCK_NAME = ".streamq.lock"
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.location = str(self.root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".streamq-write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
+            self._lock = open(self.root / self.LOCK_NAME, "a+b")  # noqa: SIM115 (held for the run)
         except OSError as exc:
             raise OutputNotWritableError(f"cannot write to {self.root}: {exc.strerror or exc}; choose another output") from exc
+        try:  # released by the OS when this process ends, even by kill -9
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            self._lock.close()
+            raise ConcurrentRunError(f"another streamq run is writing {self.root}; let it finish, or stop it and run again") from exc
+
+    def close(self) -> None:
+        """Release the lock (also released when the process ends)."""
+        self._lock.close()
 
     def read_manifest(self, scratch: Path) -> Manifest | None:
         path = self.root / MANIFEST_NAME
         return Manifest.from_json(path.read_text()) if path.exists() else None
 
     def existing_files(self) -> list[str]:
-        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+        return sorted(
+            p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file() and p.name != self.LOCK_NAME
+        )
 
     def clear(self) -> None:
         for name in self.existing_files():
@@ -116,6 +130,9 @@ class HubSink:
             url = api.create_repo(repo_id, private=private, exist_ok=True)
             if branch is not None:
                 api.create_branch(repo_id, branch=branch, exist_ok=True)
+        with hub.reading(repo_id):
+            # Every commit names this as its parent, so a concurrent writer makes it fail instead of mixing.
+            self._head = api.model_info(repo_id, revision=branch).sha
         self.location = str(url) if branch is None else f"{url} (branch {branch})"
 
     def read_manifest(self, scratch: Path) -> Manifest | None:
@@ -160,6 +177,9 @@ class HubSink:
         self._pending.extend(CommitOperationAdd(name, payload if isinstance(payload, bytes) else str(payload)) for name, payload in files.items())
         self._commit_pending(manifest, "streamq: finish 4-bit conversion (config, index, model card)")
 
+    def close(self) -> None:
+        """Nothing to release: the Hub side is guarded by `parent_commit`."""
+
     def _commit_pending(self, manifest: Manifest, message: str) -> None:
         ops = [*self._pending, CommitOperationAdd(MANIFEST_NAME, manifest.to_json().encode())]
         self._commit(ops, message)
@@ -169,6 +189,17 @@ class HubSink:
         self._pending.clear()
 
     def _commit(self, ops: list, message: str) -> None:
-        with hub.writing(self.repo_id):
-            self.api.create_commit(self.repo_id, ops, commit_message=message, revision=self.branch)
+        try:
+            with hub.writing(self.repo_id):
+                info = self.api.create_commit(
+                    self.repo_id, ops, commit_message=message, revision=self.branch, parent_commit=self._head
+                )
+        except StreamqError as exc:
+            if isinstance(exc.__cause__, HfHubHTTPError) and exc.__cause__.response is not None and exc.__cause__.response.status_code == 412:
+                raise ConcurrentRunError(
+                    f"{self.repo_id} changed while this run was writing it: another run (or person) is publishing "
+                    "to it. Let that one finish, then run again to resume; nothing published is lost"
+                ) from exc.__cause__
+            raise
+        self._head = info.oid
         self._last_commit = time.monotonic()

@@ -85,3 +85,13 @@ def test_other_settings_against_existing_output(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "out" / "streamq_manifest.json").read_text())
     assert manifest["settings"]["quant_type"] == "fp4" and manifest["status"] == "done"
     assert any(k.endswith("bitsandbytes__fp4") for k in load_tensors(tmp_path / "out"))
+
+
+def test_second_concurrent_run_on_a_local_output_is_refused(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "src")
+    first = iter_requantize(src, tmp_path / "out", progress=False)
+    next(first)  # the first run holds the output
+    with pytest.raises(streamq.ConcurrentRunError, match="another streamq run is writing"):
+        stream_requantize(src, tmp_path / "out", progress=False)
+    list(first)  # and finishes undisturbed
+    assert json.loads((tmp_path / "out" / "streamq_manifest.json").read_text())["status"] == "done"
