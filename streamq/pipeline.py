@@ -173,7 +173,7 @@ def iter_requantize(
         next_fetch = fetcher.submit(fetch, todo[0]) if todo else None
         published: deque[Future[ShardRecord]] = deque()
         for position, shard in enumerate(todo):
-            started = time.monotonic()
+            shard_started = time.monotonic()
             bar.set_description(f"shard {numbers[shard.name]}/{total} download")
             fetched = next_fetch.result()
             reserved = expected_output_size(shard, plan)
@@ -183,7 +183,7 @@ def iter_requantize(
             bar.set_description(f"shard {numbers[shard.name]}/{total} quantize")
             output, entry = convert_fetched(fetched, shard, plan, work, device)
             budget.release(in_size[shard.name])
-            published.append(publisher.submit(publish, shard, output, entry, reserved, started))
+            published.append(publisher.submit(publish, shard, output, entry, reserved, shard_started))
             while published and published[0].done():
                 yield published.popleft().result()
         while published:
