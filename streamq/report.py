@@ -18,7 +18,7 @@ def plan_summary(plan: Plan, *, downloads: bool) -> dict[str, Any]:
         shards.append({
             "name": shard.name,
             "input_bytes": shard.size,
-            "expected_output_bytes": expected_outputhuman_size(shard, plan),
+            "expected_output_bytes": expected_output_size(shard, plan),
             "quantize": actions["quantize"],
             "keep": actions["keep"],
             "drop": actions["drop"],

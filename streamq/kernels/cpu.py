@@ -56,7 +56,9 @@ def quantize_4bit(
     weight: torch.Tensor, *, quant_type: str = "nf4", blocksize: int = 64, compress_statistics: bool = True
 ) -> tuple[torch.Tensor, QuantState]:
     """Same result as `bnb.functional.quantize_4bit(weight, ..., quant_storage=torch.uint8)` on CPU, faster."""
-    if supports(weight, quant_type, blocksize) and _agrees_with_bnb(weight.dtype, quant_type, blocksize, compress_statistics):
+    if supports(weight, quant_type, blocksize) and _agrees_with_bnb(
+        weight.dtype, quant_type, blocksize, compress_statistics
+    ):
         result = _quantize(weight, quant_type, blocksize, compress_statistics)
         if result is not None:
             return result
@@ -67,7 +69,8 @@ def _bnb_quantize_4bit(
     weight: torch.Tensor, quant_type: str, blocksize: int, compress_statistics: bool
 ) -> tuple[torch.Tensor, QuantState]:
     return bnbf.quantize_4bit(
-        weight, blocksize=blocksize, compress_statistics=compress_statistics, quant_type=quant_type, quant_storage=torch.uint8
+        weight, blocksize=blocksize, compress_statistics=compress_statistics, quant_type=quant_type,
+        quant_storage=torch.uint8,
     )
 
 
@@ -83,8 +86,8 @@ def _quantize(
     n = weight.numel()
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
-    kernel = {torch.bfloat16: _quantize_bf16, torch.float16: _quantize_fp16, torch.float32: _quantize_fp32}[weight.dtype]
-    kernel(_words(weight), blocksize, *_code_table(quant_type), packed.numpy().reshape(-1), absmax.numpy())
+    bounds, steps, top = _code_table(quant_type)
+    _KERNELS[weight.dtype](_words(weight), blocksize, bounds, steps, top, packed.numpy().reshape(-1), absmax.numpy())
     if torch.isnan(absmax).any():
         return None
 
@@ -182,7 +185,11 @@ def same_bytes(a: tuple[torch.Tensor, QuantState], b: tuple[torch.Tensor, QuantS
 
 
 def _bytes_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
-    return x.dtype == y.dtype and x.shape == y.shape and x.contiguous().view(torch.uint8).equal(y.contiguous().view(torch.uint8))
+    return (
+        x.dtype == y.dtype
+        and x.shape == y.shape
+        and torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
+    )
 
 
 if AVAILABLE:
@@ -293,6 +300,8 @@ if AVAILABLE:
     @njit(parallel=True, nogil=True, cache=True)
     def _quantize_fp32(words, blocksize, bounds, steps, top, packed, absmax):
         _quantize_words(words, _load_fp32, np.uint32(0x7FFFFFFF), blocksize, bounds, steps, top, packed, absmax)
+
+    _KERNELS = {torch.bfloat16: _quantize_bf16, torch.float16: _quantize_fp16, torch.float32: _quantize_fp32}
 
     @njit(inline="always")
     def _lut_index(v):

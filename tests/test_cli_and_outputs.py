@@ -1,0 +1,108 @@
+"""What a user sees: carried files, model card, plan, verify, status and the CLI around them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import streamq
+from streamq import plan_requantize, read_status, stream_requantize, verify_output
+from streamq.cli import main
+from streamq.plan import expected_output_size
+from tiny_models import make_model
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("out")
+    src = make_model(root / "src")
+    stream_requantize(src, root / "out", progress=False)
+    return src, root / "out"
+
+
+def test_non_weight_files_carried_unchanged_and_weights_not(converted) -> None:
+    src, out = converted
+    assert (out / "tokenizer_config.json").read_bytes() == (src / "tokenizer_config.json").read_bytes()
+    assert (out / "nested" / "notes.txt").read_bytes() == (src / "nested" / "notes.txt").read_bytes()
+    assert (out / "generation_config.json").read_bytes() == (src / "generation_config.json").read_bytes()
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in src.glob("*.safetensors"))
+
+
+def test_model_card_metadata_settings_and_original_text(converted) -> None:
+    from huggingface_hub import ModelCard
+
+    _, out = converted
+    card = ModelCard((out / "README.md").read_text())
+    assert card.data.library_name == "transformers"
+    assert card.data.license == "apache-2.0"  # carried from the source card
+    assert {"bitsandbytes", "4-bit", "nf4"} <= set(card.data.tags)
+    assert "| quant_type | `nf4` |" in card.text and "Original card text." in card.text
+    assert f'from_pretrained("{out.resolve()}")' in card.text
+
+
+def test_plan_reads_headers_and_predicts_sizes(converted) -> None:
+    src, out = converted
+    plan = plan_requantize(src)
+    manifest = json.loads((out / "streamq_manifest.json").read_text())
+    for shard in plan.shards:
+        actual = manifest["shards"][shard.name]["output_size"]
+        assert actual <= expected_output_size(shard, plan) <= actual * 1.2 + 2048
+    quantized = {k for k, r in plan.rules.items() if r.action == "quantize"}
+    assert "model.layers.0.self_attn.q_proj.weight" in quantized and "lm_head.weight" not in quantized
+
+
+def test_verify_accepts_a_good_output_and_loads_it(converted) -> None:
+    _, out = converted
+    report = verify_output(out, load=True)
+    assert report.ok, report.problems
+    assert report.loaded is True and report.checked_files == len(list(out.glob("*.safetensors")))
+
+
+def test_verify_finds_a_tampered_shard(tmp_path: Path, converted) -> None:
+    import shutil
+
+    _, out = converted
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    victim = sorted(copy.glob("*.safetensors"))[1]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    report = verify_output(copy)
+    assert not report.ok and any(victim.name in p and "sha256" in p for p in report.problems)
+    assert main(["verify", str(copy)]) == 3
+
+
+def test_status_and_cli_json(converted, capsys) -> None:
+    _, out = converted
+    manifest = read_status(out)
+    assert manifest.status == "done" and len(manifest.shards) == len(list(out.glob("*.safetensors")))
+    assert main(["status", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "done"
+    assert main(["plan", str(out.parent / "src"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tensors"]["quantize"] > 0 and summary["compression_ratio"] > 1
+    assert main(["requantize", str(out.parent / "src"), str(out), "--dry-run"]) == 0
+    assert "disk needed in work_dir" in capsys.readouterr().out
+
+
+def test_cli_requantize_runs_and_reports(tmp_path: Path, converted, capsys) -> None:
+    src, _ = converted
+    assert main(["requantize", str(src), str(tmp_path / "cli-out"), "--quant-type", "fp4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["shards"] == len(list(src.glob("*.safetensors"))) and result["ratio"] > 1
+    assert read_status(tmp_path / "cli-out").settings["quant_type"] == "fp4"
+
+
+def test_help_shows_examples(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    assert "streamq requantize" in capsys.readouterr().out
+
+
+def test_status_of_a_non_streamq_directory(tmp_path: Path) -> None:
+    with pytest.raises(streamq.StreamqError, match="not written by streamq"):
+        read_status(tmp_path)

@@ -1,0 +1,208 @@
+"""The numba CPU kernel must give the same bytes as bitsandbytes' own CPU quantize_4bit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import bitsandbytes.functional as bnbf
+
+from streamq.kernels import cpu
+
+pytestmark = pytest.mark.skipif(not cpu.AVAILABLE, reason="numba is not importable")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SETTINGS = [(d, qt, dq) for d in DTYPES for qt in ("nf4", "fp4") for dq in (False, True)]
+SHAPES = [(1,), (2,), (3,), (31,), (32,), (33,), (63,), (64,), (65,), (127,), (129,), (4097,), (7, 9), (17, 31),
+          (64, 64), (3, 5, 7), (300, 33), (256, 257), (11, 4096)]
+
+
+def bnb_quantize(weight: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool):
+    return bnbf.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type,
+                              quant_storage=torch.uint8)
+
+
+def assert_identical(ours, theirs) -> None:
+    """Packed data and every tensor of as_dict(packed=True), compared byte for byte."""
+    assert ours[0].dtype == theirs[0].dtype and ours[0].shape == theirs[0].shape
+    assert torch.equal(ours[0], theirs[0]), f"packed data differs at {(ours[0] != theirs[0]).nonzero()[:5].tolist()}"
+    d_ours, d_theirs = ours[1].as_dict(packed=True), theirs[1].as_dict(packed=True)
+    assert d_ours.keys() == d_theirs.keys()
+    for key in d_ours:
+        a, b = d_ours[key], d_theirs[key]
+        assert a.dtype == b.dtype and a.shape == b.shape, key
+        assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)), key
+
+
+def check(weight: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool) -> None:
+    ours = cpu._quantize(weight, quant_type, blocksize, double_quant)
+    assert ours is not None, "the kernel declined a tensor without NaN"
+    assert_identical(ours, bnb_quantize(weight, quant_type, blocksize, double_quant))
+
+
+@pytest.mark.parametrize("dtype,quant_type,double_quant", SETTINGS)
+def test_random_shapes_and_blocksizes(dtype, quant_type, double_quant) -> None:
+    gen = torch.Generator().manual_seed(len(dtype) * 7 + len(quant_type) + double_quant)
+    for i, shape in enumerate(SHAPES):
+        blocksize = cpu.BLOCKSIZES[i % len(cpu.BLOCKSIZES)]
+        scale = 10.0 ** torch.randint(-6, 4, (), generator=gen).item()
+        weight = (torch.randn(shape, generator=gen) * scale).to(DTYPES[dtype])
+        check(weight, quant_type, blocksize, double_quant)
+
+
+@pytest.mark.parametrize("blocksize", cpu.BLOCKSIZES)
+def test_every_blocksize(blocksize) -> None:
+    gen = torch.Generator().manual_seed(blocksize)
+    for dtype, quant_type, double_quant in SETTINGS:
+        weight = torch.randn(3 * blocksize + 5, generator=gen).to(DTYPES[dtype])
+        check(weight, quant_type, blocksize, double_quant)
+
+
+def special_values(dtype: torch.dtype, blocksize: int) -> torch.Tensor:
+    """Blocks of zeros, denormals, extreme magnitudes, signed zeros and a partial all-zero tail."""
+    info = torch.finfo(dtype)
+    gen = torch.Generator().manual_seed(1)
+    rand = lambda: torch.randn(blocksize, generator=gen)  # noqa: E731
+    blocks = [
+        torch.zeros(blocksize),
+        -torch.zeros(blocksize),
+        rand() * info.tiny / 8,  # denormals only (absmax below the 1e-38 clamp for fp32/bf16)
+        rand() * info.tiny * 4,  # normals and denormals together
+        rand().clamp(-1, 1) * info.max,  # huge: 1/absmax is itself denormal
+        torch.where(rand() > 0, info.max, -info.max),
+        rand() * 1e-30,
+        rand() * (1e30 if dtype != torch.float16 else 1e4),
+        torch.cat([torch.zeros(blocksize - 1), torch.ones(1) * info.smallest_normal]),
+        rand(),
+    ]
+    tail = torch.zeros(blocksize // 2 + 3)
+    return torch.cat(blocks + [tail]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype,quant_type,double_quant", SETTINGS)
+@pytest.mark.parametrize("blocksize", [64, 256])
+def test_special_values(dtype, quant_type, double_quant, blocksize) -> None:
+    check(special_values(DTYPES[dtype], blocksize), quant_type, blocksize, double_quant)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_ties_on_bucket_bounds(quant_type) -> None:
+    """Scaled values exactly on a midpoint go to the lower bucket, as torch.bucketize(right=False) does."""
+    bounds = torch.tensor(cpu._code_table(quant_type)[0])
+    near = torch.cat([bounds, torch.nextafter(bounds, torch.tensor(2.0)), torch.nextafter(bounds, torch.tensor(-2.0)),
+                      torch.tensor([0.0, -0.0, 1.0, -1.0])])
+    for absmax in (1.0, 2.0, 0.5, 3.0):  # 3.0: the reciprocal rounds, so ties shift like bnb's
+        weight = torch.cat([torch.tensor([absmax]), near * absmax])
+        weight = torch.cat([weight, torch.zeros(-weight.numel() % 64)])
+        check(weight, quant_type, 64, False)
+        check(weight[:-3], quant_type, 64, True)  # ends in a partial block: division instead of 1/absmax
+
+
+@pytest.mark.parametrize("dtype,quant_type,double_quant", SETTINGS)
+def test_infinities(dtype, quant_type, double_quant) -> None:
+    """An inf block makes absmax inf, the double-quant offset inf and the nested values NaN: still identical."""
+    weight = torch.randn(5 * 64 + 9, generator=torch.Generator().manual_seed(2))
+    weight[70], weight[200], weight[-2] = float("inf"), float("-inf"), float("inf")
+    check(weight.to(DTYPES[dtype]), quant_type, 64, double_quant)
+
+
+@pytest.mark.parametrize("dtype,quant_type,double_quant", SETTINGS)
+def test_nan_falls_back_to_bitsandbytes(dtype, quant_type, double_quant) -> None:
+    """NaN absmax payload bits come from torch internals (fp16 NaN widens differently in its scalar and
+    vector loops), so a tensor with NaN is handed to bitsandbytes. The codes themselves are deterministic
+    (a NaN block is all top-bucket codes) and the kernel gets them right too."""
+    weight = torch.randn(4 * 64 + 3, generator=torch.Generator().manual_seed(3))
+    weight[5], weight[130], weight[-1] = float("nan"), float("nan"), float("nan")
+    weight = weight.to(DTYPES[dtype])
+    theirs = bnb_quantize(weight, quant_type, 64, double_quant)
+    assert cpu._quantize(weight, quant_type, 64, double_quant) is None
+    assert_identical(cpu.quantize_4bit(weight, quant_type=quant_type, blocksize=64, compress_statistics=double_quant),
+                     theirs)
+
+    packed = torch.empty_like(theirs[0]).reshape(-1)
+    absmax = torch.empty(5)
+    kernel = {"bf16": cpu._quantize_bf16, "fp16": cpu._quantize_fp16, "fp32": cpu._quantize_fp32}[dtype]
+    kernel(cpu._words(weight), 64, *cpu._code_table(quant_type), packed.numpy(), absmax.numpy())
+    assert torch.equal(packed, theirs[0].reshape(-1))
+    if not double_quant:
+        assert torch.equal(absmax.isnan(), theirs[1].absmax.isnan())
+
+
+def test_nested_lookup_matches_bnb_blockwise() -> None:
+    """The double-quant step against bnb's native 8-bit blockwise op, across every LUT bin and its edges."""
+    k = np.arange(65536, dtype=np.float64)
+    centers = (2 * k / 65535 - 1).astype(np.float32)
+    edges = ((2 * k[:-1] + 1) / 65535 - 1).astype(np.float32)  # where fma((v+1)/2, 65535, 0.5) reaches k+1
+    values = np.concatenate([centers, edges, np.nextafter(edges, np.float32(2)), np.nextafter(edges, np.float32(-2))])
+    values = np.clip(values, -1, 1)
+    rows = values[: values.size // 255 * 255].reshape(-1, 255)
+    blocks = np.concatenate([np.ones((rows.shape[0], 1), np.float32), rows], axis=1).reshape(-1)  # absmax 1 each
+    gen = np.random.default_rng(4)
+    extra = np.concatenate([gen.standard_normal(1000).astype(np.float32) * 3, np.zeros(300, np.float32),
+                            np.array([np.inf, -np.inf, np.nan, 5.0], np.float32), np.zeros(256, np.float32)])
+    for values in (blocks, extra, np.concatenate([blocks, extra])):
+        theirs_q, theirs_state = bnbf.quantize_blockwise(torch.from_numpy(values), blocksize=256)
+        codes = torch.empty(values.size, dtype=torch.uint8)
+        absmax = torch.empty(-(-values.size // 256))
+        dynamic = cpu._dynamic_map()
+        cpu._quantize_nested(values, np.float32(0), cpu._dynamic_lut(dynamic.numpy().tobytes()), codes.numpy(),
+                             absmax.numpy())
+        assert torch.equal(codes, theirs_q)
+        assert torch.equal(absmax.view(torch.int32), theirs_state.absmax.view(torch.int32))
+        assert torch.equal(dynamic, theirs_state.code)
+
+
+@pytest.mark.parametrize("dtype,quant_type", [("bf16", "nf4"), ("fp32", "fp4")])
+def test_large_tensor(dtype, quant_type) -> None:
+    weight = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(5)).to(DTYPES[dtype])
+    check(weight, quant_type, 64, True)
+
+
+def test_self_check_passes() -> None:
+    """quantize_4bit only uses the kernel where its probe agrees with the installed bitsandbytes
+    (the smallest and largest blocksizes here; the tests above cover the kernel at every one)."""
+    for dtype, quant_type, double_quant in SETTINGS:
+        for blocksize in (cpu.BLOCKSIZES[0], 64, cpu.BLOCKSIZES[-1]):
+            assert cpu._agrees_with_bnb(DTYPES[dtype], quant_type, blocksize, double_quant)
+
+
+def test_public_api_matches_bnb() -> None:
+    weight = torch.randn(96, 130, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    for quant_type in ("nf4", "fp4"):
+        for double_quant in (False, True):
+            assert_identical(cpu.quantize_4bit(weight, quant_type=quant_type, blocksize=128,
+                                               compress_statistics=double_quant),
+                             bnb_quantize(weight, quant_type, 128, double_quant))
+
+
+def test_supports() -> None:
+    weight = torch.randn(64, 64, dtype=torch.bfloat16)
+    assert cpu.supports(weight, "nf4", 64)
+    assert not cpu.supports(weight.t(), "nf4", 64)  # not contiguous
+    assert not cpu.supports(weight.double(), "nf4", 64)
+    assert not cpu.supports(weight, "int4", 64)
+    assert not cpu.supports(weight, "nf4", 16)
+    assert not cpu.supports(weight[:0], "nf4", 64)
+
+
+def test_unsupported_input_falls_back() -> None:
+    weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(7)).t()
+    assert_identical(cpu.quantize_4bit(weight, quant_type="nf4", blocksize=64), bnb_quantize(weight, "nf4", 64, True))
+
+
+def test_without_numba_everything_goes_to_bnb() -> None:
+    """With numba unimportable the module still imports, supports() says no and bnb does the work."""
+    script = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import torch\n"
+        "from streamq.kernels import cpu\n"
+        "w = torch.randn(64, 64, dtype=torch.bfloat16)\n"
+        "assert not cpu.AVAILABLE and not cpu.supports(w, 'nf4', 64)\n"
+        "packed, state = cpu.quantize_4bit(w, quant_type='fp4', blocksize=64)\n"
+        "assert packed.shape == (2048, 1) and state.nested\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parent.parent)
