@@ -137,7 +137,7 @@ def _dynamic_map() -> torch.Tensor:
     """The 8-bit dynamic code bnb's quantize_blockwise uses for the nested absmax (its own cached copy)."""
     if "dynamic" not in bnbf.name2qmap:
         bnbf.name2qmap["dynamic"] = bnbf.create_dynamic_map().to("cpu")
-    return bnbf.name2qmap["dynamic"]
+    return bnbf.name2qmap["dynamic"].cpu()  # bnb moves its cached copy to the GPU once it quantizes there
 
 
 @functools.lru_cache(maxsize=4)
