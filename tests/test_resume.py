@@ -95,3 +95,16 @@ def test_second_concurrent_run_on_a_local_output_is_refused(tmp_path: Path) -> N
         stream_requantize(src, tmp_path / "out", progress=False)
     list(first)  # and finishes undisturbed
     assert json.loads((tmp_path / "out" / "streamq_manifest.json").read_text())["status"] == "done"
+
+
+def test_resume_refuses_to_mix_quantization_devices(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "src")
+    run = iter_requantize(src, tmp_path / "out", progress=False, device="cpu")
+    next(run)
+    run.close()
+    manifest_path = tmp_path / "out" / "streamq_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["device"] = "cuda"  # as if the first part ran on a GPU machine
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(streamq.ManifestMismatchError, match="quantization device 'cuda'"):
+        stream_requantize(src, tmp_path / "out", progress=False, device="cpu")
