@@ -123,7 +123,7 @@ def iter_requantize(
 
     with ExitStack() as stack:
         work = _work_dir(work_dir, stack)
-        if not progress and not are_progress_bars_disabled():
+        if not are_progress_bars_disabled():  # one streamq bar instead of one per file transfer
             disable_progress_bars()
             stack.callback(enable_progress_bars)
         api = make_api(token, endpoint)
