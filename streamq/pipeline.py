@@ -142,7 +142,6 @@ def iter_requantize(
         downloads = isinstance(source, HubSource)
         todo = [s for s in plan.shards if not (s.name in manifest.shards and _still_valid(manifest.shards[s.name], s))]
         budget = DiskBudget(_disk_limit(work, plan, todo, downloads, disk_budget))
-        stack.callback(budget.close)  # runs before the thread pools below are shut down
 
         bar = stack.enter_context(tqdm(total=plan.input_bytes, unit="B", unit_scale=True, disable=not progress, desc="streamq"))
         total = len(plan.shards)
@@ -156,6 +155,7 @@ def iter_requantize(
 
         fetcher = stack.enter_context(ThreadPoolExecutor(1, "streamq-fetch"))
         publisher = stack.enter_context(ThreadPoolExecutor(1, "streamq-publish"))
+        stack.callback(budget.close)  # registered last, so it runs first: wakes a fetch waiting for space
         in_size = {s.name: s.size if downloads else 0 for s in todo}
 
         def fetch(shard: ShardPlan) -> Fetched:
