@@ -9,15 +9,16 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from collections import deque
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from huggingface_hub.utils import disable_progress_bars
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -123,9 +124,7 @@ def iter_requantize(
 
     with ExitStack() as stack:
         work = _work_dir(work_dir, stack)
-        if not are_progress_bars_disabled():  # one streamq bar instead of one per file transfer
-            disable_progress_bars()
-            stack.callback(enable_progress_bars)
+        stack.enter_context(disable_progress_bars())  # one streamq bar instead of one per file transfer
         api = make_api(token, endpoint)
         source = open_source(src_loc, api)
         plan = build_plan(source, settings, work / "meta", trust_remote_code=trust_remote_code)
@@ -153,8 +152,9 @@ def iter_requantize(
                 yield ShardRecord(numbers[shard.name], total, shard.name, shard.size, done.output_size, True, True, 0.0)
         skipped = total - len(todo)
 
-        fetcher = stack.enter_context(ThreadPoolExecutor(1, "streamq-fetch"))
-        publisher = stack.enter_context(ThreadPoolExecutor(1, "streamq-publish"))
+        fetcher, publisher = ThreadPoolExecutor(1, "streamq-fetch"), ThreadPoolExecutor(1, "streamq-publish")
+        for pool in (fetcher, publisher):  # on failure: finish what runs, drop what is queued
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
         stack.callback(budget.close)  # registered last, so it runs first: wakes a fetch waiting for space
         in_size = {s.name: s.size if downloads else 0 for s in todo}
 
@@ -162,20 +162,37 @@ def iter_requantize(
             budget.reserve(in_size[shard.name])
             return source.fetch(shard.name, work)
 
+        publish_failed = threading.Event()
+        published: deque[Future[ShardRecord]] = deque()
+
         def publish(shard: ShardPlan, output: Path, entry: ShardEntry, reserved: int, started: float) -> ShardRecord:
-            bar.set_postfix_str(f"uploading {shard.name}")
-            manifest.shards[shard.name] = entry  # only this thread touches the manifest while shards run
-            committed = sink.add_shard(output, shard.name, manifest)
-            budget.release(reserved)
+            try:
+                if publish_failed.is_set():  # never publish past a shard that failed to publish
+                    raise StreamqError(f"{shard.name} not published: an earlier shard failed")
+                bar.set_postfix_str(f"uploading {shard.name}")
+                manifest.shards[shard.name] = entry  # only this thread touches the manifest while shards run
+                try:
+                    committed = sink.add_shard(output, shard.name, manifest)
+                except BaseException:
+                    del manifest.shards[shard.name]
+                    publish_failed.set()
+                    raise
+            finally:
+                budget.release(reserved)
             bar.update(shard.size)
             return ShardRecord(numbers[shard.name], total, shard.name, shard.size, entry.output_size, False, committed, time.monotonic() - started)
 
+        def completed_publishes() -> Iterator[ShardRecord]:
+            """Records of the shards published so far, in order; re-raises a failed publish here."""
+            while published and published[0].done():
+                yield published.popleft().result()
+
         next_fetch = fetcher.submit(fetch, todo[0]) if todo else None
-        published: deque[Future[ShardRecord]] = deque()
         for position, shard in enumerate(todo):
             shard_started = time.monotonic()
             bar.set_description(f"shard {numbers[shard.name]}/{total} download")
             fetched = next_fetch.result()
+            yield from completed_publishes()
             reserved = expected_output_size(shard, plan)
             budget.reserve(reserved)  # before the next download may claim the space
             if position + 1 < len(todo):
@@ -184,8 +201,7 @@ def iter_requantize(
             output, entry = convert_fetched(fetched, shard, plan, work, device)
             budget.release(in_size[shard.name])
             published.append(publisher.submit(publish, shard, output, entry, reserved, shard_started))
-            while published and published[0].done():
-                yield published.popleft().result()
+            yield from completed_publishes()
         while published:
             yield published.popleft().result()
         bar.set_postfix_str("")

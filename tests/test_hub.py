@@ -1,0 +1,257 @@
+"""Hub paths through the loopback emulator, driven by the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi, snapshot_download
+
+import streamq
+from streamq import iter_requantize, stream_requantize, verify_output
+from streamq.testing import LocalHub
+from tiny_models import byte_mismatches, load_tensors, logits_of, make_model, reference
+
+@pytest.fixture()
+def hub(tmp_path: Path):
+    with LocalHub(tmp_path / "hub") as hub:
+        yield hub
+
+
+def push(hub: LocalHub, src: Path, repo_id: str = "org/model", **kwargs) -> HfApi:
+    api = HfApi(endpoint=hub.endpoint, token="hf_test")
+    api.create_repo(repo_id, **kwargs)
+    api.upload_folder(repo_id=repo_id, folder_path=src)
+    return api
+
+
+def download(hub: LocalHub, repo_id: str, dest: Path, revision: str | None = None) -> Path:
+    return Path(snapshot_download(repo_id, revision=revision, local_dir=dest, endpoint=hub.endpoint, token="hf_test"))
+
+
+def shard_downloads(hub: LocalHub) -> int:
+    """Full GETs of LFS objects (the shards) from storage; Range reads of headers answer 206."""
+    return hub.requests.count("GET", r"^/storage/", status=200)
+
+
+def test_hub_to_hub_matches_transformers_and_loads(tmp_path: Path, hub: LocalHub) -> None:
+    src = make_model(tmp_path / "src")
+    ref_logits = reference(src, tmp_path / "ref")
+    api = push(hub, src)
+
+    result = stream_requantize("org/model", "me/model-nf4", endpoint=hub.endpoint, token="hf_test", progress=False)
+
+    assert result.source_revision == api.model_info("org/model").sha
+    out = download(hub, "me/model-nf4", tmp_path / "out")
+    assert byte_mismatches(load_tensors(out), load_tensors(tmp_path / "ref")) == []
+    assert torch.equal(logits_of(out), ref_logits)
+    assert (out / "nested" / "notes.txt").read_text() == "carried over unchanged\n"
+    card = (out / "README.md").read_text()
+    assert "base_model: org/model" in card and "base_model_relation: quantized" in card
+    assert verify_output("me/model-nf4", endpoint=hub.endpoint, token="hf_test").ok
+
+
+def test_index_and_config_land_in_the_last_commit(tmp_path: Path, hub: LocalHub) -> None:
+    push(hub, make_model(tmp_path / "src"))
+    stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=0)
+    api = HfApi(endpoint=hub.endpoint)
+    commits = api.list_repo_commits("me/out")
+    shards = [f for f in api.list_repo_files("me/out") if f.endswith(".safetensors")]
+    before_last = set(api.list_repo_files("me/out", revision=commits[1].commit_id))
+    assert "config.json" not in before_last and "model.safetensors.index.json" not in before_last
+    assert set(shards) <= before_last  # every shard was committed (with the manifest) before the end
+    assert len(commits) == len(shards) + 2  # repo creation, one per shard, the final one
+
+
+def test_hub_to_local_and_local_to_hub(tmp_path: Path, hub: LocalHub) -> None:
+    src = make_model(tmp_path / "src", "qwen")
+    reference(src, tmp_path / "ref")
+    push(hub, src)
+    stream_requantize("org/model", tmp_path / "local-out", endpoint=hub.endpoint, progress=False)
+    stream_requantize(src, "me/from-local", endpoint=hub.endpoint, progress=False)
+    ref = load_tensors(tmp_path / "ref")
+    assert byte_mismatches(load_tensors(tmp_path / "local-out"), ref) == []
+    assert byte_mismatches(load_tensors(download(hub, "me/from-local", tmp_path / "dl")), ref) == []
+
+
+def test_source_revision_pinned_with_at_sign(tmp_path: Path, hub: LocalHub) -> None:
+    api = push(hub, make_model(tmp_path / "src"))
+    first = api.model_info("org/model").sha
+    api.upload_file(path_or_fileobj=b"changed", path_in_repo="extra.txt", repo_id="org/model")
+    result = stream_requantize(f"org/model@{first}", tmp_path / "out", endpoint=hub.endpoint, progress=False)
+    assert result.source_revision == first and not (tmp_path / "out" / "extra.txt").exists()
+
+
+def test_resume_after_failure_does_not_download_finished_shards(tmp_path: Path, hub: LocalHub, monkeypatch) -> None:
+    src = make_model(tmp_path / "src")
+    push(hub, src)
+    stream_requantize("org/model", "me/clean", endpoint=hub.endpoint, progress=False)
+
+    import streamq.pipeline as pipeline
+
+    real, calls = pipeline.convert_fetched, []
+
+    def failing(fetched, shard, *args, **kwargs):
+        calls.append(shard.name)
+        if len(calls) == 4:
+            raise OSError("injected failure")
+        return real(fetched, shard, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "convert_fetched", failing)
+    with pytest.raises(OSError, match="injected"):
+        stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=0)
+    monkeypatch.setattr(pipeline, "convert_fetched", real)
+    manifest = HfApi(endpoint=hub.endpoint).hf_hub_download("me/out", "streamq_manifest.json", local_dir=tmp_path / "m")
+    committed = json.loads(Path(manifest).read_text())["shards"]
+    assert len(committed) >= 2
+
+    hub.requests.clear()
+    result = stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=0)
+    n_shards = len(list(src.glob("*.safetensors")))
+    assert result.shards_skipped == len(committed)
+    assert shard_downloads(hub) == n_shards - len(committed)  # finished shards are not downloaded again
+    clean, out = download(hub, "me/clean", tmp_path / "c"), download(hub, "me/out", tmp_path / "o")
+    assert byte_mismatches(load_tensors(out), load_tensors(clean)) == []
+    for name in ("config.json", "model.safetensors.index.json", "README.md", "tokenizer_config.json"):
+        assert (out / name).read_bytes().replace(b"me/out", b"X") == (clean / name).read_bytes().replace(b"me/clean", b"X")
+
+
+def test_batched_commits_and_uploaded_but_uncommitted_shards(tmp_path: Path, hub: LocalHub, monkeypatch) -> None:
+    """With a long commit interval shards are uploaded at once but committed together; a resumed run
+    does not upload again the bytes a dead run uploaded without committing."""
+    src = make_model(tmp_path / "src")
+    push(hub, src)
+    import streamq.pipeline as pipeline
+
+    real, calls = pipeline.convert_fetched, []
+
+    def failing(fetched, shard, *args, **kwargs):
+        calls.append(shard.name)
+        if len(calls) == 4:
+            raise OSError("injected failure")
+        return real(fetched, shard, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "convert_fetched", failing)
+    with pytest.raises(OSError):
+        stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=3600)
+    api = HfApi(endpoint=hub.endpoint)
+    assert len(api.list_repo_commits("me/out")) == 2  # creation + the first shard; shards 2-3 only uploaded
+    monkeypatch.setattr(pipeline, "convert_fetched", real)
+
+    hub.requests.clear()
+    stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=3600)
+    uploads = hub.requests.count("PUT", r"")
+    n_shards = len(list(src.glob("*.safetensors")))
+    assert uploads == n_shards - 3  # shards 2 and 3 were already on the Hub: not sent again
+    assert len(api.list_repo_commits("me/out")) == 2 + 2  # a batch of uploaded shards, then the final commit
+    assert verify_output("me/out", endpoint=hub.endpoint).ok
+
+
+def test_peak_disk_in_work_dir_is_one_input_plus_one_output(tmp_path: Path, hub: LocalHub, monkeypatch) -> None:
+    src = make_model(tmp_path / "src", max_shard_size="30KB")
+    push(hub, src)
+    work = tmp_path / "work"
+    sizes: list[int] = []
+    stop = threading.Event()
+
+    def used() -> int:
+        total = 0
+        for p in work.rglob("*"):
+            try:
+                total += p.stat().st_size if p.is_file() else 0
+            except FileNotFoundError:
+                pass
+        return total
+
+    def sample() -> None:
+        while not stop.is_set():
+            sizes.append(used())
+
+    import streamq.convert as convert
+
+    real_write = convert.write_shard
+
+    def measured_write(*args, **kwargs):
+        written = real_write(*args, **kwargs)
+        sizes.append(used())  # the input and its output both exist now
+        return written
+
+    monkeypatch.setattr(convert, "write_shard", measured_write)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        stream_requantize("org/model", "me/out", endpoint=hub.endpoint, work_dir=work, progress=False)
+    finally:
+        stop.set()
+        sampler.join()
+    manifest = json.loads((download(hub, "me/out", tmp_path / "o") / "streamq_manifest.json").read_text())["shards"]
+    largest_in = max(e["input_size"] for e in manifest.values())
+    largest_out = max(e["output_size"] for e in manifest.values())
+    metadata_allowance = 16_384  # config.json and huggingface_hub's small .cache metadata files
+    assert max(sizes) <= largest_in + largest_out + metadata_allowance, (max(sizes), largest_in, largest_out)
+    assert max(sizes) >= largest_in  # the measurement did see a shard on disk
+
+
+def test_concurrent_run_is_refused_and_repo_stays_consistent(tmp_path: Path, hub: LocalHub) -> None:
+    push(hub, make_model(tmp_path / "src"))
+    first = iter_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=0)
+    next(first)
+    stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=0)
+    with pytest.raises(streamq.ConcurrentRunError, match="changed while this run was writing"):
+        list(first)
+    assert verify_output("me/out", endpoint=hub.endpoint).ok
+
+
+def test_rerun_on_finished_hub_repo_is_a_no_op(tmp_path: Path, hub: LocalHub) -> None:
+    push(hub, make_model(tmp_path / "src"))
+    stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False)
+    commits = len(HfApi(endpoint=hub.endpoint).list_repo_commits("me/out"))
+    hub.requests.clear()
+    result = stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False)
+    assert result.shards_skipped == result.shards
+    assert shard_downloads(hub) == 0 and hub.requests.count("POST", r"/commit/") == 0
+    assert len(HfApi(endpoint=hub.endpoint).list_repo_commits("me/out")) == commits
+
+
+def test_publish_to_a_branch(tmp_path: Path, hub: LocalHub) -> None:
+    push(hub, make_model(tmp_path / "src"))
+    stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, branch="nf4")
+    api = HfApi(endpoint=hub.endpoint)
+    assert "config.json" in api.list_repo_files("me/out", revision="nf4")
+    assert "config.json" not in api.list_repo_files("me/out")
+    assert verify_output("me/out", branch="nf4", endpoint=hub.endpoint).ok
+
+
+# --- errors a user can cause on the Hub ---------------------------------------------------------
+
+
+def test_missing_repo_and_revision(tmp_path: Path, hub: LocalHub) -> None:
+    with pytest.raises(streamq.SourceNotFoundError, match="repo org/nope not found"):
+        stream_requantize("org/nope", tmp_path / "o", endpoint=hub.endpoint, progress=False)
+    push(hub, make_model(tmp_path / "src"))
+    with pytest.raises(streamq.SourceNotFoundError, match="revision not found"):
+        stream_requantize("org/model@v9", tmp_path / "o", endpoint=hub.endpoint, progress=False)
+
+
+def test_gated_private_and_read_only(tmp_path: Path) -> None:
+    tokens = {"hf_owner": {"write": ["*"]}, "hf_reader": {"read": ["*"], "write": []}}
+    with LocalHub(tmp_path / "hub", tokens=tokens) as hub:
+        api = HfApi(endpoint=hub.endpoint, token="hf_owner")
+        src = make_model(tmp_path / "src")
+        for repo in ("org/gated", "org/secret"):
+            api.create_repo(repo, private=repo == "org/secret")
+            api.upload_folder(repo_id=repo, folder_path=src)
+        hub.set_gated("org/gated")
+        with pytest.raises(streamq.AccessDeniedError, match="gated"):
+            stream_requantize("org/gated", tmp_path / "o1", endpoint=hub.endpoint, token="hf_reader", progress=False)
+        with pytest.raises(streamq.SourceNotFoundError, match="private"):
+            stream_requantize("org/secret", tmp_path / "o2", endpoint=hub.endpoint, token=False, progress=False)
+        with pytest.raises(streamq.OutputNotWritableError, match="cannot write to me/out"):
+            stream_requantize("org/secret", "me/out", endpoint=hub.endpoint, token="hf_reader", progress=False)
+        # the owner's token reads the private repo and writes
+        result = stream_requantize("org/secret", "me/out", endpoint=hub.endpoint, token="hf_owner", private=True, progress=False)
+        assert result.shards > 1
+        assert HfApi(endpoint=hub.endpoint, token="hf_owner").model_info("me/out").private
