@@ -9,20 +9,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+from huggingface_hub.file_download import http_get
+from huggingface_hub.utils import build_hf_headers
 from huggingface_hub.errors import EntryNotFoundError, NotASafetensorsRepoError, SafetensorsParsingError
 from safetensors import SafetensorError, safe_open
 
 from . import hub
 from .errors import CorruptShardError, SourceNotFoundError
 from .location import HubRepo, LocalDir
+from .retry import retrying
 from .targets import TensorInfo
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,7 @@ class HubSource:
         self.repo_id = repo_id
         self.name = repo_id
         with hub.reading(repo_id if revision is None else f"{repo_id}@{revision}"):
-            info = api.model_info(repo_id, revision=revision, files_metadata=True)
+            info = retrying(lambda: api.model_info(repo_id, revision=revision, files_metadata=True), f"info of {repo_id}")
         self.revision = info.sha
         self._files = {
             s.rfilename: SourceFile(s.size or 0, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []
@@ -118,48 +125,69 @@ class HubSource:
     def files(self) -> dict[str, SourceFile]:
         return dict(self._files)
 
-    def _download(self, path: str, local_dir: Path) -> Path:
+    def _download(self, path: str, dest: Path) -> Path:
+        """Download `path` to `dest` through a partial file that outlives failures and is resumed by Range,
+        within this run (bounded retries) and across runs that reuse the work_dir."""
+        url = hf_hub_url(self.repo_id, path, revision=self.revision, endpoint=self.api.endpoint)
+        headers = build_hf_headers(token=self.api.token, library_name="streamq")
+        partial = dest.with_name(f"{dest.name}.{self.revision}.incomplete")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+
+        def attempt() -> None:
+            meta = get_hf_file_metadata(url, token=self.api.token, endpoint=self.api.endpoint)
+            with open(partial, "ab") as f:
+                if f.tell() > (meta.size or 0):  # not a prefix of this file: start over
+                    f.truncate(0)
+                if f.tell() < (meta.size or 0):
+                    http_get(meta.location, f, resume_size=f.tell(), headers=headers, expected_size=meta.size)
+
         with hub.reading(self.repo_id):
-            return Path(
-                hf_hub_download(
-                    self.repo_id, path, revision=self.revision, local_dir=local_dir, endpoint=self.api.endpoint,
-                    token=self.api.token,
-                )
-            )
+            retrying(attempt, f"download of {path}")
+        os.replace(partial, dest)
+        return dest
 
     def read_text(self, path: str) -> str:
         with tempfile.TemporaryDirectory() as tmp:
-            return self._download(path, Path(tmp)).read_text(encoding="utf-8")
+            return self._download(path, Path(tmp) / Path(path).name).read_text(encoding="utf-8")
 
     def copy_to(self, path: str, dest: Path) -> Path:
-        downloaded = self._download(path, dest.parent / ".download")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        downloaded.replace(dest)
-        return dest
+        return self._download(path, dest)
 
     def headers(self, filenames: list[str]) -> dict[str, dict[str, TensorInfo]]:
         found = {}
         for name in filenames:
             try:
                 with hub.reading(self.repo_id):
-                    meta = self.api.parse_safetensors_file_metadata(self.repo_id, name, revision=self.revision)
+                    meta = retrying(
+                        lambda name=name: self.api.parse_safetensors_file_metadata(self.repo_id, name, revision=self.revision),
+                        f"header of {name}",
+                    )
             except (SafetensorsParsingError, NotASafetensorsRepoError) as exc:
                 raise CorruptShardError(f"{name}: cannot read its safetensors header ({exc})") from exc
             found[name] = {k: TensorInfo(t.dtype, tuple(t.shape)) for k, t in meta.tensors.items()}
         return found
 
     def fetch(self, path: str, work_dir: Path) -> Fetched:
-        """Download exactly one file into `work_dir` (not the shared cache, so deleting it frees the disk)."""
-        try:
-            local = self._download(path, work_dir / "in")
-        except EntryNotFoundError as exc:
-            raise SourceNotFoundError(f"{self.repo_id}: {path} is listed but cannot be downloaded") from exc
-        digest = file_sha256(local)
+        """Download exactly one file into `work_dir` (not the shared cache, so deleting it frees the disk).
+
+        Its sha256 is checked against the Hub's LFS metadata; a mismatch is downloaded once more, and
+        never handed on to be quantized.
+        """
         expected = self._files.get(path, SourceFile(0, None)).sha256
-        if expected is not None and digest != expected:
-            local.unlink(missing_ok=True)
-            raise CorruptShardError(f"{path}: downloaded bytes have sha256 {digest}, the Hub says {expected}; run again")
-        return Fetched(local, digest, temporary=True)
+        for attempt in range(2):
+            try:
+                local = self._download(path, work_dir / "in" / path)
+            except EntryNotFoundError as exc:
+                raise SourceNotFoundError(f"{self.repo_id}: {path} is listed but cannot be downloaded") from exc
+            digest = file_sha256(local)
+            if expected is None or digest == expected:
+                return Fetched(local, digest, temporary=True)
+            local.unlink()
+            logger.warning("%s: sha256 %s does not match the Hub's %s (attempt %d)", path, digest, expected, attempt + 1)
+        raise CorruptShardError(
+            f"{path}: downloaded bytes have sha256 {digest}, but the Hub lists {expected}; nothing was converted. "
+            "Run again later; if it persists, the file on the Hub is damaged"
+        )
 
 
 def open_source(location: HubRepo | LocalDir, api: HfApi) -> Source:

@@ -14,6 +14,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from .retry import TRANSPORT_ERRORS
 from .errors import AccessDeniedError, OutputNotWritableError, SourceNotFoundError, StreamqError
 
 
@@ -45,6 +46,8 @@ def reading(repo: str) -> Iterator[None]:
         if status in (401, 403):
             raise AccessDeniedError(f"no read access to {repo} (HTTP {status}); use a token that can read it") from exc
         raise StreamqError(f"reading {repo} failed: {_short(exc)}; run again to resume") from exc
+    except TRANSPORT_ERRORS as exc:
+        raise StreamqError(f"network error reading {repo} ({_short(exc)}); run again to resume") from exc
 
 
 @contextmanager
@@ -59,6 +62,8 @@ def writing(repo: str) -> Iterator[None]:
                 f"cannot write to {repo} (HTTP {status}): use a token with write access to it (HF_TOKEN or token=)"
             ) from exc
         raise StreamqError(f"publishing to {repo} failed: {_short(exc)}; run again to resume") from exc
+    except TRANSPORT_ERRORS as exc:
+        raise StreamqError(f"network error publishing to {repo} ({_short(exc)}); run again to resume") from exc
 
 
 def _short(exc: Exception) -> str:

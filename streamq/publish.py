@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +22,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, Repositor
 from . import hub
 from .errors import ConcurrentRunError, OutputNotWritableError, StreamqError
 from .manifest import MANIFEST_NAME, Manifest
+from .retry import retrying, transient_delay
 
 logger = logging.getLogger(__name__)
 
@@ -127,27 +129,37 @@ class HubSink:
         self._delete_after_commit: list[Path] = []
         self._last_commit = float("-inf")
         with hub.writing(repo_id):
-            url = api.create_repo(repo_id, private=private, exist_ok=True)
+            url = retrying(lambda: api.create_repo(repo_id, private=private, exist_ok=True), f"creating {repo_id}")
             if branch is not None:
-                api.create_branch(repo_id, branch=branch, exist_ok=True)
-        with hub.reading(repo_id):
-            # Every commit names this as its parent, so a concurrent writer makes it fail instead of mixing.
-            self._head = api.model_info(repo_id, revision=branch).sha
+                retrying(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True), f"creating branch {branch}")
+        # Every commit names this as its parent, so a concurrent writer makes it fail instead of mixing.
+        self._head = self._current_head()
         self.location = str(url) if branch is None else f"{url} (branch {branch})"
 
     def read_manifest(self, scratch: Path) -> Manifest | None:
         try:
-            with hub.reading(self.repo_id):
-                path = hf_hub_download(
-                    self.repo_id, MANIFEST_NAME, revision=self.branch, local_dir=scratch, endpoint=self.api.endpoint, token=self.api.token
-                )
+            text = self._read_manifest_text(self.branch, scratch)
         except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
             return None
-        return Manifest.from_json(Path(path).read_text())
+        return Manifest.from_json(text)
+
+    def _read_manifest_text(self, revision: str | None, scratch: Path) -> str:
+        def download() -> str:
+            return hf_hub_download(
+                self.repo_id, MANIFEST_NAME, revision=revision, local_dir=scratch, endpoint=self.api.endpoint, token=self.api.token
+            )
+
+        with hub.reading(self.repo_id):
+            return Path(retrying(download, f"reading the manifest of {self.repo_id}")).read_text()
+
+    def _current_head(self) -> str:
+        with hub.reading(self.repo_id):
+            return retrying(lambda: self.api.model_info(self.repo_id, revision=self.branch).sha, f"info of {self.repo_id}")
 
     def existing_files(self) -> list[str]:
         with hub.reading(self.repo_id):
-            return sorted(f for f in self.api.list_repo_files(self.repo_id, revision=self.branch) if f != ".gitattributes")
+            files = retrying(lambda: self.api.list_repo_files(self.repo_id, revision=self.branch), f"listing {self.repo_id}")
+        return sorted(f for f in files if f != ".gitattributes")
 
     def clear(self) -> None:
         deletions = [CommitOperationDelete(path) for path in self.existing_files()]
@@ -181,25 +193,45 @@ class HubSink:
         """Nothing to release: the Hub side is guarded by `parent_commit`."""
 
     def _commit_pending(self, manifest: Manifest, message: str) -> None:
-        ops = [*self._pending, CommitOperationAdd(MANIFEST_NAME, manifest.to_json().encode())]
-        self._commit(ops, message)
+        manifest_json = manifest.to_json().encode()
+        ops = [*self._pending, CommitOperationAdd(MANIFEST_NAME, manifest_json)]
+        self._commit(ops, message, manifest_json)
         for path in self._delete_after_commit:
             path.unlink(missing_ok=True)
         self._delete_after_commit.clear()
         self._pending.clear()
 
-    def _commit(self, ops: list, message: str) -> None:
+    def _commit(self, ops: list, message: str, manifest_json: bytes | None = None) -> None:
+        """Commit on top of the head this run last saw; retried, and a lost response is recognised."""
+
+        def attempt() -> str:
+            try:
+                return self.api.create_commit(
+                    self.repo_id, ops, commit_message=message, revision=self.branch, parent_commit=self._head
+                ).oid
+            except Exception as exc:
+                if transient_delay(exc, 0) is not None and (landed := self._landed(manifest_json)) is not None:
+                    logger.info("the commit landed although its response was lost")
+                    return landed
+                raise
+
         try:
             with hub.writing(self.repo_id):
-                info = self.api.create_commit(
-                    self.repo_id, ops, commit_message=message, revision=self.branch, parent_commit=self._head
-                )
+                self._head = retrying(attempt, f"commit to {self.repo_id}")
         except StreamqError as exc:
-            if isinstance(exc.__cause__, HfHubHTTPError) and exc.__cause__.response is not None and exc.__cause__.response.status_code == 412:
+            cause = exc.__cause__
+            if isinstance(cause, HfHubHTTPError) and cause.response is not None and cause.response.status_code == 412:
                 raise ConcurrentRunError(
                     f"{self.repo_id} changed while this run was writing it: another run (or person) is publishing "
                     "to it. Let that one finish, then run again to resume; nothing published is lost"
-                ) from exc.__cause__
+                ) from cause
             raise
-        self._head = info.oid
         self._last_commit = time.monotonic()
+
+    def _landed(self, manifest_json: bytes | None) -> str | None:
+        """The new head if it is this very commit (its manifest is byte for byte ours), else None."""
+        head = self._current_head()
+        if head == self._head or manifest_json is None:
+            return None
+        with tempfile.TemporaryDirectory() as scratch:
+            return head if self._read_manifest_text(head, Path(scratch)).encode() == manifest_json else None

@@ -1,0 +1,72 @@
+"""Bounded retries with backoff for the Hub calls huggingface_hub does not retry itself.
+
+huggingface_hub retries its own transfers (LFS uploads, preupload, resolve), but not `model_info`,
+`create_repo`, commits, header reads, or a download stream that breaks. streamq wraps those calls
+here: the same schedule as `huggingface_hub.utils.http_backoff` (1, 2, 4, 8 s, honouring Retry-After),
+then the error goes up with the state on the Hub intact, for the next run to resume from.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from huggingface_hub.errors import HfHubHTTPError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+ATTEMPTS = 5
+BASE_DELAY = 1.0
+MAX_DELAY = 8.0
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level failures, from whichever httpx the installed huggingface_hub uses."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+TRANSPORT_ERRORS = _transport_errors()
+
+
+def transient_delay(exc: BaseException, attempt: int) -> float | None:
+    """Seconds to wait before retrying `exc`, or None when it is not worth retrying."""
+    if isinstance(exc, HfHubHTTPError):
+        response = exc.response
+        if response is None or response.status_code not in TRANSIENT_STATUS:
+            return None
+        retry_after = response.headers.get("Retry-After")
+        if retry_after and retry_after.isdigit():
+            return float(retry_after)
+    elif not isinstance(exc, TRANSPORT_ERRORS):
+        return None
+    return min(BASE_DELAY * 2**attempt, MAX_DELAY)
+
+
+def retrying(call: Callable[[], T], what: str, attempts: int = ATTEMPTS, sleep: Callable[[float], None] = time.sleep) -> T:
+    """Run `call`, retrying transient failures up to `attempts` times in all."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as exc:
+            delay = transient_delay(exc, attempt)
+            if delay is None or attempt == attempts - 1:
+                raise
+            logger.warning("%s failed (%s); retrying in %.0f s (%d/%d)", what, _describe(exc), delay, attempt + 1, attempts - 1)
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
