@@ -1,17 +1,28 @@
-"""Plan a run from the source's small files and safetensors headers, before any weight is downloaded."""
+"""Plan a run from the source's small files and safetensors headers, before any weight is downloaded.
+
+One exception: a checkpoint that stores both ends of a tied weight has those two tensors read, since
+transformers ties them only when their values are equal.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
 
 from .errors import AlreadyQuantizedError, CorruptShardError, NoSafetensorsError, UnsupportedDtypeError, UnsupportedModelError
 from .fetch import Source, SourceFile
 from .settings import QuantSettings
 from .targets import TensorInfo, TensorPlan, TensorRule, plan_tensors
+
+logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -58,7 +69,8 @@ def build_plan(source: Source, settings: QuantSettings, meta_dir: Path, *, trust
         raise UnsupportedModelError(f"{source.name} has no config.json; streamq converts transformers model repos")
     config = json.loads(source.read_text("config.json"))
     _refuse_quantized_config(source.name, config)
-    shard_names, weight_map, single = _weight_files(source, files)
+    shard_names, index, single = _weight_files(source, files)
+    weight_map = index["weight_map"] if index is not None else None
     headers = source.headers(shard_names)
     tensor_info: dict[str, TensorInfo] = {}
     shards = []
@@ -77,31 +89,73 @@ def build_plan(source: Source, settings: QuantSettings, meta_dir: Path, *, trust
             raise CorruptShardError(f"{INDEX_NAME} names {len(listed)} tensor(s) no shard holds, e.g. {sorted(listed)[0]}")
     _check_tensors(tensor_info, headers)
     config_dir = _stage_config(source, files, meta_dir, trust_remote_code)
-    tensors = plan_tensors(config, tensor_info, settings, trust_remote_code=trust_remote_code, model_dir=str(config_dir))
+    tensors = plan_tensors(
+        config,
+        tensor_info,
+        settings,
+        first_shard=headers[shard_names[0]],
+        read_tensors=_tensor_reader(source, shards, meta_dir),
+        index_metadata=index.get("metadata") if index is not None else None,
+        trust_remote_code=trust_remote_code,
+        model_dir=str(config_dir),
+    )
     extra = [f for f in files if not WEIGHT_FILE.search(f) and f != ".gitattributes"]
     return Plan(source.name, source.revision, settings, config, shards, tensors, tensor_info, extra, single, list(tensors.warnings))
 
 
+def _tensor_reader(source: Source, shards: list[ShardPlan], work: Path) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+    """Read whole tensors by checkpoint key, for the rare decision that depends on values, not headers."""
+    shard_of = {key: shard.name for shard in shards for key in shard.keys}
+
+    def read(keys: list[str]) -> dict[str, torch.Tensor]:
+        found: dict[str, torch.Tensor] = {}
+        for name in sorted({shard_of[k] for k in keys}):
+            logger.info("reading %s from %s to compare tied weights", ", ".join(k for k in keys if shard_of[k] == name), name)
+            fetched = source.fetch(name, work)
+            try:
+                with safe_open(fetched.path, "pt") as f:
+                    found.update({k: f.get_tensor(k) for k in keys if shard_of[k] == name})
+            except SafetensorError as exc:
+                raise CorruptShardError(f"{name}: cannot read tensors ({exc}); the file is corrupt or truncated") from exc
+            finally:
+                if fetched.temporary:
+                    fetched.path.unlink(missing_ok=True)
+        return found
+
+    return read
+
+
 def _refuse_quantized_config(name: str, config: dict[str, Any]) -> None:
-    quant = config.get("quantization_config") or config.get("compression_config")
-    if quant:
-        method = quant.get("quant_method", "unknown method") if isinstance(quant, dict) else "unknown method"
+    """A config that declares a quantization (bitsandbytes, GPTQ, AWQ, FP8, compressed-tensors...) is refused, naming it."""
+    for field_name in ("quantization_config", "compression_config"):  # older compressed-tensors use the second
+        quant = config.get(field_name)
+        if not quant:
+            continue
+        if isinstance(quant, dict) and quant.get("quant_method"):
+            method = str(quant["quant_method"])
+        elif isinstance(quant, dict):
+            method = f"unknown method; its keys: {', '.join(sorted(quant)[:6])}"
+        else:
+            method = "unknown method"
         raise AlreadyQuantizedError(
-            f"{name} is already quantized ({method}); start from the full-precision model instead"
+            f"{name} is already quantized ({method}) according to {field_name} in config.json; "
+            "start from the full-precision model instead"
         )
 
 
-def _weight_files(source: Source, files: dict[str, SourceFile]) -> tuple[list[str], dict[str, str] | None, bool]:
+def _weight_files(source: Source, files: dict[str, SourceFile]) -> tuple[list[str], dict[str, Any] | None, bool]:
+    """The shard names (sorted, as transformers orders them), the parsed index if any, and whether it is one file."""
     if INDEX_NAME in files:
         try:
-            weight_map = json.loads(source.read_text(INDEX_NAME))["weight_map"]
+            index = json.loads(source.read_text(INDEX_NAME))
+            weight_map = index["weight_map"]
+            names = sorted(set(weight_map.values()))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CorruptShardError(f"{INDEX_NAME} is not a valid index ({exc})") from exc
-        names = sorted(set(weight_map.values()))
         missing = [n for n in names if n not in files]
         if missing:
             raise CorruptShardError(f"{INDEX_NAME} names shard {missing[0]}, which is not in {source.name}")
-        return names, weight_map, False
+        return names, index, False
     if SINGLE_NAME in files:
         return [SINGLE_NAME], None, True
     others = [f for f in files if WEIGHT_FILE.search(f)]
