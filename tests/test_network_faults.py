@@ -1,0 +1,155 @@
+"""Transient Hub faults are survived with bounded retries; persistent ones stop with a clear error and a
+state the next run resumes from. Faults come from the emulator, the client is the real huggingface_hub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi
+
+import streamq
+import streamq.retry
+from streamq import stream_requantize, verify_output
+from streamq.testing import Fault, LocalHub
+from tiny_models import make_model
+
+SHARD_BYTES = r"^/storage/"  # LFS objects (the shards) are served from storage URLs
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("m") / "src")
+
+
+@pytest.fixture()
+def hub(tmp_path: Path, model: Path, monkeypatch):
+    monkeypatch.setattr(streamq.retry, "BASE_DELAY", 0.05)  # same schedule, shorter waits
+    with LocalHub(tmp_path / "hub") as hub:
+        api = HfApi(endpoint=hub.endpoint)
+        api.create_repo("org/model")
+        api.upload_folder(repo_id="org/model", folder_path=model)
+        hub.requests.clear()
+        yield hub
+
+
+def run(hub: LocalHub, **kwargs) -> streamq.RequantizeResult:
+    return stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=0, **kwargs)
+
+
+TRANSIENT = {
+    "repo info 503": lambda: Fault.status(503, method="GET", path=r"^/api/models/org/model", times=2),
+    "resolve HEAD 502": lambda: Fault.status(502, method="HEAD", path=r"/resolve/", times=2),
+    "header range read 500": lambda: Fault.status(500, method="GET", path=SHARD_BYTES, times=1),
+    "download reset mid-body": lambda: Fault.reset(after_bytes=5000, method="GET", path=SHARD_BYTES, times=2),
+    "download truncated body": lambda: Fault.truncate(after_bytes=5000, method="GET", path=SHARD_BYTES, times=2),
+    "429 with Retry-After": lambda: Fault.rate_limit(retry_after=1, method="GET", path=r"/resolve/", times=1),
+    "create repo 503": lambda: Fault.status(503, method="POST", path=r"/api/repos/create", times=1),
+    "preupload 503": lambda: Fault.status(503, method="POST", path=r"/preupload/", times=1),
+    "LFS batch 503": lambda: Fault.status(503, method="POST", path=r"/info/lfs/objects/batch", times=1),
+    "upload reset mid-body": lambda: Fault.reset_upload(after_bytes=3000, method="PUT", times=1),
+    "commit fails after LFS upload": lambda: Fault.commit_fails(times=1),
+    "commit response lost": lambda: Fault.reset(after_bytes=0, method="POST", path=r"/commit/", times=1),
+    "slow server": lambda: Fault.delay(1.5, method="GET", path=SHARD_BYTES, times=1),
+    "throttled download": lambda: Fault.throttle(4096, 0.01, method="GET", path=SHARD_BYTES, times=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSIENT))
+def test_transient_fault_is_survived(hub: LocalHub, name: str) -> None:
+    fault = hub.faults.add(TRANSIENT[name]())
+    result = run(hub)
+    assert fault.fired >= 1, "the fault must actually have been hit"
+    assert result.shards > 1 and verify_output("me/out", endpoint=hub.endpoint).ok
+
+
+@pytest.fixture()
+def big_hub(tmp_path: Path, monkeypatch):
+    """Shards of ~15 MB: huggingface_hub writes downloads in 10 MiB steps, so a stream broken after 11 MB
+    has left 10 MiB in the partial file."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    monkeypatch.setattr(streamq.retry, "BASE_DELAY", 0.05)
+    config = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path / "big", max_shard_size="15MB")
+    with LocalHub(tmp_path / "hub") as hub:
+        api = HfApi(endpoint=hub.endpoint)
+        api.create_repo("org/model")
+        api.upload_folder(repo_id="org/model", folder_path=tmp_path / "big")
+        hub.requests.clear()
+        yield hub
+
+
+def test_broken_download_resumes_with_range_instead_of_starting_over(big_hub: LocalHub, monkeypatch) -> None:
+    from streamq.fetch import HubSource
+
+    hub = big_hub
+    real_fetch, armed = HubSource.fetch, []
+
+    def fetch_with_fault(self, path, work_dir):  # arm the fault once planning (header reads) is over
+        if not armed:
+            armed.append(hub.faults.add(Fault.truncate(after_bytes=11_000_000, method="GET", path=SHARD_BYTES, times=1)))
+        return real_fetch(self, path, work_dir)
+
+    monkeypatch.setattr(HubSource, "fetch", fetch_with_fault)
+    run(hub)
+    assert armed[0].fired == 1
+    records = list(hub.requests)
+    broken = next(i for i, r in enumerate(records) if r.path.startswith("/storage/") and r.status in (200, None))
+    resumed = [r for r in records[broken + 1 :] if r.path == records[broken].path]
+    assert resumed and resumed[0].status == 206  # a Range request from where the stream broke
+
+
+def test_persistent_fault_gives_up_clearly_and_next_run_resumes(tmp_path: Path, hub: LocalHub) -> None:
+    run_first = iter([0])
+    hub.faults.add(Fault.status(503, method="POST", path=r"/commit/", times=None))
+    with pytest.raises(streamq.StreamqError, match=r"publishing to me/out failed: .*503.*run again to resume"):
+        run(hub)
+    assert hub.requests.count("POST", r"/commit/") == streamq.retry.ATTEMPTS  # bounded
+    hub.faults.clear()
+    result = run(hub)
+    assert verify_output("me/out", endpoint=hub.endpoint).ok and result.shards_skipped == 0 and next(run_first) == 0
+
+
+def test_download_partial_survives_the_run_and_is_resumed_by_the_next(tmp_path: Path, big_hub: LocalHub, monkeypatch) -> None:
+    from streamq.fetch import HubSource
+
+    hub, work = big_hub, tmp_path / "work"
+    real_fetch = HubSource.fetch
+
+    def fetch_with_fault(self, path, work_dir):  # the stream breaks after 11 MB, then storage stays down
+        hub.faults.add(Fault.truncate(after_bytes=11_000_000, method="GET", path=SHARD_BYTES, times=1))
+        hub.faults.add(Fault.status(503, method="GET", path=SHARD_BYTES, times=None))
+        return real_fetch(self, path, work_dir)
+
+    monkeypatch.setattr(HubSource, "fetch", fetch_with_fault)
+    with pytest.raises(streamq.StreamqError, match="reading org/model failed: .*503.*run again to resume"):
+        run(hub, work_dir=work)
+    monkeypatch.setattr(HubSource, "fetch", real_fetch)
+    partials = list((work / "in").glob("*.incomplete"))
+    assert partials and partials[0].stat().st_size == 10 * 2**20
+    hub.faults.clear()
+    hub.requests.clear()
+    run(hub, work_dir=work)
+    first_shard = next(r for r in hub.requests if r.path.startswith("/storage/") and r.method == "GET" and r.status in (200, 206))
+    assert first_shard.status == 206  # carried on from the partial file, not from byte 0
+    assert verify_output("me/out", endpoint=hub.endpoint).ok
+
+
+def test_checksum_mismatch_is_never_quantized(tmp_path: Path, hub: LocalHub) -> None:
+    api = HfApi(endpoint=hub.endpoint)
+    index = json.loads(Path(api.hf_hub_download("org/model", "model.safetensors.index.json", local_dir=tmp_path / "i")).read_text())
+    victim = sorted(set(index["weight_map"].values()))[1]
+    sha = next(s.lfs.sha256 for s in api.model_info("org/model", files_metadata=True).siblings if s.rfilename == victim)
+    stored = next(p for p in (tmp_path / "hub").rglob(sha[2:]) if p.is_file())
+    data = bytearray(stored.read_bytes())
+    data[-10] ^= 0xFF  # same size, other bytes: only the sha256 check can tell
+    stored.write_bytes(bytes(data))
+    with pytest.raises(streamq.CorruptShardError, match=f"{victim}: downloaded bytes have sha256"):
+        run(hub)
+    manifest = json.loads(Path(api.hf_hub_download("me/out", "streamq_manifest.json", local_dir=tmp_path / "m")).read_text())
+    assert victim not in manifest["shards"] and manifest["status"] == "in_progress"
+    assert "config.json" not in api.list_repo_files("me/out")
