@@ -59,3 +59,68 @@ def test_kill_9_then_rerun_local(tmp_path: Path, model_and_clean_output, point: 
     assert done.returncode == 0, done.stderr
     assert output_files(out) == clean
     assert not list((work / "out").glob("*")) if (work / "out").exists() else True
+
+
+@pytest.fixture(scope="module")
+def hub_model(tmp_path_factory):
+    """A model on an emulated Hub that outlives the killed clients, with a clean reference conversion."""
+    from huggingface_hub import HfApi
+
+    from streamq.testing import LocalHub
+
+    root = tmp_path_factory.mktemp("hubcrash")
+    src = make_model(root / "src")
+    with LocalHub(root / "hub") as hub:
+        api = HfApi(endpoint=hub.endpoint)
+        api.create_repo("org/model")
+        api.upload_folder(repo_id="org/model", folder_path=src)
+        stream_requantize("org/model", "me/clean", endpoint=hub.endpoint, progress=False)
+        yield hub, api, download_files(api, "me/clean", root / "clean")
+
+
+def download_files(api, repo_id: str, dest: Path) -> dict[str, bytes]:
+    from huggingface_hub import snapshot_download
+
+    path = Path(snapshot_download(repo_id, endpoint=api.endpoint, local_dir=dest))
+    return {
+        name: data.replace(repo_id.encode(), b"<repo>")
+        for name, data in output_files(path).items()
+        if not name.startswith(".cache/")
+    }
+
+
+HUB_POINTS = [
+    ("before-download", 3),
+    ("after-download", 2),
+    ("during-quantize", 9),
+    ("after-write", 4),
+    ("during-upload", 2),
+    ("between-upload-and-commit", 3),
+    ("after-commit", 2),
+    ("during-final-commit", 1),
+]
+
+
+@pytest.mark.parametrize("point,nth", HUB_POINTS)
+def test_kill_9_then_rerun_hub(tmp_path: Path, hub_model, point: str, nth: int) -> None:
+    import json
+
+    hub, api, clean = hub_model
+    repo = f"me/{point}"
+    args = ("requantize", "org/model", repo, "--endpoint", hub.endpoint, "--work-dir", str(tmp_path / "work"), "--min-commit-interval", "0")
+    killed = run_cli(*args, die_at=point, nth=nth, env={"HF_HUB_DISABLE_XET": "1"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    files = api.list_repo_files(repo) if api.repo_exists(repo) else []
+    assert "config.json" not in files  # never looks finished after a crash
+    committed = set()
+    if "streamq_manifest.json" in files:
+        manifest = api.hf_hub_download(repo, "streamq_manifest.json", local_dir=tmp_path / "m")
+        committed = set(json.loads(Path(manifest).read_text())["shards"])
+
+    hub.requests.clear()
+    done = run_cli(*args, env={"HF_HUB_DISABLE_XET": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    # a shard whose commit landed is never downloaded again: one full GET per shard not yet committed
+    n_shards = sum(1 for name in clean if name.endswith(".safetensors"))
+    assert hub.requests.count("GET", r"^/storage/", status=200) == n_shards - len(committed)
+    assert download_files(api, repo, tmp_path / "out") == clean
