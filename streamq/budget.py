@@ -6,7 +6,13 @@ output size) and released once deleted, so overlapping stages never hold more th
 
 from __future__ import annotations
 
+import errno
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import InsufficientDiskError
 
 
 class BudgetClosed(Exception):
@@ -42,3 +48,24 @@ class DiskBudget:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT from Python, or the same error reported as text by safetensors' Rust writer."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
+
+
+@contextmanager
+def disk_full_is_clear(where: Path) -> Iterator[None]:
+    """Turn a full disk into an error that says so; what was half-written is never published."""
+    try:
+        yield
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise InsufficientDiskError(
+                f"the disk holding {where} is full; nothing half-written was published. "
+                "Free some space (or use a larger work_dir) and run again to resume"
+            ) from exc
+        raise

@@ -22,7 +22,7 @@ from huggingface_hub.utils import disable_progress_bars
 from tqdm.auto import tqdm
 
 from . import __version__
-from .budget import DiskBudget
+from .budget import DiskBudget, disk_full_is_clear
 from .convert import convert_fetched
 from .errors import InsufficientDiskError, OutputNotWritableError, StreamqError
 from .fetch import Fetched, HubSource, Source, open_source
@@ -160,7 +160,8 @@ def iter_requantize(
 
         def fetch(shard: ShardPlan) -> Fetched:
             budget.reserve(in_size[shard.name])
-            return source.fetch(shard.name, work)
+            with disk_full_is_clear(work):
+                return source.fetch(shard.name, work)
 
         publish_failed = threading.Event()
         published: deque[Future[ShardRecord]] = deque()
@@ -172,7 +173,8 @@ def iter_requantize(
                 bar.set_postfix_str(f"uploading {shard.name}")
                 manifest.shards[shard.name] = entry  # only this thread touches the manifest while shards run
                 try:
-                    committed = sink.add_shard(output, shard.name, manifest)
+                    with disk_full_is_clear(Path(sink.location)):
+                        committed = sink.add_shard(output, shard.name, manifest)
                 except BaseException:
                     del manifest.shards[shard.name]
                     publish_failed.set()
@@ -198,7 +200,8 @@ def iter_requantize(
             if position + 1 < len(todo):
                 next_fetch = fetcher.submit(fetch, todo[position + 1])
             bar.set_description(f"shard {numbers[shard.name]}/{total} quantize")
-            output, entry = convert_fetched(fetched, shard, plan, work, device)
+            with disk_full_is_clear(work):
+                output, entry = convert_fetched(fetched, shard, plan, work, device)
             budget.release(in_size[shard.name])
             published.append(publisher.submit(publish, shard, output, entry, reserved, shard_started))
             yield from completed_publishes()

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from .budget import is_disk_full
 from .errors import StreamqError
 from .fetch import file_sha256
 
@@ -28,9 +30,11 @@ def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> WrittenShard:
     partial = path.with_name(path.name + ".partial")
     try:
         save_file(tensors, str(partial), metadata={"format": "pt"})
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         partial.unlink(missing_ok=True)
-        raise StreamqError(f"cannot write {path.name} in {path.parent}: {exc.strerror or exc}; free space or choose another work_dir") from exc
+        if is_disk_full(exc):
+            raise
+        raise StreamqError(f"cannot write {path.name} in {path.parent}: {exc}; check the work_dir") from exc
     os.replace(partial, path)
     tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     return WrittenShard(path, path.stat().st_size, file_sha256(path), tensor_bytes, sorted(tensors))
