@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import build_hf_headers
+from huggingface_hub.utils._runtime import is_xet_available
 from huggingface_hub.errors import EntryNotFoundError, NotASafetensorsRepoError, SafetensorsParsingError
 from safetensors import SafetensorError, safe_open
 
@@ -127,7 +128,8 @@ class HubSource:
 
     def _download(self, path: str, dest: Path) -> Path:
         """Download `path` to `dest` through a partial file that outlives failures and is resumed by Range,
-        within this run (bounded retries) and across runs that reuse the work_dir."""
+        within this run (bounded retries) and across runs that reuse the work_dir. Files the Hub stores in
+        Xet go through `hf_xet` when it is installed, as huggingface_hub itself does."""
         url = hf_hub_url(self.repo_id, path, revision=self.revision, endpoint=self.api.endpoint)
         headers = build_hf_headers(token=self.api.token, library_name="streamq")
         partial = dest.with_name(f"{dest.name}.{self.revision}.incomplete")
@@ -135,6 +137,11 @@ class HubSource:
 
         def attempt() -> None:
             meta = get_hf_file_metadata(url, token=self.api.token, endpoint=self.api.endpoint)
+            if meta.xet_file_data is not None and is_xet_available():  # Xet has its own chunked, resumable transfer
+                with tempfile.TemporaryDirectory(dir=dest.parent) as scratch:
+                    got = hf_hub_download(self.repo_id, path, revision=self.revision, local_dir=scratch, endpoint=self.api.endpoint, token=self.api.token)
+                    os.replace(got, partial)
+                return
             with open(partial, "ab") as f:
                 if f.tell() > (meta.size or 0):  # not a prefix of this file: start over
                     f.truncate(0)
