@@ -170,7 +170,7 @@ def iter_requantize(
             try:
                 if publish_failed.is_set():  # never publish past a shard that failed to publish
                     raise StreamqError(f"{shard.name} not published: an earlier shard failed")
-                bar.set_postfix_str(f"uploading {shard.name}")
+                bar.set_postfix_str(f"publishing {shard.name}")
                 manifest.shards[shard.name] = entry  # only this thread touches the manifest while shards run
                 try:
                     with disk_full_is_clear(Path(sink.location)):
