@@ -60,9 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--work-dir", help="where the one input and one output shard live (default: a temporary directory)")
     run.add_argument("--private", action="store_true", help="create the output repo private")
     run.add_argument("--branch", help="publish to this branch of OUT instead of main")
+    run.add_argument("--create-pr", action="store_true", help="stage on a branch (--branch, default streamq-4bit), then open a pull request")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     run.add_argument("--overwrite", action="store_true", help="discard an existing output made from another revision or with other settings")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to quantize (recorded in the manifest)")
+    run.add_argument("--disk-budget", type=float, metavar="GB", help="let work_dir hold this much, to download the next shard while one quantizes")
     run.add_argument("--min-commit-interval", type=float, default=36.0, help="seconds between Hub commits; shards in between are committed together")
 
     plan = commands.add_parser("plan", help="show what requantize would do, reading only headers")
@@ -121,7 +123,9 @@ def _requantize(args: argparse.Namespace) -> int:
     from .pipeline import stream_requantize
     from .report import human_size
 
-    options = _options(args, *PLAN_OPTIONS, "work_dir", "private", "branch", "progress", "overwrite", "device", "min_commit_interval")
+    options = _options(args, *PLAN_OPTIONS, "work_dir", "private", "branch", "create_pr", "progress", "overwrite", "device", "min_commit_interval")
+    if args.disk_budget is not None:
+        options["disk_budget"] = int(args.disk_budget * 1e9)
     if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1" or not sys.stderr.isatty():
         options["progress"] = False
     result = stream_requantize(args.src, args.dst, **options)

@@ -42,6 +42,7 @@ class Manifest:
     streamq_version: str
     status: str = "in_progress"  # becomes "done" in the final commit, with config and index
     shards: dict[str, ShardEntry] = field(default_factory=dict)
+    pull_request: str | None = None  # with create_pr: the pull request the result was opened as
     format: int = FORMAT_VERSION
     created_at: str = field(default_factory=lambda: now())
     updated_at: str = ""

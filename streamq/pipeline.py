@@ -102,6 +102,7 @@ def iter_requantize(
     min_commit_interval: float = 36.0,
     branch: str | None = None,
     disk_budget: int | None = None,
+    create_pr: bool = False,
 ) -> Generator[ShardRecord, None, RequantizeResult]:
     """Yield a `ShardRecord` per shard as it is published; the generator returns the `RequantizeResult`.
 
@@ -110,7 +111,8 @@ def iter_requantize(
     (default: a temporary directory). `min_commit_interval` spaces Hub commits (the Hub limits them per
     hour); shards uploaded in between are committed with the next one. `overwrite` discards an
     existing output made with other settings or from another revision. `branch` publishes to that
-    branch of the output repo (created from main if missing) instead of main. `disk_budget` (bytes)
+    branch of the output repo (created from main if missing) instead of main. `create_pr` stages the
+    output on `branch` (default "streamq-4bit") and then opens it as a pull request. `disk_budget` (bytes)
     lets work_dir hold more than one input plus one output shard, so the next download overlaps this
     shard's quantization; by default only the upload of the previous output overlaps.
     """
@@ -118,6 +120,8 @@ def iter_requantize(
     settings = _settings(quant_type, double_quant, blocksize, compute_dtype, skip_modules)
     src_loc = source_location(src, revision)
     dst_loc = parse_location(dst, allow_revision=False)
+    if create_pr and not isinstance(dst_loc, HubRepo):
+        raise ValueError("create_pr needs a Hub repo as output, not a directory")
     if _same_location(src_loc, dst_loc):
         raise StreamqError(f"the output {dst} is the source itself; choose another output repo or directory")
     device = _resolve_device(device)
@@ -131,7 +135,7 @@ def iter_requantize(
         for warning in plan.warnings:
             logger.warning(warning)
         sink: Sink = (
-            HubSink(api, dst_loc.repo_id, private=private, min_commit_interval=min_commit_interval, branch=branch)
+            HubSink(api, dst_loc.repo_id, private=private, min_commit_interval=min_commit_interval, branch=branch, create_pr=create_pr)
             if isinstance(dst_loc, HubRepo)
             else LocalSink(dst_loc.path)
         )

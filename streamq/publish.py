@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download
+from huggingface_hub import CommitOperationAdd, CommitOperationCopy, CommitOperationDelete, HfApi, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from . import hub
@@ -120,10 +120,15 @@ class HubSink:
     the uploaded shards together with the manifest, at most one per `min_commit_interval` seconds,
     because the Hub limits commits per hour."""
 
-    def __init__(self, api: HfApi, repo_id: str, *, private: bool, min_commit_interval: float, branch: str | None = None) -> None:
+    def __init__(
+        self, api: HfApi, repo_id: str, *, private: bool, min_commit_interval: float, branch: str | None = None, create_pr: bool = False
+    ) -> None:
         self.api = api
         self.repo_id = repo_id
-        self.branch = branch
+        self.create_pr = create_pr
+        # A pull request is staged on a branch (which resumes like any output), then opened at the end.
+        self.branch = branch or ("streamq-4bit" if create_pr else None)
+        branch = self.branch
         self.min_commit_interval = min_commit_interval
         self._pending: list[CommitOperationAdd] = []
         self._delete_after_commit: list[Path] = []
@@ -187,7 +192,31 @@ class HubSink:
 
     def finalize(self, files: dict[str, Payload], manifest: Manifest) -> None:
         self._pending.extend(CommitOperationAdd(name, payload if isinstance(payload, bytes) else str(payload)) for name, payload in files.items())
-        self._commit_pending(manifest, "streamq: finish 4-bit conversion (config, index, model card)")
+        if not self.create_pr:
+            self._commit_pending(manifest, "streamq: finish 4-bit conversion (config, index, model card)")
+            return
+        manifest.status = "in_progress"  # the branch is complete; done once the pull request is open
+        self._commit_pending(manifest, "streamq: finish 4-bit conversion on the staging branch")
+        self._open_pull_request(manifest)
+
+    def _open_pull_request(self, manifest: Manifest) -> None:
+        """One commit on a new pull request against main, copying every file of the staging branch
+        (LFS files by reference: no bytes are uploaded again)."""
+        staged = self._head
+        copies = [CommitOperationCopy(name, name, src_revision=staged) for name in self.existing_files() if name != MANIFEST_NAME]
+        with hub.writing(self.repo_id):
+            info = retrying(
+                lambda: self.api.create_commit(
+                    self.repo_id, copies, commit_message=f"4-bit ({manifest.settings['quant_type']}) conversion by streamq",
+                    commit_description=f"Converted from {manifest.source} at {manifest.source_revision}; staged on branch `{self.branch}`.",
+                    create_pr=True,
+                ),
+                f"opening a pull request on {self.repo_id}",
+            )
+        manifest.status = "done"
+        manifest.pull_request = info.pr_url
+        self._commit([CommitOperationAdd(MANIFEST_NAME, manifest.to_json().encode())], "streamq: record the pull request")
+        self.location = info.pr_url or self.location
 
     def close(self) -> None:
         """Nothing to release: the Hub side is guarded by `parent_commit`."""

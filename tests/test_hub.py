@@ -255,3 +255,23 @@ def test_gated_private_and_read_only(tmp_path: Path) -> None:
         result = stream_requantize("org/secret", "me/out", endpoint=hub.endpoint, token="hf_owner", private=True, progress=False)
         assert result.shards > 1
         assert HfApi(endpoint=hub.endpoint, token="hf_owner").model_info("me/out").private
+
+
+def test_create_pr_stages_on_a_branch_and_opens_a_pull_request(tmp_path: Path, hub: LocalHub) -> None:
+    push(hub, make_model(tmp_path / "src"))
+    result = stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, create_pr=True)
+    api = HfApi(endpoint=hub.endpoint)
+    assert result.output.endswith("/discussions/1")  # the pull request's URL, as the Hub reports it
+    assert "config.json" not in api.list_repo_files("me/out")  # main is untouched until the PR is merged
+    pr_files = set(api.list_repo_files("me/out", revision="refs/pr/1"))
+    staged = set(api.list_repo_files("me/out", revision="streamq-4bit"))
+    assert {"config.json", "model.safetensors.index.json", "README.md"} <= pr_files
+    assert pr_files == staged - {"streamq_manifest.json"}
+    assert verify_output("me/out", branch="streamq-4bit", endpoint=hub.endpoint).ok
+    rerun = stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, create_pr=True)
+    assert rerun.shards_skipped == rerun.shards
+    assert _pr_exists(api, 1) and not _pr_exists(api, 2)  # a finished run opens no second pull request
+
+
+def _pr_exists(api: HfApi, number: int) -> bool:
+    return any(ref.ref == f"refs/pr/{number}" for ref in api.list_repo_refs("me/out", include_pull_requests=True).pull_requests or [])
