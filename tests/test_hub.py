@@ -13,7 +13,7 @@ from huggingface_hub import HfApi, snapshot_download
 import streamq
 from streamq import iter_requantize, stream_requantize, verify_output
 from streamq.testing import LocalHub
-from tiny_models import byte_mismatches, load_tensors, logits_of, make_model, reference
+from tiny_models import byte_mismatches, fail_on_nth_shard, load_tensors, logits_of, make_model, reference
 
 @pytest.fixture()
 def hub(tmp_path: Path):
@@ -90,20 +90,9 @@ def test_resume_after_failure_does_not_download_finished_shards(tmp_path: Path, 
     push(hub, src)
     stream_requantize("org/model", "me/clean", endpoint=hub.endpoint, progress=False)
 
-    import streamq.pipeline as pipeline
-
-    real, calls = pipeline.convert_fetched, []
-
-    def failing(fetched, shard, *args, **kwargs):
-        calls.append(shard.name)
-        if len(calls) == 4:
-            raise OSError("injected failure")
-        return real(fetched, shard, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "convert_fetched", failing)
+    fail_on_nth_shard(monkeypatch, 4)
     with pytest.raises(OSError, match="injected"):
         stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=0)
-    monkeypatch.setattr(pipeline, "convert_fetched", real)
     manifest = HfApi(endpoint=hub.endpoint).hf_hub_download("me/out", "streamq_manifest.json", local_dir=tmp_path / "m")
     committed = json.loads(Path(manifest).read_text())["shards"]
     assert len(committed) >= 2
@@ -124,22 +113,11 @@ def test_batched_commits_and_uploaded_but_uncommitted_shards(tmp_path: Path, hub
     does not upload again the bytes a dead run uploaded without committing."""
     src = make_model(tmp_path / "src")
     push(hub, src)
-    import streamq.pipeline as pipeline
-
-    real, calls = pipeline.convert_fetched, []
-
-    def failing(fetched, shard, *args, **kwargs):
-        calls.append(shard.name)
-        if len(calls) == 4:
-            raise OSError("injected failure")
-        return real(fetched, shard, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "convert_fetched", failing)
+    fail_on_nth_shard(monkeypatch, 4)
     with pytest.raises(OSError):
         stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=3600)
     api = HfApi(endpoint=hub.endpoint)
     assert len(api.list_repo_commits("me/out")) == 2  # creation + the first shard; shards 2-3 only uploaded
-    monkeypatch.setattr(pipeline, "convert_fetched", real)
 
     hub.requests.clear()
     stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=3600)

@@ -9,7 +9,7 @@ import pytest
 
 import streamq
 from streamq import iter_requantize, stream_requantize
-from tiny_models import load_tensors, make_model
+from tiny_models import fail_on_nth_shard, load_tensors, make_model
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -25,20 +25,7 @@ def test_failure_after_some_shards_then_resume_matches_clean_run(tmp_path: Path,
     src = make_model(tmp_path / "src")
     stream_requantize(src, tmp_path / "clean", progress=False)
 
-    import streamq.pipeline as pipeline
-
-    real = pipeline.convert_fetched
-    calls: list[str] = []
-    fail_on_call = [3]
-
-    def failing(fetched, shard, *args, **kwargs):
-        calls.append(shard.name)
-        if len(calls) in fail_on_call:
-            fail_on_call.clear()
-            raise OSError("injected failure")
-        return real(fetched, shard, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "convert_fetched", failing)
+    calls = fail_on_nth_shard(monkeypatch, 3)
     with pytest.raises(OSError, match="injected"):
         stream_requantize(src, tmp_path / "out", progress=False)
     manifest = json.loads((tmp_path / "out" / "streamq_manifest.json").read_text())

@@ -85,3 +85,21 @@ def byte_mismatches(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor])
         if not same:
             bad.append(key)
     return bad
+
+
+def fail_on_nth_shard(monkeypatch, n: int) -> list[str]:
+    """Make the pipeline raise OSError when it starts converting its n-th shard (once); returns the
+    names of the shards it was asked to convert, so a test can check what a resumed run redid."""
+    import streamq.pipeline as pipeline
+
+    real, calls, fired = pipeline.convert_fetched, [], []
+
+    def failing(fetched, shard, *args, **kwargs):
+        calls.append(shard.name)
+        if len(calls) == n and not fired:
+            fired.append(shard.name)
+            raise OSError("injected failure")
+        return real(fetched, shard, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "convert_fetched", failing)
+    return calls
