@@ -72,10 +72,10 @@ def main() -> None:
             for quant_type in quant_types:
                 bnb_s = kernel_s = math.inf
                 for _ in range(args.repeat):
-                    seconds, theirs = timed(lambda: bnb(weight, quant_type))
+                    seconds, theirs = timed(lambda w=weight, q=quant_type: bnb(w, q))
                     bnb_s = min(bnb_s, seconds)
                     for _ in range(3):
-                        seconds, ours = timed(lambda: kernel(weight, quant_type))
+                        seconds, ours = timed(lambda w=weight, q=quant_type: kernel(w, q))
                         kernel_s = min(kernel_s, seconds)
                 identical = cpu.same_bytes(ours, theirs)
                 row = {

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from .manifest import Manifest
-from .plan import INDEX_NAME, Plan
+from .plan import Plan
 
 
 def output_config(plan: Plan, config_dir: Path, trust_remote_code: bool) -> bytes:

@@ -250,7 +250,8 @@ def plan_requantize(
     endpoint: str | None = None,
     trust_remote_code: bool = False,
 ) -> Plan:
-    """What a run would do, from config, index and safetensors headers only (no weights downloaded)."""
+    """What a run would do, from config, index and safetensors headers (weights are read only for a
+    checkpoint that stores both ends of a tied weight, to see whether they are equal, as transformers does)."""
     settings = _settings(quant_type, double_quant, blocksize, compute_dtype, skip_modules)
     source = open_source(source_location(src, revision), make_api(token, endpoint))
     with tempfile.TemporaryDirectory(prefix="streamq-plan-") as tmp:

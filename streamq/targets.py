@@ -9,17 +9,18 @@ Only when transformers cannot build the model does a name/shape rule take over, 
 from __future__ import annotations
 
 import copy
-import logging
 import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import UnsupportedModelError
 from .settings import QuantSettings
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import torch
+
 
 Action = Literal["quantize", "keep", "drop"]
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi, snapshot_download
 
-import streamq
 from streamq import stream_requantize
 from streamq.cli import main
 from streamq.testing import Fault, LocalHub
