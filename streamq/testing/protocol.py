@@ -253,16 +253,20 @@ class HubHandler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         path, _, query = self.path.partition("?")
         fault = self.server.faults.take(self.command, path)
-        status: int | None = None
+        logged = False
         try:
             status, headers, chunks = self._prepare(self._respond(path, query, fault), fault)
+            # Logged before the answer goes out, so a client that has its answer always finds it in the log.
+            self.server.requests.append(RequestRecord(self.command, path, status))
+            logged = True
             self._transmit(status, headers, chunks, fault)
         except ConnectionDropped:
             self._reset()
         except OSError:
             self.close_connection = True  # the client hung up while we were answering
         finally:
-            self.server.requests.append(RequestRecord(self.command, path, status))
+            if not logged:
+                self.server.requests.append(RequestRecord(self.command, path, None))
 
     def _respond(self, path: str, query: str, fault: Fault | None) -> Response:
         limit = fault.after_bytes if fault is not None and fault.kind == "reset_upload" else None
