@@ -9,11 +9,8 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-import threading
 import time
-from collections import deque
-from collections.abc import Generator, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Generator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +19,9 @@ from huggingface_hub.utils import disable_progress_bars
 from tqdm.auto import tqdm
 
 from . import __version__
-from .budget import DiskBudget, disk_full_is_clear
-from .convert import convert_fetched
+from .budget import DiskBudget
 from .errors import InsufficientDiskError, OutputNotWritableError, StreamqError
-from .fetch import Fetched, HubSource, Source, open_source
+from .fetch import HubSource, Source, open_source
 from .finish import output_config, output_index
 from .hub import make_api
 from .location import HubRepo, LocalDir, parse_location, source_location
@@ -33,23 +29,10 @@ from .manifest import MANIFEST_NAME, Manifest, ShardEntry
 from .modelcard import render_model_card
 from .plan import INDEX_NAME, Plan, ShardPlan, build_plan, expected_output_size
 from .publish import HubSink, LocalSink, Payload, Sink
+from .schedule import ShardRecord, ShardScheduler
 from .settings import QuantSettings
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ShardRecord:
-    """One shard, as published (or found already published by an earlier run)."""
-
-    index: int
-    total: int
-    name: str
-    input_bytes: int
-    output_bytes: int
-    skipped: bool  # done by an earlier run: not downloaded again
-    committed: bool  # False while its bytes are uploaded but wait for a later commit
-    seconds: float
 
 
 @dataclass(frozen=True)
@@ -147,71 +130,13 @@ def iter_requantize(
         budget = DiskBudget(_disk_limit(work, plan, todo, downloads, disk_budget))
 
         bar = stack.enter_context(tqdm(total=plan.input_bytes, unit="B", unit_scale=True, disable=not progress, desc="streamq"))
-        total = len(plan.shards)
-        numbers = {s.name: i for i, s in enumerate(plan.shards, 1)}
-        for shard in plan.shards:
+        for number, shard in enumerate(plan.shards, 1):
             if shard not in todo:
-                done = manifest.shards[shard.name]
                 bar.update(shard.size)
-                yield ShardRecord(numbers[shard.name], total, shard.name, shard.size, done.output_size, True, True, 0.0)
-        skipped = total - len(todo)
-
-        fetcher, publisher = ThreadPoolExecutor(1, "streamq-fetch"), ThreadPoolExecutor(1, "streamq-publish")
-        for pool in (fetcher, publisher):  # on failure: finish what runs, drop what is queued
-            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
-        stack.callback(budget.close)  # registered last, so it runs first: wakes a fetch waiting for space
-        in_size = {s.name: s.size if downloads else 0 for s in todo}
-
-        def fetch(shard: ShardPlan) -> Fetched:
-            budget.reserve(in_size[shard.name])
-            with disk_full_is_clear(work):
-                return source.fetch(shard.name, work)
-
-        publish_failed = threading.Event()
-        published: deque[Future[ShardRecord]] = deque()
-
-        def publish(shard: ShardPlan, output: Path, entry: ShardEntry, reserved: int, started: float) -> ShardRecord:
-            try:
-                if publish_failed.is_set():  # never publish past a shard that failed to publish
-                    raise StreamqError(f"{shard.name} not published: an earlier shard failed")
-                bar.set_postfix_str(f"publishing {shard.name}")
-                manifest.shards[shard.name] = entry  # only this thread touches the manifest while shards run
-                try:
-                    with disk_full_is_clear(Path(sink.location)):
-                        committed = sink.add_shard(output, shard.name, manifest)
-                except BaseException:
-                    del manifest.shards[shard.name]
-                    publish_failed.set()
-                    raise
-            finally:
-                budget.release(reserved)
-            bar.update(shard.size)
-            return ShardRecord(numbers[shard.name], total, shard.name, shard.size, entry.output_size, False, committed, time.monotonic() - started)
-
-        def completed_publishes() -> Iterator[ShardRecord]:
-            """Records of the shards published so far, in order; re-raises a failed publish here."""
-            while published and published[0].done():
-                yield published.popleft().result()
-
-        next_fetch = fetcher.submit(fetch, todo[0]) if todo else None
-        for position, shard in enumerate(todo):
-            shard_started = time.monotonic()
-            bar.set_description(f"shard {numbers[shard.name]}/{total} download")
-            fetched = next_fetch.result()
-            yield from completed_publishes()
-            reserved = expected_output_size(shard, plan)
-            budget.reserve(reserved)  # before the next download may claim the space
-            if position + 1 < len(todo):
-                next_fetch = fetcher.submit(fetch, todo[position + 1])
-            bar.set_description(f"shard {numbers[shard.name]}/{total} quantize")
-            with disk_full_is_clear(work):
-                output, entry = convert_fetched(fetched, shard, plan, work, device)
-            budget.release(in_size[shard.name])
-            published.append(publisher.submit(publish, shard, output, entry, reserved, shard_started))
-            yield from completed_publishes()
-        while published:
-            yield published.popleft().result()
-        bar.set_postfix_str("")
+                yield ShardRecord(number, len(plan.shards), shard.name, shard.size, manifest.shards[shard.name].output_size, True, True, 0.0)
+        scheduler = ShardScheduler(source, sink, plan, manifest, work, device, budget, downloads, bar)
+        stack.callback(scheduler.close)
+        yield from scheduler.run(todo)
         logger.info("peak work_dir use %d bytes of a %d byte budget", budget.peak, budget.limit)
 
         bar.set_description("finishing")
@@ -226,8 +151,8 @@ def iter_requantize(
         source=plan.source,
         source_revision=plan.revision,
         output=sink.location,
-        shards=total,
-        shards_skipped=skipped,
+        shards=len(plan.shards),
+        shards_skipped=len(plan.shards) - len(todo),
         bytes_in=plan.input_bytes,
         bytes_out=sum(e.output_size for e in entries),
         tensors_quantized=sum(1 for r in rules if r.action == "quantize"),

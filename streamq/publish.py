@@ -20,6 +20,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationCopy, CommitOpera
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from . import hub
+from .budget import disk_full_is_clear
 from .errors import ConcurrentRunError, OutputNotWritableError, StreamqError
 from .manifest import MANIFEST_NAME, Manifest
 from .retry import retrying, transient_delay
@@ -85,17 +86,19 @@ class LocalSink:
             (self.root / name).unlink()
 
     def add_shard(self, local: Path, name: str, manifest: Manifest) -> bool:
-        self._place(local, name)
-        self._write(MANIFEST_NAME, manifest.to_json().encode())
+        with disk_full_is_clear(self.root):
+            self._place(local, name)
+            self._write(MANIFEST_NAME, manifest.to_json().encode())
         return True
 
     def finalize(self, files: dict[str, Payload], manifest: Manifest) -> None:
-        for name, payload in files.items():  # the caller orders config.json and the index last
-            if isinstance(payload, Path):
-                self._place(payload, name, keep_source=True)
-            else:
-                self._write(name, payload)
-        self._write(MANIFEST_NAME, manifest.to_json().encode())
+        with disk_full_is_clear(self.root):
+            for name, payload in files.items():  # the caller orders config.json and the index last
+                if isinstance(payload, Path):
+                    self._place(payload, name, keep_source=True)
+                else:
+                    self._write(name, payload)
+            self._write(MANIFEST_NAME, manifest.to_json().encode())
 
     def _place(self, local: Path, name: str, keep_source: bool = False) -> None:
         dest = self.root / name

@@ -36,9 +36,9 @@ def test_disk_that_fills_mid_run_then_resume(tmp_path: Path, tiny_fs: Path, monk
     stream_requantize(src, tmp_path / "clean", progress=False)
     out = tiny_fs / "out"
 
-    import streamq.pipeline as pipeline
+    import streamq.schedule as schedule
 
-    real, calls = pipeline.convert_fetched, []
+    real, calls = schedule.convert_fetched, []
 
     def fill_disk_on_third_shard(*args, **kwargs):
         calls.append(1)
@@ -52,13 +52,13 @@ def test_disk_that_fills_mid_run_then_resume(tmp_path: Path, tiny_fs: Path, monk
                     pass
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "convert_fetched", fill_disk_on_third_shard)
+    monkeypatch.setattr(schedule, "convert_fetched", fill_disk_on_third_shard)
     with pytest.raises(streamq.InsufficientDiskError, match="is full; nothing half-written was published"):
         stream_requantize(src, out, work_dir=tmp_path / "work", progress=False)
     assert not (out / "config.json").exists() and not list(out.glob("*.partial"))
 
     (tiny_fs / "filler").unlink()
-    monkeypatch.setattr(pipeline, "convert_fetched", real)
+    monkeypatch.setattr(schedule, "convert_fetched", real)
     result = stream_requantize(src, out, work_dir=tmp_path / "work", progress=False)
     assert result.shards_skipped >= 1
     assert load_tensors(out).keys() == load_tensors(tmp_path / "clean").keys()

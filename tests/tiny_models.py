@@ -90,9 +90,9 @@ def byte_mismatches(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor])
 def fail_on_nth_shard(monkeypatch, n: int) -> list[str]:
     """Make the pipeline raise OSError when it starts converting its n-th shard (once); returns the
     names of the shards it was asked to convert, so a test can check what a resumed run redid."""
-    import streamq.pipeline as pipeline
+    import streamq.schedule as schedule
 
-    real, calls, fired = pipeline.convert_fetched, [], []
+    real, calls, fired = schedule.convert_fetched, [], []
 
     def failing(fetched, shard, *args, **kwargs):
         calls.append(shard.name)
@@ -101,5 +101,5 @@ def fail_on_nth_shard(monkeypatch, n: int) -> list[str]:
             raise OSError("injected failure")
         return real(fetched, shard, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "convert_fetched", failing)
+    monkeypatch.setattr(schedule, "convert_fetched", failing)
     return calls

@@ -1,0 +1,121 @@
+"""Run the shard jobs with overlap, within a disk budget.
+
+While one shard is quantized (main thread), the next one downloads (fetch thread) and the previous
+one is published (publish thread). Every file in work_dir is reserved in a `DiskBudget` first, so
+the overlap never holds more than the budget; with the default budget of one input plus one output
+shard, only publishing overlaps. Publishing is strictly in order and stops at the first failure, so
+the manifest never lists a shard after one that did not make it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .budget import DiskBudget, disk_full_is_clear
+from .convert import convert_fetched
+from .errors import StreamqError
+from .fetch import Fetched, Source
+from .manifest import Manifest, ShardEntry
+from .plan import Plan, ShardPlan, expected_output_size
+from .publish import Sink
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One shard, as published (or found already published by an earlier run)."""
+
+    index: int
+    total: int
+    name: str
+    input_bytes: int
+    output_bytes: int
+    skipped: bool  # done by an earlier run: not downloaded again
+    committed: bool  # False while its bytes are uploaded but wait for a later commit
+    seconds: float
+
+
+class ShardScheduler:
+    """Converts and publishes the shards still to do; `close()` stops the helper threads."""
+
+    def __init__(
+        self, source: Source, sink: Sink, plan: Plan, manifest: Manifest, work: Path, device: str, budget: DiskBudget,
+        downloads: bool, bar: tqdm,
+    ) -> None:
+        self.source, self.sink, self.plan, self.manifest = source, sink, plan, manifest
+        self.work, self.device, self.budget, self.bar = work, device, budget, bar
+        self.downloads = downloads
+        self.numbers = {s.name: i for i, s in enumerate(plan.shards, 1)}
+        self._fetcher = ThreadPoolExecutor(1, "streamq-fetch")
+        self._publisher = ThreadPoolExecutor(1, "streamq-publish")
+        self._publish_failed = threading.Event()
+        self._published: deque[Future[ShardRecord]] = deque()
+
+    def run(self, todo: list[ShardPlan]) -> Iterator[ShardRecord]:
+        """Yield a record per shard of `todo`, in order, as each is published."""
+        next_fetch = self._fetcher.submit(self._fetch, todo[0]) if todo else None
+        for position, shard in enumerate(todo):
+            started = time.monotonic()
+            self._phase(shard, "download")
+            fetched = next_fetch.result()
+            yield from self._completed()
+            reserved = expected_output_size(shard, self.plan)
+            self.budget.reserve(reserved)  # before the next download may claim the space
+            if position + 1 < len(todo):
+                next_fetch = self._fetcher.submit(self._fetch, todo[position + 1])
+            self._phase(shard, "quantize")
+            with disk_full_is_clear(self.work):
+                output, entry = convert_fetched(fetched, shard, self.plan, self.work, self.device)
+            self.budget.release(self._input_size(shard))
+            self._published.append(self._publisher.submit(self._publish, shard, output, entry, reserved, started))
+            yield from self._completed()
+        while self._published:
+            yield self._published.popleft().result()
+        self.bar.set_postfix_str("")
+
+    def close(self) -> None:
+        """Wake a fetch waiting for space, let running jobs finish, drop queued ones."""
+        self.budget.close()
+        for pool in (self._fetcher, self._publisher):
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _input_size(self, shard: ShardPlan) -> int:
+        return shard.size if self.downloads else 0  # a local source is read in place
+
+    def _phase(self, shard: ShardPlan, phase: str) -> None:
+        self.bar.set_description(f"shard {self.numbers[shard.name]}/{len(self.plan.shards)} {phase}")
+
+    def _fetch(self, shard: ShardPlan) -> Fetched:
+        self.budget.reserve(self._input_size(shard))
+        with disk_full_is_clear(self.work):
+            return self.source.fetch(shard.name, self.work)
+
+    def _publish(self, shard: ShardPlan, output: Path, entry: ShardEntry, reserved: int, started: float) -> ShardRecord:
+        try:
+            if self._publish_failed.is_set():
+                raise StreamqError(f"{shard.name} not published: an earlier shard failed")
+            self.bar.set_postfix_str(f"publishing {shard.name}")
+            self.manifest.shards[shard.name] = entry  # only this thread touches the manifest while shards run
+            try:
+                committed = self.sink.add_shard(output, shard.name, self.manifest)
+            except BaseException:
+                del self.manifest.shards[shard.name]
+                self._publish_failed.set()
+                raise
+        finally:
+            self.budget.release(reserved)
+        self.bar.update(shard.size)
+        number = self.numbers[shard.name]
+        return ShardRecord(number, len(self.plan.shards), shard.name, shard.size, entry.output_size, False, committed, time.monotonic() - started)
+
+    def _completed(self) -> Iterator[ShardRecord]:
+        """Records of the shards published so far, in order; re-raises a failed publish here."""
+        while self._published and self._published[0].done():
+            yield self._published.popleft().result()
