@@ -2,13 +2,20 @@
 
 Every file streamq writes to work_dir is first reserved here (its exact input size, or its expected
 output size) and released once deleted, so overlapping stages never hold more than the budget.
+
+Inputs are reserved ahead, in shard order, by the download thread; outputs by the quantizer, for the
+oldest downloaded shard. Read-ahead may never take the space that shard's output will need, or the
+quantizer would wait for an input that waits for the quantizer: an input is granted only while the
+inputs held plus the largest pending output still fit (outputs already written always drain, since
+publishing needs no space).
 """
 
 from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,32 +29,62 @@ class BudgetClosed(Exception):
 class DiskBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.used = 0
+        self.used = 0  # every reserved byte, inputs and outputs
         self.peak = 0
+        self._inputs = 0  # bytes of inputs held (downloading, waiting or being quantized)
+        self._pending_outputs: deque[int] = deque()  # expected outputs of shards whose input is reserved
         self._closed = False
         self._cond = threading.Condition()
 
-    def reserve(self, size: int) -> None:
-        """Block until `size` more bytes fit under the limit."""
-        if size > self.limit:
-            raise ValueError(f"one file of {size} bytes exceeds the disk budget of {self.limit} bytes")
+    def reserve_input(self, size: int, output_size: int) -> None:
+        """Block until a shard's input fits, leaving room for the output of every shard not yet quantized."""
+        self._check(size + output_size)
         with self._cond:
-            while self.used + size > self.limit and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                raise BudgetClosed
-            self.used += size
-            self.peak = max(self.peak, self.used)
+            self._wait(lambda: self.used + size <= self.limit
+                       and self._inputs + size + max([output_size, *self._pending_outputs]) <= self.limit)
+            self._inputs += size
+            self._pending_outputs.append(output_size)
+            self._grant(size)
 
-    def release(self, size: int) -> None:
+    def reserve_output(self, size: int) -> None:
+        """Block until the output of the oldest reserved input fits (publishing frees space without needing any)."""
+        self._check(size)
         with self._cond:
-            self.used -= size
-            self._cond.notify_all()
+            self._wait(lambda: self.used + size <= self.limit)
+            self._pending_outputs.popleft()
+            self._grant(size)
+
+    def release_input(self, size: int) -> None:
+        with self._cond:
+            self._inputs -= size
+            self._release(size)
+
+    def release_output(self, size: int) -> None:
+        with self._cond:
+            self._release(size)
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def _check(self, size: int) -> None:
+        if size > self.limit:
+            raise ValueError(f"one shard needs {size} bytes, more than the disk budget of {self.limit} bytes")
+
+    def _wait(self, fits: Callable[[], bool]) -> None:
+        while not fits() and not self._closed:
+            self._cond.wait()
+        if self._closed:
+            raise BudgetClosed
+
+    def _grant(self, size: int) -> None:
+        self.used += size
+        self.peak = max(self.peak, self.used)
+
+    def _release(self, size: int) -> None:
+        self.used -= size
+        self._cond.notify_all()
 
 
 def is_disk_full(exc: BaseException) -> bool:

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.file_download import http_get
@@ -75,6 +75,40 @@ def read_header(path: Path, name: str) -> dict[str, TensorInfo]:
         raise CorruptShardError(f"{name}: not a valid safetensors file ({exc}); re-upload or re-save it") from exc
 
 
+class _HashingFile:
+    """The partial download, hashed as bytes are appended (after what an earlier attempt left in it).
+
+    `http_get` only appends, except when a server ignores Range: it then seeks back and truncates,
+    and the digest is dropped (`hexdigest()` is None) so the caller hashes the file instead.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._sha = hashlib.sha256()
+        self._valid = True
+        f.seek(0)
+        while block := f.read(1 << 24):
+            self._sha.update(block)
+
+    def write(self, data: bytes) -> int:
+        self._sha.update(data)
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._valid = False
+        return self._f.seek(offset, whence)
+
+    def truncate(self, size: int | None = None) -> int:
+        self._valid = False
+        return self._f.truncate(size)
+
+    def hexdigest(self) -> str | None:
+        return self._sha.hexdigest() if self._valid else None
+
+
 class LocalSource:
     """A model directory on this machine; shards are read in place, never copied or deleted."""
 
@@ -126,39 +160,47 @@ class HubSource:
     def files(self) -> dict[str, SourceFile]:
         return dict(self._files)
 
-    def _download(self, path: str, dest: Path) -> Path:
+    def _download(self, path: str, dest: Path) -> str | None:
         """Download `path` to `dest` through a partial file that outlives failures and is resumed by Range,
         within this run (bounded retries) and across runs that reuse the work_dir. Files the Hub stores in
-        Xet go through `hf_xet` when it is installed, as huggingface_hub itself does."""
+        Xet go through `hf_xet` when it is installed, as huggingface_hub itself does.
+
+        Returns the sha256 when it could be taken from the bytes as they arrived (saving a second pass over
+        the shard), else None."""
         url = hf_hub_url(self.repo_id, path, revision=self.revision, endpoint=self.api.endpoint)
         headers = build_hf_headers(token=self.api.token, library_name="streamq")
         partial = dest.with_name(f"{dest.name}.{self.revision}.incomplete")
         dest.parent.mkdir(parents=True, exist_ok=True)
 
-        def attempt() -> None:
+        def attempt() -> str | None:
             meta = get_hf_file_metadata(url, token=self.api.token, endpoint=self.api.endpoint)
             if meta.xet_file_data is not None and is_xet_available():  # Xet has its own chunked, resumable transfer
                 with tempfile.TemporaryDirectory(dir=dest.parent) as scratch:
                     got = hf_hub_download(self.repo_id, path, revision=self.revision, local_dir=scratch, endpoint=self.api.endpoint, token=self.api.token)
                     os.replace(got, partial)
-                return
-            with open(partial, "ab") as f:
-                if f.tell() > (meta.size or 0):  # not a prefix of this file: start over
-                    f.truncate(0)
+                return None
+            with open(partial, "a+b") as raw:
+                if raw.tell() > (meta.size or 0):  # not a prefix of this file: start over
+                    raw.truncate(0)
+                f = _HashingFile(raw)
                 if f.tell() < (meta.size or 0):
                     http_get(meta.location, f, resume_size=f.tell(), headers=headers, expected_size=meta.size)
+                return f.hexdigest()
 
         with hub.reading(self.repo_id):
-            retrying(attempt, f"download of {path}")
+            digest = retrying(attempt, f"download of {path}")
         os.replace(partial, dest)
-        return dest
+        return digest
 
     def read_text(self, path: str) -> str:
         with tempfile.TemporaryDirectory() as tmp:
-            return self._download(path, Path(tmp) / Path(path).name).read_text(encoding="utf-8")
+            dest = Path(tmp) / Path(path).name
+            self._download(path, dest)
+            return dest.read_text(encoding="utf-8")
 
     def copy_to(self, path: str, dest: Path) -> Path:
-        return self._download(path, dest)
+        self._download(path, dest)
+        return dest
 
     def headers(self, filenames: list[str]) -> dict[str, dict[str, TensorInfo]]:
         found = {}
@@ -183,10 +225,10 @@ class HubSource:
         expected = self._files.get(path, SourceFile(0, None)).sha256
         for attempt in range(2):
             try:
-                local = self._download(path, work_dir / "in" / path)
+                local = work_dir / "in" / path
+                digest = self._download(path, local) or file_sha256(local)
             except EntryNotFoundError as exc:
                 raise SourceNotFoundError(f"{self.repo_id}: {path} is listed but cannot be downloaded") from exc
-            digest = file_sha256(local)
             if expected is None or digest == expected:
                 return Fetched(local, digest, temporary=True)
             local.unlink()

@@ -180,6 +180,7 @@ class HubSink:
         The local file is deleted as soon as its bytes are on the Hub, so batching commits costs no disk.
         """
         op = CommitOperationAdd(name, str(local))
+        op.upload_info.sha256 = bytes.fromhex(manifest.shards[name].output_sha256)  # hashed once, when written
         with hub.writing(self.repo_id):
             self.api.preupload_lfs_files(self.repo_id, [op], revision=self.branch)
         if getattr(op, "_is_uploaded", False):  # LFS: the commit only needs its sha256 from now on

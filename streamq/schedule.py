@@ -1,9 +1,9 @@
 """Run the shard jobs with overlap, within a disk budget.
 
-While one shard is quantized (main thread), the next one downloads (fetch thread) and the previous
-one is published (publish thread). Every file in work_dir is reserved in a `DiskBudget` first, so
-the overlap never holds more than the budget; with the default budget of one input plus one output
-shard, only publishing overlaps. Publishing is strictly in order and stops at the first failure, so
+While one shard is quantized (main thread), the next ones download (fetch thread, running ahead in
+shard order) and the previous one is published (publish thread). Every file in work_dir is reserved
+in a `DiskBudget` first, so the overlap never holds more than the budget; with the default budget of
+one input plus one output shard, the next download overlaps only the previous upload. Publishing is strictly in order and stops at the first failure, so
 the manifest never lists a shard after one that did not make it.
 """
 
@@ -55,26 +55,25 @@ class ShardScheduler:
         self.numbers = {s.name: i for i, s in enumerate(plan.shards, 1)}
         self._fetcher = ThreadPoolExecutor(1, "streamq-fetch")
         self._publisher = ThreadPoolExecutor(1, "streamq-publish")
+        self._fetch_failed = threading.Event()
         self._publish_failed = threading.Event()
         self._published: deque[Future[ShardRecord]] = deque()
 
     def run(self, todo: list[ShardPlan]) -> Iterator[ShardRecord]:
         """Yield a record per shard of `todo`, in order, as each is published."""
-        next_fetch = self._fetcher.submit(self._fetch, todo[0]) if todo else None
-        for position, shard in enumerate(todo):
+        outputs = {shard.name: expected_output_size(shard, self.plan) for shard in todo}
+        fetches = [self._fetcher.submit(self._fetch, shard, outputs[shard.name]) for shard in todo]  # run ahead, in order
+        for shard, fetch in zip(todo, fetches):
             started = time.monotonic()
             self._phase(shard, "download")
-            fetched = next_fetch.result()
+            fetched = fetch.result()
             yield from self._completed()
-            reserved = expected_output_size(shard, self.plan)
-            self.budget.reserve(reserved)  # before the next download may claim the space
-            if position + 1 < len(todo):
-                next_fetch = self._fetcher.submit(self._fetch, todo[position + 1])
+            self.budget.reserve_output(outputs[shard.name])
             self._phase(shard, "quantize")
             with disk_full_is_clear(self.work):
                 output, entry = convert_fetched(fetched, shard, self.plan, self.work, self.device)
-            self.budget.release(self._input_size(shard))
-            self._published.append(self._publisher.submit(self._publish, shard, output, entry, reserved, started))
+            self.budget.release_input(self._input_size(shard))
+            self._published.append(self._publisher.submit(self._publish, shard, output, entry, outputs[shard.name], started))
             yield from self._completed()
         while self._published:
             yield self._published.popleft().result()
@@ -92,10 +91,16 @@ class ShardScheduler:
     def _phase(self, shard: ShardPlan, phase: str) -> None:
         self.bar.set_description(f"shard {self.numbers[shard.name]}/{len(self.plan.shards)} {phase}")
 
-    def _fetch(self, shard: ShardPlan) -> Fetched:
-        self.budget.reserve(self._input_size(shard))
-        with disk_full_is_clear(self.work):
-            return self.source.fetch(shard.name, self.work)
+    def _fetch(self, shard: ShardPlan, output_size: int) -> Fetched:
+        if self._fetch_failed.is_set():
+            raise StreamqError(f"{shard.name} not downloaded: an earlier download failed")
+        try:
+            self.budget.reserve_input(self._input_size(shard), output_size)
+            with disk_full_is_clear(self.work):
+                return self.source.fetch(shard.name, self.work)
+        except BaseException:
+            self._fetch_failed.set()
+            raise
 
     def _publish(self, shard: ShardPlan, output: Path, entry: ShardEntry, reserved: int, started: float) -> ShardRecord:
         try:
@@ -110,7 +115,7 @@ class ShardScheduler:
                 self._publish_failed.set()
                 raise
         finally:
-            self.budget.release(reserved)
+            self.budget.release_output(reserved)
         self.bar.update(shard.size)
         number = self.numbers[shard.name]
         return ShardRecord(number, len(self.plan.shards), shard.name, shard.size, entry.output_size, False, committed, time.monotonic() - started)
