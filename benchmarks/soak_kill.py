@@ -234,6 +234,7 @@ class Downloads:
     resumed: int = 0  # downloads resumed by Range from a partial file
     beyond_in_flight: int = 0  # per kill, shards the next run downloaded again from byte 0, beyond the first
     of_published: int = 0  # shards downloaded again although already published (never needed)
+    repeats: dict[int, list[str]] = field(default_factory=dict)  # attempt -> shards it downloaded again
 
 
 def count_downloads(attempts: list[Attempt], shard_of: dict[str, str]) -> Downloads:
@@ -252,6 +253,8 @@ def count_downloads(attempts: list[Attempt], shard_of: dict[str, str]) -> Downlo
         counts.resumed += len(downloads) - len(fresh)
         counts.beyond_in_flight += max(0, len(again) - 1)
         counts.of_published += sum(1 for shard in again if shard in attempt.published_before)
+        if again:
+            counts.repeats[attempt.number] = again
         fetched.update(g.shard for g in downloads)
     return counts
 
@@ -360,6 +363,7 @@ def summarize(hub: LocalHub, scratch: Path, attempts: list[Attempt], shard_of: d
     print(f"shards downloaded more than once beyond the one in flight at each kill: {downloads.beyond_in_flight} "
           f"(already published: {downloads.of_published}; {downloads.full} downloads from byte 0 and "
           f"{downloads.resumed} resumed by Range, for {len(shard_of)} shards)")
+    print("  downloaded again: " + "; ".join(f"attempt {n}: {', '.join(s)}" for n, s in downloads.repeats.items()))
     return 0 if not mismatches and report.ok and not failures else 1
 
 

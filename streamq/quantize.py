@@ -16,29 +16,52 @@ from .targets import TensorRule
 def quantize_shard(path: Path, name: str, keys: tuple[str, ...], rules: dict[str, TensorRule], settings: QuantSettings, device: str) -> dict[str, torch.Tensor]:
     """Return the output tensors of one shard, keyed by the names transformers would save.
 
-    Tensors are read one at a time from the memory-mapped file, so memory holds the output shard
-    and one input tensor, never the whole model.
+    Tensors are read one at a time, so memory holds the output shard and about one input tensor,
+    never the whole input shard.
     """
     out: dict[str, torch.Tensor] = {}
+    reader = _WindowedReader(path)
     try:
-        with safe_open(path, "pt") as f:
-            for key in keys:
-                rule = rules[key]
-                if rule.action == "drop":
-                    continue
-                tensor = f.get_tensor(key)
-                if rule.dtype is not None:
-                    tensor = tensor.to(getattr(torch, rule.dtype))
-                if rule.action == "keep":
-                    out[rule.out_key] = tensor.contiguous()
-                    continue
-                if rule.transpose:
-                    tensor = tensor.T
-                for suffix, value in quantize_weight(tensor.contiguous(), settings, device).items():
-                    out[f"{rule.out_key}{suffix}"] = value
+        for key in keys:
+            rule = rules[key]
+            if rule.action == "drop":
+                continue
+            tensor = reader.get_tensor(key)
+            if rule.dtype is not None:
+                tensor = tensor.to(getattr(torch, rule.dtype))
+            if rule.action == "keep":  # an own copy, or it would keep its whole window of the file mapped
+                out[rule.out_key] = tensor.clone(memory_format=torch.contiguous_format)
+                continue
+            if rule.transpose:
+                tensor = tensor.T
+            for suffix, value in quantize_weight(tensor.contiguous(), settings, device).items():
+                out[f"{rule.out_key}{suffix}"] = value
     except SafetensorError as exc:
         raise CorruptShardError(f"{name}: cannot read tensors ({exc}); the file is corrupt or truncated") from exc
     return out
+
+
+class _WindowedReader:
+    """safetensors' memory-mapped reader, re-opened after every `window` bytes read.
+
+    Every page a mapping has touched counts in the process's resident memory until the mapping is
+    closed (and a mapping lives as long as any tensor taken from it), so one mapping for the whole
+    shard would grow RSS by the shard's size. Re-opening bounds it by one window (or one tensor), at
+    the price of parsing the header once per window.
+    """
+
+    def __init__(self, path: Path, window: int = 64 << 20) -> None:
+        self.path, self.window = path, window
+        self._file = None
+        self._read = 0
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        if self._file is None or self._read >= self.window:
+            self._file = safe_open(self.path, "pt")  # the old mapping goes once its tensors are freed
+            self._read = 0
+        tensor = self._file.get_tensor(key)
+        self._read += tensor.numel() * tensor.element_size()
+        return tensor
 
 
 def quantize_weight(weight: torch.Tensor, settings: QuantSettings, device: str) -> dict[str, torch.Tensor]:
