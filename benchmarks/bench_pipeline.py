@@ -18,7 +18,7 @@ their size instead (see `Network.faults`); `calibrate` checks that both directio
 throttle is per connection, and transformers downloads a checkpoint's shards over up to 8 connections at
 once, so the recipe's wall time under a throttle is optimistic (its disk and RAM are not affected).
 
-    python benchmarks/bench_pipeline.py                          # ~2.2 GB model, 200 MB/s, then unthrottled
+    python benchmarks/bench_pipeline.py                          # ~4.5 GB model in 10 shards, 200 MB/s, then unthrottled
     python benchmarks/bench_pipeline.py --layers 4 --repeat 2 --no-unthrottled --json /tmp/small.json
 """
 
@@ -62,7 +62,7 @@ METADATA_ALLOWANCE = 65_536  # config.json and huggingface_hub metadata beside t
 class ModelSpec:
     hidden: int = 2048
     intermediate: int = 5632
-    layers: int = 22
+    layers: int = 48
     vocab: int = 32000
     heads: int = 32
     kv_heads: int = 4
