@@ -96,8 +96,8 @@ def iter_requantize(
     existing output made with other settings or from another revision. `branch` publishes to that
     branch of the output repo (created from main if missing) instead of main. `create_pr` stages the
     output on `branch` (default "streamq-4bit") and then opens it as a pull request. `disk_budget` (bytes)
-    lets work_dir hold more than one input plus one output shard, so the next download overlaps this
-    shard's quantization; by default only the upload of the previous output overlaps.
+    lets work_dir hold more than one input plus one output shard, so the next downloads run ahead
+    while a shard is quantized; by default only the next download and the previous upload overlap.
     """
     started = time.monotonic()
     settings = _settings(quant_type, double_quant, blocksize, compute_dtype, skip_modules)
