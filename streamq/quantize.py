@@ -9,8 +9,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import CorruptShardError
+from .plan import Plan
 from .settings import QuantSettings
-from .targets import TensorRule
+from .targets import FLOAT_CODES, TensorRule
 
 
 def quantize_shard(path: Path, name: str, keys: tuple[str, ...], rules: dict[str, TensorRule], settings: QuantSettings, device: str) -> dict[str, torch.Tensor]:
@@ -62,6 +63,17 @@ class _WindowedReader:
         tensor = self._file.get_tensor(key)
         self._read += tensor.numel() * tensor.element_size()
         return tensor
+
+
+def warm_up(plan: Plan, device: str) -> None:
+    """Quantize a small weight in each dtype the plan quantizes, so that loading the compiled kernel,
+    checking it against bitsandbytes and starting CUDA happen while the first shard downloads."""
+    dtypes = {
+        rule.dtype or FLOAT_CODES.get(plan.tensor_info[key].dtype)
+        for key, rule in plan.rules.items() if rule.action == "quantize" and key in plan.tensor_info
+    }
+    for dtype in sorted(d for d in dtypes if d is not None):
+        quantize_weight(torch.ones(16, 4 * plan.settings.blocksize, dtype=getattr(torch, dtype)), plan.settings, device)
 
 
 def quantize_weight(weight: torch.Tensor, settings: QuantSettings, device: str) -> dict[str, torch.Tensor]:

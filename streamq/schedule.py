@@ -26,6 +26,7 @@ from .fetch import Fetched, Source
 from .manifest import Manifest, ShardEntry
 from .plan import Plan, ShardPlan, expected_output_size
 from .publish import Sink
+from .quantize import warm_up
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class ShardScheduler:
         """Yield a record per shard of `todo`, in order, as each is published."""
         outputs = {shard.name: expected_output_size(shard, self.plan) for shard in todo}
         fetches = [self._fetcher.submit(self._fetch, shard, outputs[shard.name]) for shard in todo]  # run ahead, in order
+        if todo:
+            warm_up(self.plan, self.device)  # while the first shard downloads
         for shard, fetch in zip(todo, fetches):
             started = time.monotonic()
             self._phase(shard, "download")

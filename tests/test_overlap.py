@@ -223,3 +223,21 @@ def test_quantizing_a_shard_holds_one_window_of_it_not_all_of_it(tmp_path: Path)
     assert measured["output"] < shard_bytes / 3
     assert measured["growth"] < measured["output"] + 128 * 2**20, measured  # output + window + slack
     assert measured["growth"] < shard_bytes / 2, measured
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_warm_up_quantizes_once_per_dtype_the_plan_quantizes(tmp_path: Path, monkeypatch, dtype: torch.dtype) -> None:
+    """Kernel loading, its check against bitsandbytes and CUDA start-up happen before the first shard
+    is ready: one small weight per quantized dtype, nothing else."""
+    import streamq.quantize as quantize
+    from streamq.fetch import LocalSource
+    from streamq.plan import build_plan
+    from streamq.settings import QuantSettings
+
+    src = make_model(tmp_path / "src", dtype=dtype)
+    plan = build_plan(LocalSource(src), QuantSettings("nf4", True, 64, "bfloat16", None), tmp_path / "meta")
+    seen: list[torch.dtype] = []
+    real = quantize.quantize_weight
+    monkeypatch.setattr(quantize, "quantize_weight", lambda w, *a: seen.append(w.dtype) or real(w, *a))
+    quantize.warm_up(plan, "cpu")
+    assert seen == [dtype]
