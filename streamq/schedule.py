@@ -71,11 +71,14 @@ class ShardScheduler:
             self._phase(shard, "download")
             fetched = fetch.result()
             yield from self._completed()
-            self.budget.reserve_output(outputs[shard.name])
             self._phase(shard, "quantize")
+
+            def make_room(shard: ShardPlan = shard) -> None:  # the input is deleted: its space goes to the output
+                self.budget.release_input(self._input_size(shard))
+                self.budget.reserve_output(outputs[shard.name])
+
             with disk_full_is_clear(self.work):
-                output, entry = convert_fetched(fetched, shard, self.plan, self.work, self.device)
-            self.budget.release_input(self._input_size(shard))
+                output, entry = convert_fetched(fetched, shard, self.plan, self.work, self.device, make_room)
             self._published.append(self._publisher.submit(self._publish, shard, output, entry, outputs[shard.name], started))
             yield from self._completed()
         while self._published:

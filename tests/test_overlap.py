@@ -131,7 +131,7 @@ def timeline(monkeypatch) -> list[tuple[str, str, float, float]]:
     """(what, shard, start, end) of every download and every quantization, which is slowed down so
     that a download overlapping it cannot be missed."""
     events: list[tuple[str, str, float, float]] = []
-    real_fetch, real_convert = fetch.HubSource.fetch, convert.convert_fetched
+    real_fetch, real_quantize = fetch.HubSource.fetch, convert.quantize_shard
 
     def timed_fetch(self, path, work_dir):
         started = time.monotonic()
@@ -141,21 +141,22 @@ def timeline(monkeypatch) -> list[tuple[str, str, float, float]]:
             if path.endswith(".safetensors"):
                 events.append(("download", path, started, time.monotonic()))
 
-    def slow_convert(fetched, shard, *args):
+    def slow_quantize(path, name, *args):
         started = time.monotonic()
         time.sleep(0.3)
         try:
-            return real_convert(fetched, shard, *args)
+            return real_quantize(path, name, *args)
         finally:
-            events.append(("quantize", shard.name, started, time.monotonic()))
+            events.append(("quantize", name, started, time.monotonic()))
 
     monkeypatch.setattr(fetch.HubSource, "fetch", timed_fetch)
-    monkeypatch.setattr("streamq.schedule.convert_fetched", slow_convert)
+    monkeypatch.setattr(convert, "quantize_shard", slow_quantize)
     return events
 
 
 def read_ahead(events: list[tuple[str, str, float, float]]) -> int:
-    """How many shards started downloading before the previous shard's quantization ended."""
+    """How many shards started downloading before the previous shard's quantization ended (with the
+    default budget, the next download waits for the quantized input to be deleted)."""
     starts = {shard: s for what, shard, s, _ in events if what == "download"}
     ends = sorted((shard, e) for what, shard, _, e in events if what == "quantize")
     return sum(1 for (_, end), (following, _) in zip(ends, ends[1:]) if starts[following] < end)
