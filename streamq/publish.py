@@ -7,6 +7,7 @@ never looks like a loadable model.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -67,6 +68,10 @@ class LocalSink:
         except BlockingIOError as exc:
             self._lock.close()
             raise ConcurrentRunError(f"another streamq run is writing {self.root}; let it finish, or stop it and run again") from exc
+        ours = (self.root / MANIFEST_NAME).exists()  # else only the manifest's own first write can be streamq's
+        for stale in self.root.rglob("*.partial"):  # what a killed run was writing (under this same lock)
+            if ours or stale.name == f"{MANIFEST_NAME}.partial":
+                stale.unlink()
 
     def close(self) -> None:
         """Release the lock (also released when the process ends)."""
@@ -87,6 +92,9 @@ class LocalSink:
 
     def add_shard(self, local: Path, name: str, manifest: Manifest) -> bool:
         with disk_full_is_clear(self.root):
+            if not (self.root / MANIFEST_NAME).exists():  # claim the output first: a shard is never found without one
+                before = dataclasses.replace(manifest, shards={k: v for k, v in manifest.shards.items() if k != name})
+                self._write(MANIFEST_NAME, before.to_json().encode())
             self._place(local, name)
             self._write(MANIFEST_NAME, manifest.to_json().encode())
         return True

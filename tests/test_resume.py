@@ -95,3 +95,33 @@ def test_resume_refuses_to_mix_quantization_devices(tmp_path: Path) -> None:
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(streamq.ManifestMismatchError, match="quantization device 'cuda'"):
         stream_requantize(src, tmp_path / "out", progress=False, device="cpu")
+
+
+def test_local_output_is_claimed_before_its_first_shard_lands(tmp_path: Path, monkeypatch) -> None:
+    """A run that dies while placing its first shard (or half-way through writing the manifest) leaves
+    a directory the next run recognises as its own and finishes, not one it calls foreign."""
+    from streamq.publish import LocalSink
+
+    src, out = make_model(tmp_path / "src"), tmp_path / "out"
+    real_place = LocalSink._place
+
+    def die_after_placing(self, local, name, keep_source=False):
+        real_place(self, local, name, keep_source)
+        raise KeyboardInterrupt  # as if killed before the manifest listing this shard was written
+
+    monkeypatch.setattr(LocalSink, "_place", die_after_placing)
+    with pytest.raises(KeyboardInterrupt):
+        stream_requantize(src, out, progress=False)
+    assert json.loads((out / "streamq_manifest.json").read_text())["shards"] == {}
+    monkeypatch.undo()
+    stream_requantize(src, out, progress=False)
+
+    died_writing_manifest = tmp_path / "out2"
+    died_writing_manifest.mkdir()
+    (died_writing_manifest / "streamq_manifest.json.partial").write_text('{"sour')
+    stream_requantize(src, died_writing_manifest, progress=False)
+
+    clean = tmp_path / "clean"
+    stream_requantize(src, clean, progress=False)
+    assert _files(out) == _files(clean)
+    assert _files(died_writing_manifest) == _files(clean)
