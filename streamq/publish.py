@@ -112,17 +112,25 @@ class LocalSink:
         dest = self.root / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(dest.name + ".partial")
-        if keep_source:
-            shutil.copyfile(local, partial)
-        else:
-            shutil.move(local, partial)  # a rename when work_dir is on the same filesystem
+        try:
+            if keep_source:
+                shutil.copyfile(local, partial)
+            else:
+                shutil.move(local, partial)  # a rename when work_dir is on the same filesystem
+        except BaseException:
+            partial.unlink(missing_ok=True)  # a full disk leaves nothing half-written behind
+            raise
         os.replace(partial, dest)
 
     def _write(self, name: str, data: bytes) -> None:
         dest = self.root / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(dest.name + ".partial")
-        partial.write_bytes(data)
+        try:
+            partial.write_bytes(data)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         os.replace(partial, dest)
 
 
