@@ -14,6 +14,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -109,25 +111,25 @@ class LocalSink:
             self._write(MANIFEST_NAME, manifest.to_json().encode())
 
     def _place(self, local: Path, name: str, keep_source: bool = False) -> None:
-        dest = self.root / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        partial = dest.with_name(dest.name + ".partial")
-        try:
+        with self._replacing(name) as partial:
             if keep_source:
                 shutil.copyfile(local, partial)
             else:
                 shutil.move(local, partial)  # a rename when work_dir is on the same filesystem
-        except BaseException:
-            partial.unlink(missing_ok=True)  # a full disk leaves nothing half-written behind
-            raise
-        os.replace(partial, dest)
 
     def _write(self, name: str, data: bytes) -> None:
+        with self._replacing(name) as partial:
+            partial.write_bytes(data)
+
+    @contextmanager
+    def _replacing(self, name: str) -> Iterator[Path]:
+        """A `.partial` file to fill, renamed over `name` once complete; removed if filling it fails
+        (a full disk leaves nothing half-written behind)."""
         dest = self.root / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(dest.name + ".partial")
         try:
-            partial.write_bytes(data)
+            yield partial
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
