@@ -28,6 +28,7 @@ from huggingface_hub.errors import EntryNotFoundError, NotASafetensorsRepoError,
 from safetensors import SafetensorError, safe_open
 
 from . import hub
+from .arrival import Arrival
 from .errors import CorruptShardError, SourceNotFoundError
 from .location import HubRepo, LocalDir
 from .retry import retrying
@@ -61,7 +62,7 @@ class Source(Protocol):
 
     def headers(self, filenames: list[str]) -> dict[str, dict[str, TensorInfo]]: ...
 
-    def fetch(self, path: str, work_dir: Path) -> Fetched: ...
+    def fetch(self, path: str, work_dir: Path, arrival: Arrival | None = None) -> Fetched: ...
 
 
 def file_sha256(path: Path) -> str:
@@ -79,17 +80,20 @@ def read_header(path: Path, name: str) -> dict[str, TensorInfo]:
 
 
 class _HashingFile:
-    """The partial download, hashed as bytes are appended (after what an earlier attempt left in it).
+    """The partial download, hashed as bytes are appended (after what an earlier attempt left in it),
+    each write reported to `arrival` (if any) so that the shard can be quantized while it downloads.
 
     The hashing runs in a thread of its own (hashlib releases the GIL), fed through a short queue, so
     the download loop only reads the socket and writes the file: hashing in that loop slowed a
     500 MB/s download by a fifth. `http_get` only appends, except when a server ignores Range: it then
-    seeks back and truncates, and the digest is dropped (`hexdigest()` is None) so the caller hashes
-    the file instead. Use it as a context manager: leaving stops the hashing thread.
+    seeks back and truncates, the arrival starts a new generation, and the digest is dropped
+    (`hexdigest()` is None) so the caller hashes the file instead. Use it as a context manager:
+    leaving stops the hashing thread.
     """
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, arrival: Arrival | None) -> None:
         self._f = f
+        self._arrival = arrival
         self._sha = hashlib.sha256()
         self._valid = True
         f.seek(0)
@@ -98,6 +102,8 @@ class _HashingFile:
         self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
         self._hasher = threading.Thread(target=self._hash, name="streamq-sha256", daemon=True)
         self._hasher.start()
+        if arrival is not None:
+            arrival.begin(f.fileno(), f.tell())
 
     def _hash(self) -> None:
         while (chunk := self._chunks.get()) is not None:
@@ -116,18 +122,27 @@ class _HashingFile:
 
     def write(self, data: bytes) -> int:
         self._chunks.put(bytes(data))  # bytes(b) is b itself; anything mutable is copied before it is queued
-        return self._f.write(data)
+        written = self._f.write(data)
+        if self._arrival is not None:
+            self._f.flush()
+            self._arrival.advance(self._f.tell())
+        return written
 
     def tell(self) -> int:
         return self._f.tell()
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        self._valid = False
+        self._rewrite()
         return self._f.seek(offset, whence)
 
     def truncate(self, size: int | None = None) -> int:
-        self._valid = False
+        self._rewrite()
         return self._f.truncate(size)
+
+    def _rewrite(self) -> None:
+        self._valid = False
+        if self._arrival is not None:
+            self._arrival.reset()
 
     def hexdigest(self) -> str | None:
         self._stop()
@@ -163,8 +178,14 @@ class LocalSource:
     def headers(self, filenames: list[str]) -> dict[str, dict[str, TensorInfo]]:
         return {name: read_header(self.root / name, name) for name in filenames}
 
-    def fetch(self, path: str, work_dir: Path) -> Fetched:
+    def fetch(self, path: str, work_dir: Path, arrival: Arrival | None = None) -> Fetched:
         local = self.root / path
+        if arrival is not None:
+            fd = os.open(local, os.O_RDONLY)
+            try:
+                arrival.begin(fd, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
         return Fetched(local, file_sha256(local), temporary=False)
 
 
@@ -185,13 +206,13 @@ class HubSource:
     def files(self) -> dict[str, SourceFile]:
         return dict(self._files)
 
-    def _download(self, path: str, dest: Path) -> str | None:
+    def _download(self, path: str, dest: Path, arrival: Arrival | None = None) -> str | None:
         """Download `path` to `dest` through a partial file that outlives failures and is resumed by Range,
         within this run (bounded retries) and across runs that reuse the work_dir. Files the Hub stores in
         Xet go through `hf_xet` when it is installed, as huggingface_hub itself does.
 
-        Returns the sha256 when it could be taken from the bytes as they arrived (saving a second pass over
-        the shard), else None."""
+        Progress is reported to `arrival`. Returns the sha256 when it could be taken from the bytes as they
+        arrived (saving a second pass over the shard), else None."""
         url = hf_hub_url(self.repo_id, path, revision=self.revision, endpoint=self.api.endpoint)
         headers = build_hf_headers(token=self.api.token, library_name="streamq")
         partial = dest.with_name(f"{dest.name}.{self.revision}.incomplete")
@@ -203,11 +224,14 @@ class HubSource:
                 with tempfile.TemporaryDirectory(dir=dest.parent) as scratch:
                     got = hf_hub_download(self.repo_id, path, revision=self.revision, local_dir=scratch, endpoint=self.api.endpoint, token=self.api.token)
                     os.replace(got, partial)
+                if arrival is not None:
+                    with open(partial, "rb") as f:
+                        arrival.begin(f.fileno(), os.fstat(f.fileno()).st_size)
                 return None
             with open(partial, "a+b") as raw:
                 if raw.tell() > (meta.size or 0):  # not a prefix of this file: start over
                     raw.truncate(0)
-                with _HashingFile(raw) as f:
+                with _HashingFile(raw, arrival) as f:
                     if f.tell() < (meta.size or 0):
                         http_get(meta.location, f, resume_size=f.tell(), headers=headers, expected_size=meta.size)
                     return f.hexdigest()
@@ -244,8 +268,9 @@ class HubSource:
             raise CorruptShardError(f"{name}: cannot read its safetensors header ({exc})") from exc
         return {k: TensorInfo(t.dtype, tuple(t.shape)) for k, t in meta.tensors.items()}
 
-    def fetch(self, path: str, work_dir: Path) -> Fetched:
-        """Download exactly one file into `work_dir` (not the shared cache, so deleting it frees the disk).
+    def fetch(self, path: str, work_dir: Path, arrival: Arrival | None = None) -> Fetched:
+        """Download exactly one file into `work_dir` (not the shared cache, so deleting it frees the disk),
+        reporting its bytes to `arrival` as they come.
 
         Its sha256 is checked against the Hub's LFS metadata; a mismatch is downloaded once more, and
         never handed on to be quantized.
@@ -254,7 +279,7 @@ class HubSource:
         for attempt in range(2):
             try:
                 local = work_dir / "in" / path
-                digest = self._download(path, local) or file_sha256(local)
+                digest = self._download(path, local, arrival) or file_sha256(local)
             except EntryNotFoundError as exc:
                 raise SourceNotFoundError(f"{self.repo_id}: {path} is listed but cannot be downloaded") from exc
             if expected is None or digest == expected:

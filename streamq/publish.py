@@ -164,7 +164,7 @@ class HubSink:
 
     def read_manifest(self, scratch: Path) -> Manifest | None:
         try:
-            text = self._read_manifest_text(self.branch, scratch)
+            text = self._read_manifest_text(self._head, scratch)  # the commit this run's first commit builds on
         except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
             return None
         return Manifest.from_json(text)

@@ -2,67 +2,51 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from .errors import CorruptShardError
-from .plan import Plan
+from .arrival import Arrival, Restarted
+from .plan import Plan, ShardPlan
+from .read import ShardReader
 from .settings import QuantSettings
-from .targets import FLOAT_CODES, TensorRule
+from .targets import FLOAT_CODES
+
+logger = logging.getLogger(__name__)
 
 
-def quantize_shard(path: Path, name: str, keys: tuple[str, ...], rules: dict[str, TensorRule], settings: QuantSettings, device: str) -> dict[str, torch.Tensor]:
+def quantize_shard(arrival: Arrival, shard: ShardPlan, plan: Plan, device: str) -> dict[str, torch.Tensor]:
     """Return the output tensors of one shard, keyed by the names transformers would save.
 
-    Tensors are read one at a time, so memory holds the output shard and about one input tensor,
-    never the whole input shard.
+    Tensors are quantized in file order as their bytes arrive, so the work ends soon after the
+    download does; memory holds the output shard and one input tensor, never the input shard. A
+    download that starts over (see `Arrival`) is quantized again from the start.
     """
+    while True:
+        try:
+            return _quantize_tensors(ShardReader(arrival, shard.name, shard.size, plan.tensor_info), shard.keys, plan, device)
+        except Restarted:
+            logger.info("%s: its download started over; quantizing it again from the start", shard.name)
+
+
+def _quantize_tensors(reader: ShardReader, keys: tuple[str, ...], plan: Plan, device: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    reader = _WindowedReader(path)
-    try:
-        for key in keys:
-            rule = rules[key]
-            if rule.action == "drop":
-                continue
-            tensor = reader.get_tensor(key)
-            if rule.dtype is not None:
-                tensor = tensor.to(getattr(torch, rule.dtype))
-            if rule.action == "keep":  # an own copy, or it would keep its whole window of the file mapped
-                out[rule.out_key] = tensor.clone(memory_format=torch.contiguous_format)
-                continue
-            if rule.transpose:
-                tensor = tensor.T
-            for suffix, value in quantize_weight(tensor.contiguous(), settings, device).items():
-                out[f"{rule.out_key}{suffix}"] = value
-    except SafetensorError as exc:
-        raise CorruptShardError(f"{name}: cannot read tensors ({exc}); the file is corrupt or truncated") from exc
+    for key in reader.in_file_order(keys):
+        rule = plan.rules[key]
+        if rule.action == "drop":
+            continue
+        tensor = reader.get_tensor(key)
+        if rule.dtype is not None:
+            tensor = tensor.to(getattr(torch, rule.dtype))
+        if rule.action == "keep":
+            out[rule.out_key] = tensor.contiguous()
+            continue
+        if rule.transpose:
+            tensor = tensor.T
+        for suffix, value in quantize_weight(tensor.contiguous(), plan.settings, device).items():
+            out[f"{rule.out_key}{suffix}"] = value
     return out
-
-
-class _WindowedReader:
-    """safetensors' memory-mapped reader, re-opened after every `window` bytes read.
-
-    Every page a mapping has touched counts in the process's resident memory until the mapping is
-    closed (and a mapping lives as long as any tensor taken from it), so one mapping for the whole
-    shard would grow RSS by the shard's size. Re-opening bounds it by one window (or one tensor), at
-    the price of parsing the header once per window.
-    """
-
-    def __init__(self, path: Path, window: int = 64 << 20) -> None:
-        self.path, self.window = path, window
-        self._file = None
-        self._read = 0
-
-    def get_tensor(self, key: str) -> torch.Tensor:
-        if self._file is None or self._read >= self.window:
-            self._file = safe_open(self.path, "pt")  # the old mapping goes once its tensors are freed
-            self._read = 0
-        tensor = self._file.get_tensor(key)
-        self._read += tensor.numel() * tensor.element_size()
-        return tensor
 
 
 def warm_up(plan: Plan, device: str) -> None:

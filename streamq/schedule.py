@@ -1,10 +1,11 @@
 """Run the shard jobs with overlap, within a disk budget.
 
-While one shard is quantized (main thread), the next ones download (fetch thread, running ahead in
-shard order) and the previous one is published (publish thread). Every file in work_dir is reserved
-in a `DiskBudget` first, so the overlap never holds more than the budget; with the default budget of
-one input plus one output shard, the next download overlaps only the previous upload. Publishing is strictly in order and stops at the first failure, so
-the manifest never lists a shard after one that did not make it.
+A shard is quantized (main thread) while it downloads (fetch thread, running ahead in shard order as
+far as the budget allows), and the previous one is published meanwhile (publish thread). Every file
+in work_dir is reserved in a `DiskBudget` first, so the overlap never holds more than the budget;
+with the default budget of one input plus one output shard, the next download waits until this
+shard's input is deleted. Publishing is strictly in order and stops at the first failure, so the
+manifest never lists a shard after one that did not make it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .budget import DiskBudget, disk_full_is_clear
-from .convert import convert_fetched
+from .arrival import Arrival
+from .convert import convert_arriving
 from .errors import StreamqError
 from .fetch import Fetched, Source
 from .manifest import Manifest, ShardEntry
@@ -59,26 +61,28 @@ class ShardScheduler:
         self._fetch_failed = threading.Event()
         self._publish_failed = threading.Event()
         self._published: deque[Future[ShardRecord]] = deque()
+        self._arrivals: list[Arrival] = []
 
     def run(self, todo: list[ShardPlan]) -> Iterator[ShardRecord]:
         """Yield a record per shard of `todo`, in order, as each is published."""
         outputs = {shard.name: expected_output_size(shard, self.plan) for shard in todo}
-        fetches = [self._fetcher.submit(self._fetch, shard, outputs[shard.name]) for shard in todo]  # run ahead, in order
+        self._arrivals = [Arrival() for _ in todo]
+        fetches = [  # run ahead, in order
+            self._fetcher.submit(self._fetch, shard, outputs[shard.name], arrival) for shard, arrival in zip(todo, self._arrivals)
+        ]
         if todo:
-            warm_up(self.plan, self.device)  # while the first shard downloads
-        for shard, fetch in zip(todo, fetches):
+            warm_up(self.plan, self.device)  # while the first shard starts downloading
+        for shard, fetch, arrival in zip(todo, fetches, self._arrivals):
             started = time.monotonic()
-            self._phase(shard, "download")
-            fetched = fetch.result()
             yield from self._completed()
-            self._phase(shard, "quantize")
+            self._phase(shard, "download + quantize")
 
             def make_room(shard: ShardPlan = shard) -> None:  # the input is deleted: its space goes to the output
                 self.budget.release_input(self._input_size(shard))
                 self.budget.reserve_output(outputs[shard.name])
 
             with disk_full_is_clear(self.work):
-                output, entry = convert_fetched(fetched, shard, self.plan, self.work, self.device, make_room)
+                output, entry = convert_arriving(arrival, fetch.result, shard, self.plan, self.work, self.device, make_room)
             self._published.append(self._publisher.submit(self._publish, shard, output, entry, outputs[shard.name], started))
             yield from self._completed()
         while self._published:
@@ -90,6 +94,8 @@ class ShardScheduler:
         self.budget.close()
         for pool in (self._fetcher, self._publisher):
             pool.shutdown(wait=True, cancel_futures=True)
+        for arrival in self._arrivals:
+            arrival.close()
 
     def _input_size(self, shard: ShardPlan) -> int:
         return shard.size if self.downloads else 0  # a local source is read in place
@@ -97,16 +103,19 @@ class ShardScheduler:
     def _phase(self, shard: ShardPlan, phase: str) -> None:
         self.bar.set_description(f"shard {self.numbers[shard.name]}/{len(self.plan.shards)} {phase}")
 
-    def _fetch(self, shard: ShardPlan, output_size: int) -> Fetched:
-        if self._fetch_failed.is_set():
-            raise StreamqError(f"{shard.name} not downloaded: an earlier download failed")
+    def _fetch(self, shard: ShardPlan, output_size: int, arrival: Arrival) -> Fetched:
         try:
+            if self._fetch_failed.is_set():
+                raise StreamqError(f"{shard.name} not downloaded: an earlier download failed")
             self.budget.reserve_input(self._input_size(shard), output_size)
             with disk_full_is_clear(self.work):
-                return self.source.fetch(shard.name, self.work)
+                fetched = self.source.fetch(shard.name, self.work, arrival)
         except BaseException:
             self._fetch_failed.set()
+            arrival.fail()
             raise
+        arrival.finish()
+        return fetched
 
     def _publish(self, shard: ShardPlan, output: Path, entry: ShardEntry, reserved: int, started: float) -> ShardRecord:
         try:

@@ -120,7 +120,10 @@ def test_kill_9_then_rerun_hub(tmp_path: Path, hub_model, point: str, nth: int) 
     hub.requests.clear()
     done = run_cli(*args, env={"HF_HUB_DISABLE_XET": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
-    # a shard whose commit landed is never downloaded again: one full GET per shard not yet committed
+    # a shard whose commit landed is never downloaded again: one full GET per shard not yet committed,
+    # except the one whose download the kill interrupted (it is quantized as it arrives): its partial
+    # file is resumed by Range instead
     n_shards = sum(1 for name in clean if name.endswith(".safetensors"))
-    assert hub.requests.count("GET", r"^/storage/", status=200) == n_shards - len(committed)
+    full_downloads = hub.requests.count("GET", r"^/storage/", status=200)
+    assert n_shards - len(committed) - 1 <= full_downloads <= n_shards - len(committed)
     assert download_files(api, repo, tmp_path / "out") == clean

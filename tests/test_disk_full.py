@@ -38,7 +38,7 @@ def test_disk_that_fills_mid_run_then_resume(tmp_path: Path, tiny_fs: Path, monk
 
     import streamq.schedule as schedule
 
-    real, calls = schedule.convert_fetched, []
+    real, calls = schedule.convert_arriving, []
 
     def fill_disk_on_third_shard(*args, **kwargs):
         calls.append(1)
@@ -52,13 +52,13 @@ def test_disk_that_fills_mid_run_then_resume(tmp_path: Path, tiny_fs: Path, monk
                     pass
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(schedule, "convert_fetched", fill_disk_on_third_shard)
+    monkeypatch.setattr(schedule, "convert_arriving", fill_disk_on_third_shard)
     with pytest.raises(streamq.InsufficientDiskError, match="is full; nothing half-written was published"):
         stream_requantize(src, out, work_dir=tmp_path / "work", progress=False)
     assert not (out / "config.json").exists() and not list(out.glob("*.partial"))
 
     (tiny_fs / "filler").unlink()
-    monkeypatch.setattr(schedule, "convert_fetched", real)
+    monkeypatch.setattr(schedule, "convert_arriving", real)
     result = stream_requantize(src, out, work_dir=tmp_path / "work", progress=False)
     assert result.shards_skipped >= 1
     assert load_tensors(out).keys() == load_tensors(tmp_path / "clean").keys()

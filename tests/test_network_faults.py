@@ -89,10 +89,10 @@ def test_broken_download_resumes_with_range_instead_of_starting_over(big_hub: Lo
     hub = big_hub
     real_fetch, armed = HubSource.fetch, []
 
-    def fetch_with_fault(self, path, work_dir):  # arm the fault once planning (header reads) is over
+    def fetch_with_fault(self, path, work_dir, arrival=None):  # arm the fault once planning (header reads) is over
         if not armed:
             armed.append(hub.faults.add(Fault.truncate(after_bytes=11_000_000, method="GET", path=SHARD_BYTES, times=1)))
-        return real_fetch(self, path, work_dir)
+        return real_fetch(self, path, work_dir, arrival)
 
     monkeypatch.setattr(HubSource, "fetch", fetch_with_fault)
     run(hub)
@@ -119,10 +119,10 @@ def test_download_partial_survives_the_run_and_is_resumed_by_the_next(tmp_path: 
     hub, work = big_hub, tmp_path / "work"
     real_fetch = HubSource.fetch
 
-    def fetch_with_fault(self, path, work_dir):  # the stream breaks after 11 MB, then storage stays down
+    def fetch_with_fault(self, path, work_dir, arrival=None):  # the stream breaks after 11 MB, then storage stays down
         hub.faults.add(Fault.truncate(after_bytes=11_000_000, method="GET", path=SHARD_BYTES, times=1))
         hub.faults.add(Fault.status(503, method="GET", path=SHARD_BYTES, times=None))
-        return real_fetch(self, path, work_dir)
+        return real_fetch(self, path, work_dir, arrival)
 
     monkeypatch.setattr(HubSource, "fetch", fetch_with_fault)
     with pytest.raises(streamq.StreamqError, match="reading org/model failed: .*503.*run again to resume"):

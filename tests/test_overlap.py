@@ -133,21 +133,21 @@ def timeline(monkeypatch) -> list[tuple[str, str, float, float]]:
     events: list[tuple[str, str, float, float]] = []
     real_fetch, real_quantize = fetch.HubSource.fetch, convert.quantize_shard
 
-    def timed_fetch(self, path, work_dir):
+    def timed_fetch(self, path, work_dir, arrival=None):
         started = time.monotonic()
         try:
-            return real_fetch(self, path, work_dir)
+            return real_fetch(self, path, work_dir, arrival)
         finally:
             if path.endswith(".safetensors"):
                 events.append(("download", path, started, time.monotonic()))
 
-    def slow_quantize(path, name, *args):
+    def slow_quantize(arrival, shard, *args):
         started = time.monotonic()
         time.sleep(0.3)
         try:
-            return real_quantize(path, name, *args)
+            return real_quantize(arrival, shard, *args)
         finally:
-            events.append(("quantize", name, started, time.monotonic()))
+            events.append(("quantize", shard.name, started, time.monotonic()))
 
     monkeypatch.setattr(fetch.HubSource, "fetch", timed_fetch)
     monkeypatch.setattr(convert, "quantize_shard", slow_quantize)
@@ -185,32 +185,46 @@ def test_strict_budget_waits_a_budget_of_two_inputs_reads_ahead(tmp_path: Path, 
 
 
 RSS_PROBE = """
-import json, sys
+import json, os, sys
 from pathlib import Path
+from types import SimpleNamespace
 import torch
+from streamq.arrival import Arrival
+from streamq.plan import ShardPlan
 from streamq.quantize import quantize_shard
 from streamq.settings import QuantSettings
-from streamq.targets import TensorRule
+from streamq.targets import TensorInfo, TensorRule
 
 def rss(field):
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
 
+def arrived(path):
+    arrival, fd = Arrival(), os.open(path, os.O_RDONLY)
+    arrival.begin(fd, path.stat().st_size)
+    os.close(fd)
+    arrival.finish()
+    return arrival
+
 path = Path(sys.argv[1])
 keys = tuple(json.loads(sys.argv[2]))
-rules = {k: TensorRule("quantize", k, None, False) for k in keys}
-settings = QuantSettings("nf4", True, 64, "bfloat16", None)
-quantize_shard(path, path.name, keys[:1], rules, settings, "cpu")  # kernel compiled and checked first
+plan = SimpleNamespace(
+    rules={k: TensorRule("quantize", k, None, False) for k in keys},
+    tensor_info={k: TensorInfo("BF16", (2048, 4096)) for k in keys},
+    settings=QuantSettings("nf4", True, 64, "bfloat16", None),
+)
+size = path.stat().st_size
+quantize_shard(arrived(path), ShardPlan(path.name, size, None, keys[:1]), plan, "cpu")  # kernel compiled and checked first
 before = rss("VmRSS")
-out = quantize_shard(path, path.name, keys, rules, settings, "cpu")
+out = quantize_shard(arrived(path), ShardPlan(path.name, size, None, keys), plan, "cpu")
 print(json.dumps({"growth": rss("VmHWM") - before, "output": sum(t.numel() * t.element_size() for t in out.values())}))
 """
 
 
-def test_quantizing_a_shard_holds_one_window_of_it_not_all_of_it(tmp_path: Path) -> None:
-    """Resident memory while a 384 MB shard is quantized grows by its 108 MB output and about one 64 MiB
-    window of the file, not by the shard (pages of a memory map count until it is closed)."""
+def test_quantizing_a_shard_holds_one_tensor_of_it_not_all_of_it(tmp_path: Path) -> None:
+    """Resident memory while a 384 MB shard is quantized grows by its 108 MB output and about one
+    16 MB input tensor (with its fp32 working copies), not by the shard."""
     tensors = {f"layer.{i}.weight": torch.full((2048, 4096), 0.01 * (i + 1), dtype=torch.bfloat16) for i in range(24)}
     shard = tmp_path / "model.safetensors"
     save_file(tensors, shard)
@@ -222,7 +236,7 @@ def test_quantizing_a_shard_holds_one_window_of_it_not_all_of_it(tmp_path: Path)
     measured = json.loads(probe.stdout.strip().splitlines()[-1])
     shard_bytes = shard.stat().st_size
     assert measured["output"] < shard_bytes / 3
-    assert measured["growth"] < measured["output"] + 128 * 2**20, measured  # output + window + slack
+    assert measured["growth"] < measured["output"] + 128 * 2**20, measured  # output + one tensor + slack
     assert measured["growth"] < shard_bytes / 2, measured
 
 

@@ -92,14 +92,14 @@ def fail_on_nth_shard(monkeypatch, n: int) -> list[str]:
     names of the shards it was asked to convert, so a test can check what a resumed run redid."""
     import streamq.schedule as schedule
 
-    real, calls, fired = schedule.convert_fetched, [], []
+    real, calls, fired = schedule.convert_arriving, [], []
 
-    def failing(fetched, shard, *args, **kwargs):
+    def failing(arrival, fetched, shard, *args, **kwargs):
         calls.append(shard.name)
         if len(calls) == n and not fired:
             fired.append(shard.name)
             raise OSError("injected failure")
-        return real(fetched, shard, *args, **kwargs)
+        return real(arrival, fetched, shard, *args, **kwargs)
 
-    monkeypatch.setattr(schedule, "convert_fetched", failing)
+    monkeypatch.setattr(schedule, "convert_arriving", failing)
     return calls

@@ -1,0 +1,106 @@
+"""Read one shard's tensors from its bytes as they arrive, each as soon as its own bytes are in.
+
+safetensors' reader opens complete files only (it maps the file and checks its length), so the
+layout is read here, as its format document describes it: an 8-byte little-endian header length, a
+JSON header giving each tensor's dtype, shape and data offsets, then the data. Every entry is checked
+against the header the plan read before the download, and the download's sha256 check covers the
+rest. Tensors are read into memory of their own (not a memory map), so resident memory holds the
+tensors in use, never the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import NamedTuple
+
+import torch
+
+from .arrival import Arrival
+from .errors import CorruptShardError
+from .targets import TensorInfo
+
+TORCH_DTYPES = {
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # plan.SUPPORTED_DTYPES: the plan refuses shards with any other
+_MAX_HEADER = 100_000_000  # what safetensors itself accepts
+
+
+class _Entry(NamedTuple):
+    start: int  # offsets into the data that follows the header
+    end: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class ShardReader:
+    """The tensors of one generation of an arriving shard (see `Arrival`), checked against `expected`."""
+
+    def __init__(self, arrival: Arrival, name: str, size: int, expected: dict[str, TensorInfo]) -> None:
+        self.arrival, self.name, self.size = arrival, name, size
+        self.generation = arrival.started()
+        (length,) = struct.unpack("<Q", self._read(0, 8))
+        if length > min(_MAX_HEADER, size - 8):
+            raise self._corrupt(f"its header claims {length} bytes")
+        try:
+            header = json.loads(bytes(self._read(8, length)))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self._corrupt(f"its header is not JSON ({exc})") from exc
+        if not isinstance(header, dict):
+            raise self._corrupt("its header is not a JSON object")
+        header.pop("__metadata__", None)
+        self._data_start = 8 + length
+        self._entries = {key: self._check_entry(key, entry, expected.get(key)) for key, entry in header.items()}
+        self._check_layout()
+
+    def _check_entry(self, key: str, entry: object, info: TensorInfo | None) -> _Entry:
+        """The entry, once it matches the planned dtype and shape and spans exactly their bytes."""
+        if info is None:
+            raise self._corrupt(f"tensor {key} was not in its header when the run was planned")
+        start, end = _offsets(entry)
+        shape, dtype = tuple(info.shape), TORCH_DTYPES.get(info.dtype)
+        nbytes = math.prod(shape) * dtype.itemsize if dtype is not None else -1
+        if not isinstance(entry, dict) or entry.get("dtype") != info.dtype or tuple(entry.get("shape", ())) != shape or end - start != nbytes:
+            raise self._corrupt(f"tensor {key} is not the {info.dtype} {list(shape)} its header said when the run was planned")
+        return _Entry(start, end, dtype, shape)
+
+    def _check_layout(self) -> None:
+        """Tensor data back to back, without overlaps or gaps, ending where the file ends (as safetensors requires)."""
+        at = 0
+        for start, end, _, _ in sorted(self._entries.values(), key=lambda e: (e.start, e.end)):
+            if start != at:
+                raise self._corrupt("its tensors' data offsets overlap or leave gaps")
+            at = end
+        if self._data_start + at != self.size:
+            raise self._corrupt(f"its tensors end at byte {self._data_start + at} of {self.size}")
+
+    def in_file_order(self, keys: tuple[str, ...]) -> list[str]:
+        """`keys` in the order their bytes arrive (a header lists tensors by name, not by position)."""
+        return sorted(keys, key=lambda key: self._entries[key].start if key in self._entries else 0)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        """The tensor, read once its bytes have arrived (blocking until then)."""
+        if key not in self._entries:
+            raise self._corrupt(f"tensor {key} is missing from its header")
+        start, end, dtype, shape = self._entries[key]
+        if start == end:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self._read(self._data_start + start, end - start), dtype=dtype).reshape(shape)
+
+    def _read(self, offset: int, size: int) -> memoryview:
+        try:
+            return self.arrival.read(offset, size, self.generation)
+        except EOFError as exc:
+            raise self._corrupt(f"{exc}, before the bytes its header lists") from exc
+
+    def _corrupt(self, why: str) -> CorruptShardError:
+        return CorruptShardError(f"{self.name}: not a valid safetensors file ({why}); the file is corrupt or truncated")
+
+
+def _offsets(entry: object) -> tuple[int, int]:
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets) and offsets[0] <= offsets[1]:
+        return offsets[0], offsets[1]
+    return 0, -1  # fails the size check with the message that names the tensor
