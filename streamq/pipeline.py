@@ -97,7 +97,8 @@ def iter_requantize(
     branch of the output repo (created from main if missing) instead of main. `create_pr` stages the
     output on `branch` (default "streamq-4bit") and then opens it as a pull request. `disk_budget` (bytes)
     lets work_dir hold more than one input plus one output shard, so the next downloads run ahead
-    while a shard is quantized; by default only the next download and the previous upload overlap.
+    while a shard is written and published; by default a shard is quantized while it downloads and
+    the previous one uploads meanwhile, but the next download waits for this shard's input to go.
     """
     started = time.monotonic()
     settings = _settings(quant_type, double_quant, blocksize, compute_dtype, skip_modules)
