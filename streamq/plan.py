@@ -26,7 +26,10 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-SUPPORTED_DTYPES = {"F16", "BF16", "F32", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL"}
+TORCH_DTYPES = {  # the safetensors dtype codes streamq reads, and what they are in torch
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 # Weight files of any format: never carried into the 4-bit repo.
 WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.gguf|\.onnx|\.onnx_data|\.safetensors\.index\.json|\.bin\.index\.json)$")
 QUANTIZED_KEY = re.compile(r"\.(absmax|quant_map|quant_state\.[\w]+|qweight|qzeros|scales|g_idx|weight_scale|weight_scale_inv|input_scale|weight_packed|SCB)$")
@@ -182,7 +185,7 @@ def _check_tensors(tensor_info: dict[str, TensorInfo], headers: dict[str, dict[s
         )
     for name, tensors in headers.items():
         for key, info in tensors.items():
-            if info.dtype not in SUPPORTED_DTYPES:
+            if info.dtype not in TORCH_DTYPES:
                 hint = " (an FP8 checkpoint is already quantized)" if info.dtype.startswith("F8") else ""
                 raise UnsupportedDtypeError(
                     f"{name}: tensor {key} has dtype {info.dtype}{hint}; streamq converts F16, BF16, F32 and F64 weights"
@@ -199,7 +202,6 @@ def _stage_config(source: Source, files: dict[str, SourceFile], meta_dir: Path, 
 
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
-_CODE_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _HEADER_BYTES_PER_TENSOR = 160  # safetensors JSON entry, generously
 _QUANT_STATE_JSON = 220
 
@@ -216,7 +218,7 @@ def expected_output_size(shard: ShardPlan, plan: Plan) -> int:
         if rule.action == "drop":
             continue
         if rule.action == "keep":
-            itemsize = _ITEMSIZE.get(rule.dtype or "", _CODE_ITEMSIZE.get(info.dtype, 4))
+            itemsize = _ITEMSIZE.get(rule.dtype or "", TORCH_DTYPES[info.dtype].itemsize if info.dtype in TORCH_DTYPES else 4)
             total += numel * itemsize + _HEADER_BYTES_PER_TENSOR
             continue
         blocks = -(-numel // settings.blocksize)

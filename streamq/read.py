@@ -19,12 +19,9 @@ import torch
 
 from .arrival import Arrival
 from .errors import CorruptShardError
+from .plan import TORCH_DTYPES
 from .targets import TensorInfo
 
-TORCH_DTYPES = {
-    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}  # plan.SUPPORTED_DTYPES: the plan refuses shards with any other
 _MAX_HEADER = 100_000_000  # what safetensors itself accepts
 
 
