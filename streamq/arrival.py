@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 
 class ArrivalFailed(Exception):
@@ -48,6 +49,14 @@ class Arrival:
             self._fds.append(os.dup(fd))
             self._fd, self._inode, self._have, self._failed = self._fds[-1], inode, have, False
             self._cond.notify_all()
+
+    def begin_file(self, path: Path) -> None:
+        """A file that is already complete (read in place, or downloaded in one piece): all of it is in."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self.begin(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
 
     def advance(self, have: int) -> None:
         """The first `have` bytes of the current attempt's file are written (flushed to the OS)."""

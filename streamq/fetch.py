@@ -181,11 +181,7 @@ class LocalSource:
     def fetch(self, path: str, work_dir: Path, arrival: Arrival | None = None) -> Fetched:
         local = self.root / path
         if arrival is not None:
-            fd = os.open(local, os.O_RDONLY)
-            try:
-                arrival.begin(fd, os.fstat(fd).st_size)
-            finally:
-                os.close(fd)
+            arrival.begin_file(local)
         return Fetched(local, file_sha256(local), temporary=False)
 
 
@@ -225,8 +221,7 @@ class HubSource:
                     got = hf_hub_download(self.repo_id, path, revision=self.revision, local_dir=scratch, endpoint=self.api.endpoint, token=self.api.token)
                     os.replace(got, partial)
                 if arrival is not None:
-                    with open(partial, "rb") as f:
-                        arrival.begin(f.fileno(), os.fstat(f.fileno()).st_size)
+                    arrival.begin_file(partial)
                 return None
             with open(partial, "a+b") as raw:
                 if raw.tell() > (meta.size or 0):  # not a prefix of this file: start over

@@ -3,7 +3,6 @@ changed, and refuses bytes that do not match the planned header."""
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -227,10 +226,6 @@ def test_converted_shard_matches_the_file_read_whole(tmp_path: Path) -> None:
 
 def arrived(path: Path) -> Arrival:
     arrival = Arrival()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        arrival.begin(fd, path.stat().st_size)
-    finally:
-        os.close(fd)
+    arrival.begin_file(path)
     arrival.finish()
     return arrival

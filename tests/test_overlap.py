@@ -185,7 +185,7 @@ def test_strict_budget_waits_a_budget_of_two_inputs_reads_ahead(tmp_path: Path, 
 
 
 RSS_PROBE = """
-import json, os, sys
+import json, sys
 from pathlib import Path
 from types import SimpleNamespace
 import torch
@@ -201,9 +201,8 @@ def rss(field):
             return int(line.split()[1]) * 1024
 
 def arrived(path):
-    arrival, fd = Arrival(), os.open(path, os.O_RDONLY)
-    arrival.begin(fd, path.stat().st_size)
-    os.close(fd)
+    arrival = Arrival()
+    arrival.begin_file(path)
     arrival.finish()
     return arrival
 
