@@ -53,18 +53,30 @@ def transient_delay(exc: BaseException, attempt: int) -> float | None:
     return min(BASE_DELAY * 2**attempt, MAX_DELAY)
 
 
-def retrying(call: Callable[[], T], what: str, attempts: int = ATTEMPTS, sleep: Callable[[float], None] = time.sleep) -> T:
-    """Run `call`, retrying transient failures up to `attempts` times in all."""
-    for attempt in range(attempts):
+def retrying(
+    call: Callable[[], T], what: str, attempts: int = ATTEMPTS, sleep: Callable[[float], None] = time.sleep,
+    progress: Callable[[], int] | None = None,
+) -> T:
+    """Run `call`, retrying transient failures up to `attempts` times in a row.
+
+    `progress` (say, the bytes a download has written) starts the count again after a failure that
+    came after progress, as huggingface_hub does for a download stream: a long transfer over a flaky
+    network goes on while it moves forward, and stops after `attempts` failures that move nothing.
+    """
+    attempt, mark = 0, progress() if progress else 0
+    while True:
         try:
             return call()
         except Exception as exc:
             delay = transient_delay(exc, attempt)
+            if progress is not None and (now := progress()) > mark:
+                attempt, mark = 0, now
+                delay = transient_delay(exc, 0)
             if delay is None or attempt == attempts - 1:
                 raise
             logger.warning("%s failed (%s); retrying in %.0f s (%d/%d)", what, _describe(exc), delay, attempt + 1, attempts - 1)
             sleep(delay)
-    raise AssertionError("unreachable")
+            attempt += 1
 
 
 def _describe(exc: BaseException) -> str:

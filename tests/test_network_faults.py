@@ -66,8 +66,7 @@ def test_transient_fault_is_survived(hub: LocalHub, name: str) -> None:
 
 @pytest.fixture()
 def big_hub(tmp_path: Path, monkeypatch):
-    """Shards of ~15 MB: huggingface_hub writes downloads in 10 MiB steps, so a stream broken after 11 MB
-    has left 10 MiB in the partial file."""
+    """Shards of ~15 MB, so that a stream broken after 11 MB has left part of a shard behind."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -103,6 +102,25 @@ def test_broken_download_resumes_with_range_instead_of_starting_over(big_hub: Lo
     assert resumed and resumed[0].status == 206  # a Range request from where the stream broke
 
 
+def test_a_stream_that_keeps_breaking_goes_on_while_it_moves_forward(big_hub: LocalHub, monkeypatch) -> None:
+    """More breaks than retry attempts, each after new bytes: like huggingface_hub's own download loop,
+    the count starts again after progress, so the download completes instead of giving up."""
+    from streamq.fetch import HubSource
+
+    hub, breaks = big_hub, streamq.retry.ATTEMPTS + 2
+    real_fetch, armed = HubSource.fetch, []
+
+    def fetch_with_fault(self, path, work_dir, arrival=None):
+        if not armed:
+            armed.append(hub.faults.add(Fault.truncate(after_bytes=2_000_000, method="GET", path=SHARD_BYTES, times=breaks)))
+        return real_fetch(self, path, work_dir, arrival)
+
+    monkeypatch.setattr(HubSource, "fetch", fetch_with_fault)
+    run(hub)
+    assert armed[0].fired == breaks
+    assert verify_output("me/out", endpoint=hub.endpoint).ok
+
+
 def test_persistent_fault_gives_up_clearly_and_next_run_resumes(tmp_path: Path, hub: LocalHub) -> None:
     hub.faults.add(Fault.status(503, method="POST", path=r"/commit/", times=None))
     with pytest.raises(streamq.StreamqError, match=r"publishing to me/out failed: .*503.*run again to resume"):
@@ -129,7 +147,7 @@ def test_download_partial_survives_the_run_and_is_resumed_by_the_next(tmp_path: 
         run(hub, work_dir=work)
     monkeypatch.setattr(HubSource, "fetch", real_fetch)
     partials = list((work / "in").glob("*.incomplete"))
-    assert partials and partials[0].stat().st_size == 10 * 2**20
+    assert partials and partials[0].stat().st_size == 11_000_000  # all that arrived before the break
     hub.faults.clear()
     hub.requests.clear()
     run(hub, work_dir=work)
