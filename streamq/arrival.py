@@ -90,8 +90,9 @@ class Arrival:
                 raise ArrivalFailed()
             return self._generation
 
-    def read(self, offset: int, size: int, generation: int) -> memoryview:
-        """Bytes [offset, offset + size) of generation `generation`, once they are in."""
+    def read(self, offset: int, size: int, generation: int, into: memoryview | None = None) -> memoryview:
+        """Bytes [offset, offset + size) of generation `generation`, once they are in; read into the
+        start of `into` when given (at least `size` bytes), else into memory of their own."""
         with self._cond:
             self._cond.wait_for(
                 lambda: self._failed or self._finished or self._generation != generation or self._have >= offset + size
@@ -101,8 +102,7 @@ class Arrival:
                 raise EOFError(f"the file ends at byte {self._have}")
             fd = self._fd
         assert fd is not None
-        data = bytearray(size)
-        view = memoryview(data)
+        view = memoryview(bytearray(size)) if into is None else into[:size]
         done = 0
         while done < size:  # pread returns at most ~2 GiB at a time
             got = os.preadv(fd, [view[done:]], offset + done)

@@ -36,7 +36,7 @@ def _quantize_tensors(reader: ShardReader, keys: tuple[str, ...], plan: Plan, de
         rule = plan.rules[key]
         if rule.action == "drop":
             continue
-        tensor = reader.get_tensor(key)
+        tensor = reader.get_tensor(key, scratch=rule.action == "quantize")  # used up below
         if rule.dtype is not None:
             tensor = tensor.to(getattr(torch, rule.dtype))
         if rule.action == "keep":

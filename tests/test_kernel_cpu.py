@@ -126,7 +126,7 @@ def test_nan_falls_back_to_bitsandbytes(dtype, quant_type, double_quant) -> None
     packed = torch.empty_like(theirs[0]).reshape(-1)
     absmax = torch.empty(5)
     kernel = {"bf16": cpu._quantize_bf16, "fp16": cpu._quantize_fp16, "fp32": cpu._quantize_fp32}[dtype]
-    kernel(cpu._words(weight), 64, *cpu._code_table(quant_type), packed.numpy(), absmax.numpy())
+    kernel(cpu._words(weight), 0, 5, 64, *cpu._code_table(quant_type), packed.numpy(), absmax.numpy())
     assert torch.equal(packed, theirs[0].reshape(-1))
     if not double_quant:
         assert torch.equal(absmax.isnan(), theirs[1].absmax.isnan())
@@ -160,6 +160,14 @@ def test_nested_lookup_matches_bnb_blockwise() -> None:
 def test_large_tensor(dtype, quant_type) -> None:
     weight = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(5)).to(DTYPES[dtype])
     check(weight, quant_type, 64, True)
+
+
+@pytest.mark.parametrize("size,blocksize", [(2 * cpu._JOB_WEIGHTS + 37, 64), (cpu._JOB_WEIGHTS + 4096 + 5, 4096)])
+def test_block_ranges_over_threads(size, blocksize) -> None:
+    """A weight is quantized in ranges of blocks on several threads; the partial last block alone in
+    the last range (first case) or after a full block (second) comes out as bnb's."""
+    weight = torch.randn(size, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    check(weight, "nf4", blocksize, True)
 
 
 def test_self_check_passes() -> None:

@@ -4,7 +4,7 @@ bitsandbytes (0.50) quantizes on CPU with its torch "default" 4-bit op (fp32 mat
 block, multiply by 1/absmax, bucketize against the code's midpoints, pack two nibbles) and, for
 double quant, its native 8-bit blockwise op over the absmax (absmax per 256-block, then a
 65536-entry lookup table into the dynamic map). That is many passes over memory with big fp32
-temporaries. Here the same arithmetic runs as one fused, parallel numba pass that reads
+temporaries. Here the same arithmetic runs as one fused numba pass (over block ranges, on all cores) that reads
 bf16/fp16/fp32 directly. `quantize_4bit` checks itself against the installed bitsandbytes once per
 setting and falls back to it whenever it cannot promise identical bytes.
 """
@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import bitsandbytes
 import bitsandbytes.functional as bnbf
@@ -22,7 +25,7 @@ from bitsandbytes.functional import QuantState
 
 try:
     from llvmlite import ir
-    from numba import njit, prange, types
+    from numba import njit, types
     from numba.extending import intrinsic
 except ImportError:  # callers check AVAILABLE (or supports()) and let bitsandbytes do the work
     AVAILABLE = False
@@ -36,7 +39,7 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bnb.functional.qu
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _NESTED_BLOCKSIZE = 256  # bnb quantizes the absmax of double quant in blocks of 256
 _TINY = np.float32(1e-38)  # bnb clamps absmax to this before taking 1/absmax
-_TASK_BLOCKS = 128  # blocks per prange task; a task reuses one scratch buffer for its codes
+_JOB_WEIGHTS = 1 << 20  # weights per job handed to a thread (~2 ms of one core)
 
 
 def supports(weight: torch.Tensor, quant_type: str, blocksize: int) -> bool:
@@ -87,8 +90,12 @@ def _quantize(
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
     bounds, steps, top = _code_table(quant_type)
-    _KERNELS[weight.dtype](_words(weight), blocksize, bounds, steps, top, packed.numpy().reshape(-1), absmax.numpy())
-    if torch.isnan(absmax).any():
+    kernel, words, out = _KERNELS[weight.dtype], _words(weight), packed.numpy().reshape(-1)
+    _in_parallel(
+        lambda first, last: kernel(words, first, last, blocksize, bounds, steps, top, out, absmax.numpy()),
+        absmax.numel(), max(1, _JOB_WEIGHTS // blocksize),
+    )
+    if np.isnan(absmax.numpy()).any():  # numpy: one thread (torch's would leave its idle workers spinning)
         return None
 
     code = bnbf.get_4bit_type(quant_type, device="cpu")
@@ -107,6 +114,27 @@ def _quantize(
         absmax=qabsmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize, code=code,
         quant_type=quant_type, offset=offset, state2=state2,
     )
+
+
+def _in_parallel(run: Callable[[int, int], None], blocks: int, step: int) -> None:
+    """Run `run(first, last)` over ranges of `step` blocks, on all cores.
+
+    Threads of our own (the kernel releases the GIL) rather than numba's parallel loops: under
+    OpenMP, a core that finished its static share spun at the barrier while the download and
+    hashing threads needed it, and the kernel took 4x its CPU time on a busy 2-core VM. Here an
+    idle worker just takes the next range, and a waiting one sleeps.
+    """
+    ranges = [(first, min(first + step, blocks)) for first in range(0, blocks, step)]
+    if len(ranges) == 1:
+        run(*ranges[0])
+        return
+    for future in [_pool().submit(run, first, last) for first, last in ranges]:
+        future.result()
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(), "streamq-kernel")
 
 
 def _words(weight: torch.Tensor) -> np.ndarray:
@@ -229,11 +257,11 @@ if AVAILABLE:
         return _f32_from_bits(np.uint32(word))
 
     @njit(inline="always")
-    def _max_abs_word(words, start, stop, abs_mask):
-        """Largest |x| of words[start:stop] as raw bits: sign-cleared float bits order like the values,
-        and any NaN sorts above inf, so a NaN block yields a NaN absmax."""
-        m = words[start] & abs_mask
-        for i in range(start + 1, stop):
+    def _max_abs_word(words, abs_mask):
+        """Largest |x| of `words` as raw bits: sign-cleared float bits order like the values, and any
+        NaN sorts above inf, so a NaN block yields a NaN absmax."""
+        m = words[0] & abs_mask
+        for i in range(1, words.size):
             w = words[i] & abs_mask
             if w > m:
                 m = w
@@ -256,50 +284,56 @@ if AVAILABLE:
         )
 
     @njit(inline="always")
-    def _pack(codes, count, packed, at):
+    def _pack(codes, count, packed):
         """Two indices per byte, the even element in the high nibble."""
         for j in range(count // 2):
-            packed[at + j] = (codes[2 * j] << 4) | codes[2 * j + 1]
+            packed[j] = (codes[2 * j] << 4) | codes[2 * j + 1]
 
     @njit(inline="always")
-    def _quantize_words(words, load, abs_mask, blocksize, bounds, steps, top, packed, absmax):
-        """Full blocks in parallel tasks: absmax, x * (1/absmax), index, pack; then bnb's partial last block."""
+    def _quantize_words(words, first, last, load, abs_mask, blocksize, bounds, steps, top, packed, absmax):
+        """Blocks first..last-1 of `words`: absmax, x * (1/absmax), index, pack; a partial last block
+        the way bnb does it.
+
+        Each block is read through a slice of its own, indexed from 0: indexing `words[start + i]`
+        left LLVM unable to prove the index non-negative, and numba's negative-index wrap-around then
+        turned the vector loads into element-by-element inserts.
+        """
         n = words.size
-        full = n // blocksize
-        for task in prange(-(-full // _TASK_BLOCKS)):
-            codes = np.empty(blocksize, np.int32)
-            for block in range(task * _TASK_BLOCKS, min(full, (task + 1) * _TASK_BLOCKS)):
-                start = block * blocksize
-                amax = load(_max_abs_word(words, start, start + blocksize, abs_mask))
-                absmax[block] = amax
-                scale = np.float32(1.0) / _clamp_tiny(amax)
-                for i in range(blocksize):
-                    codes[i] = _code(load(words[start + i]) * scale, bounds, steps, top)
-                _pack(codes, blocksize, packed, start // 2)
+        full = min(n // blocksize, last)
+        codes = np.empty(blocksize + 1, np.int32)
+        for block in range(first, full):
+            start = block * blocksize
+            values = words[start:start + blocksize]
+            amax = load(_max_abs_word(values, abs_mask))
+            absmax[block] = amax
+            scale = np.float32(1.0) / _clamp_tiny(amax)
+            for i in range(blocksize):
+                codes[i] = _code(load(values[i]) * scale, bounds, steps, top)
+            _pack(codes, blocksize, packed[start // 2:(start + blocksize) // 2])
         start = full * blocksize
-        if start < n:
+        if full < last and start < n:
             # bnb treats the partial block apart: it stores the clamped absmax, divides instead of
             # multiplying by the reciprocal, and pads an odd count with a (scaled) zero.
-            amax = _clamp_tiny(load(_max_abs_word(words, start, n, abs_mask)))
+            values = words[start:n]
+            amax = _clamp_tiny(load(_max_abs_word(values, abs_mask)))
             absmax[full] = amax
             rem = n - start
-            codes = np.empty(rem + 1, np.int32)
             for i in range(rem):
-                codes[i] = _code(load(words[start + i]) / amax, bounds, steps, top)
+                codes[i] = _code(load(values[i]) / amax, bounds, steps, top)
             codes[rem] = _code(np.float32(0.0), bounds, steps, top)
-            _pack(codes, rem + 1, packed, start // 2)
+            _pack(codes, rem + 1, packed[start // 2:])
 
-    @njit(parallel=True, nogil=True, cache=True)
-    def _quantize_bf16(words, blocksize, bounds, steps, top, packed, absmax):
-        _quantize_words(words, _load_bf16, np.uint16(0x7FFF), blocksize, bounds, steps, top, packed, absmax)
+    @njit(nogil=True, cache=True)
+    def _quantize_bf16(words, first, last, blocksize, bounds, steps, top, packed, absmax):
+        _quantize_words(words, first, last, _load_bf16, np.uint16(0x7FFF), blocksize, bounds, steps, top, packed, absmax)
 
-    @njit(parallel=True, nogil=True, cache=True)
-    def _quantize_fp16(words, blocksize, bounds, steps, top, packed, absmax):
-        _quantize_words(words, _load_fp16, np.uint16(0x7FFF), blocksize, bounds, steps, top, packed, absmax)
+    @njit(nogil=True, cache=True)
+    def _quantize_fp16(words, first, last, blocksize, bounds, steps, top, packed, absmax):
+        _quantize_words(words, first, last, _load_fp16, np.uint16(0x7FFF), blocksize, bounds, steps, top, packed, absmax)
 
-    @njit(parallel=True, nogil=True, cache=True)
-    def _quantize_fp32(words, blocksize, bounds, steps, top, packed, absmax):
-        _quantize_words(words, _load_fp32, np.uint32(0x7FFFFFFF), blocksize, bounds, steps, top, packed, absmax)
+    @njit(nogil=True, cache=True)
+    def _quantize_fp32(words, first, last, blocksize, bounds, steps, top, packed, absmax):
+        _quantize_words(words, first, last, _load_fp32, np.uint32(0x7FFFFFFF), blocksize, bounds, steps, top, packed, absmax)
 
     _KERNELS = {torch.bfloat16: _quantize_bf16, torch.float16: _quantize_fp16, torch.float32: _quantize_fp32}
 
@@ -316,11 +350,12 @@ if AVAILABLE:
         t = (v + np.float32(1.0)) * np.float32(0.5)
         return int(np.float32(np.float64(t) * 65535.0 + 0.5))
 
-    @njit(parallel=True, nogil=True, cache=True)
+    @njit(nogil=True, cache=True)
     def _quantize_nested(values, offset, lut, codes, absmax):
-        """bnb's native 8-bit blockwise quantization of (values - offset) in blocks of 256."""
+        """bnb's native 8-bit blockwise quantization of (values - offset) in blocks of 256 (1/64 of
+        the work of the weight itself: one thread)."""
         n = values.size
-        for block in prange(-(-n // _NESTED_BLOCKSIZE)):
+        for block in range(-(-n // _NESTED_BLOCKSIZE)):
             start = block * _NESTED_BLOCKSIZE
             stop = min(start + _NESTED_BLOCKSIZE, n)
             amax = np.float32(0.0)
