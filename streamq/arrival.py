@@ -23,6 +23,10 @@ class Restarted(Exception):
     """Bytes a reader already used may have changed: it must read the shard again from the start."""
 
 
+class Cancelled(Exception):
+    """Nobody wants these bytes any more: the download stops and deletes what it wrote."""
+
+
 class Arrival:
     """The bytes of one file as they arrive; readers block in `read` until their range is in."""
 
@@ -36,6 +40,7 @@ class Arrival:
         self._failed = False
         self._finished = False
         self._closed = False
+        self._cancelled = False
 
     def begin(self, fd: int, have: int) -> None:
         """An attempt writes `fd` (readable; borrowed: it is duplicated), whose first `have` bytes are final."""
@@ -59,8 +64,11 @@ class Arrival:
             os.close(fd)
 
     def advance(self, have: int) -> None:
-        """The first `have` bytes of the current attempt's file are written (flushed to the OS)."""
+        """The first `have` bytes of the current attempt's file are written (flushed to the OS); raises
+        `Cancelled` once `cancel` was called, which stops the download."""
         with self._cond:
+            if self._cancelled:
+                raise Cancelled()
             self._have = have
             self._cond.notify_all()
 
@@ -75,6 +83,11 @@ class Arrival:
         with self._cond:
             self._finished = True
             self._cond.notify_all()
+
+    def cancel(self) -> None:
+        """Stop the download at its next write (see `advance`)."""
+        with self._cond:
+            self._cancelled = True
 
     def fail(self) -> None:
         """The download gave up; waiting readers raise `ArrivalFailed`."""

@@ -27,7 +27,7 @@ from huggingface_hub.errors import EntryNotFoundError, NotASafetensorsRepoError,
 from safetensors import SafetensorError, safe_open
 
 from . import hub
-from .arrival import Arrival
+from .arrival import Arrival, Cancelled
 from .errors import CorruptShardError, SourceNotFoundError
 from .location import HubRepo, LocalDir
 from .retry import retrying
@@ -115,8 +115,10 @@ class _PartialFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._write_pending()
-        self._stop()
+        try:
+            self._write_pending()
+        finally:
+            self._stop()
 
     def _stop(self) -> None:
         if self._hasher.is_alive():
@@ -273,8 +275,12 @@ class HubSource:
                         _append_body(meta.location, headers, f)
                     return f.hexdigest()
 
-        with hub.reading(self.repo_id):
-            digest = retrying(attempt, f"download of {path}", progress=lambda: _size(partial))
+        try:
+            with hub.reading(self.repo_id):
+                digest = retrying(attempt, f"download of {path}", progress=lambda: _size(partial))
+        except Cancelled:
+            partial.unlink(missing_ok=True)
+            raise
         os.replace(partial, dest)
         return digest
 

@@ -15,6 +15,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import HfApi
 from huggingface_hub.utils import disable_progress_bars
 from tqdm.auto import tqdm
 
@@ -28,8 +29,8 @@ from .location import HubRepo, LocalDir, parse_location, source_location
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry
 from .modelcard import render_model_card
 from .plan import INDEX_NAME, Plan, ShardPlan, build_plan, expected_output_size
-from .publish import HubSink, LocalSink, Payload, Sink
-from .schedule import ShardRecord, ShardScheduler
+from .publish import HubSink, LocalSink, Payload, Sink, output_branch
+from .schedule import HeadStart, ShardRecord, ShardScheduler
 from .settings import QuantSettings
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,15 @@ def iter_requantize(
         stack.enter_context(disable_progress_bars())  # one streamq bar instead of one per file transfer
         api = make_api(token, endpoint)
         source = open_source(src_loc, api)
-        plan = build_plan(source, settings, work / "meta", trust_remote_code=trust_remote_code)
+        downloads = isinstance(source, HubSource)
+        heads: list[HeadStart] = []
+
+        def head_start(names: list[str]) -> None:
+            if downloads and names:
+                heads.append(HeadStart(source, names[0], work, lambda: _fresh_output(api, dst_loc, branch, create_pr)))
+                stack.callback(heads[0].cancel)
+
+        plan = build_plan(source, settings, work / "meta", trust_remote_code=trust_remote_code, on_weight_files=head_start)
         for warning in plan.warnings:
             logger.warning(warning)
         sink: Sink = (
@@ -126,8 +135,10 @@ def iter_requantize(
         stack.callback(sink.close)
         manifest = _open_manifest(sink, plan, settings, device, work, overwrite)
         _clean_leftovers(work)
-        downloads = isinstance(source, HubSource)
         todo = [s for s in plan.shards if not (s.name in manifest.shards and _still_valid(manifest.shards[s.name], s))]
+        head = heads[0] if heads and heads[0].started() and todo and todo[0].name == heads[0].name else None
+        if heads and head is None:
+            heads[0].cancel()
         budget = DiskBudget(_disk_limit(work, plan, todo, downloads, disk_budget))
 
         bar = stack.enter_context(tqdm(total=plan.input_bytes, unit="B", unit_scale=True, disable=not progress, desc="streamq"))
@@ -137,7 +148,7 @@ def iter_requantize(
                 yield ShardRecord(number, len(plan.shards), shard.name, shard.size, manifest.shards[shard.name].output_size, True, True, 0.0)
         scheduler = ShardScheduler(source, sink, plan, manifest, work, device, budget, downloads, bar)
         stack.callback(scheduler.close)
-        yield from scheduler.run(todo)
+        yield from scheduler.run(todo, head)
         logger.info("peak work_dir use %d bytes of a %d byte budget", budget.peak, budget.limit)
 
         bar.set_description("finishing")
@@ -240,6 +251,16 @@ def _open_manifest(sink: Sink, plan: Plan, settings: QuantSettings, device: str,
     return fresh
 
 
+def _fresh_output(api: HfApi, dst: HubRepo | LocalDir, branch: str | None, create_pr: bool) -> bool:
+    """Whether the output has no manifest yet (nothing to resume), so that its first shard is surely to do."""
+    if isinstance(dst, LocalDir):
+        return not (dst.path / MANIFEST_NAME).exists()
+    try:
+        return not api.file_exists(dst.repo_id, MANIFEST_NAME, revision=output_branch(branch, create_pr))
+    except Exception:  # only a guess: the run itself reports what is wrong with the output
+        return False
+
+
 def _clean_leftovers(work: Path) -> None:
     """Output shards from a dead run are never trusted: they are remade. Inputs are re-checked by sha256."""
     shutil.rmtree(work / "out", ignore_errors=True)
@@ -256,13 +277,24 @@ def _disk_limit(work: Path, plan: Plan, todo: list[ShardPlan], downloads: bool, 
             f"disk_budget {_gb(disk_budget)} is below the {_gb(pair)} one input plus one output shard need; raise it"
         )
     limit = pair if disk_budget is None else disk_budget
-    free = shutil.disk_usage(work).free
+    free = shutil.disk_usage(work).free + _bytes_in(work / "in")  # inputs under way count in the budget
     if limit > free:
         raise InsufficientDiskError(
             f"work_dir {work} needs {_gb(limit)} ({'the disk budget' if disk_budget else 'largest input plus output shard'}) "
             f"but has {_gb(free)} free; free some space, lower disk_budget or pass work_dir= on a larger disk"
         )
     return limit
+
+
+def _bytes_in(folder: Path) -> int:
+    """Bytes of the files under `folder` (one may be renamed while we look: a download finishing)."""
+    total = 0
+    for path in folder.rglob("*") if folder.is_dir() else ():
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except FileNotFoundError:
+            continue
+    return total
 
 
 def _gb(size: int) -> str:

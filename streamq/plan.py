@@ -65,14 +65,21 @@ class Plan:
         return sum(s.size for s in self.shards)
 
 
-def build_plan(source: Source, settings: QuantSettings, meta_dir: Path, *, trust_remote_code: bool = False) -> Plan:
-    """Read config, index and headers; refuse inputs streamq cannot convert faithfully."""
+def build_plan(
+    source: Source, settings: QuantSettings, meta_dir: Path, *, trust_remote_code: bool = False,
+    on_weight_files: Callable[[list[str]], None] = lambda names: None,
+) -> Plan:
+    """Read config, index and headers; refuse inputs streamq cannot convert faithfully.
+
+    `on_weight_files` gets the shard names, in the order they will be converted, as soon as the index
+    is read: the caller can start the first download while headers and the model are read."""
     files = source.files()
     if "config.json" not in files:
         raise UnsupportedModelError(f"{source.name} has no config.json; streamq converts transformers model repos")
     config = json.loads(source.read_text("config.json"))
     _refuse_quantized_config(source.name, config)
     shard_names, index, single = _weight_files(source, files)
+    on_weight_files(shard_names)
     weight_map = index["weight_map"] if index is not None else None
     headers = source.headers(shard_names)
     tensor_info: dict[str, TensorInfo] = {}

@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 Payload = bytes | Path
 
 
+def output_branch(branch: str | None, create_pr: bool) -> str | None:
+    """The branch a Hub output is written to: the given one; for a pull request, a staging branch."""
+    return branch or ("streamq-4bit" if create_pr else None)
+
+
 class Sink(Protocol):
     location: str  # URL or path shown to the user
 
@@ -43,8 +48,9 @@ class Sink(Protocol):
 
     def clear(self) -> None: ...
 
-    def add_shard(self, local: Path, name: str, manifest: Manifest) -> bool:
-        """Take ownership of `local` (moved or deleted); True when it is committed already."""
+    def add_shard(self, local: Path, name: str, manifest: Manifest, last: bool = False) -> bool:
+        """Take ownership of `local` (moved or deleted); True when it is committed already. The `last`
+        shard may wait to be committed with the final files."""
         ...
 
     def finalize(self, files: dict[str, Payload], manifest: Manifest) -> None: ...
@@ -92,7 +98,7 @@ class LocalSink:
         for name in self.existing_files():
             (self.root / name).unlink()
 
-    def add_shard(self, local: Path, name: str, manifest: Manifest) -> bool:
+    def add_shard(self, local: Path, name: str, manifest: Manifest, last: bool = False) -> bool:
         with disk_full_is_clear(self.root):
             if not (self.root / MANIFEST_NAME).exists():  # claim the output first: a shard is never found without one
                 before = dataclasses.replace(manifest, shards={k: v for k, v in manifest.shards.items() if k != name})
@@ -148,7 +154,7 @@ class HubSink:
         self.repo_id = repo_id
         self.create_pr = create_pr
         # A pull request is staged on a branch (which resumes like any output), then opened at the end.
-        self.branch = branch or ("streamq-4bit" if create_pr else None)
+        self.branch = output_branch(branch, create_pr)
         branch = self.branch
         self.min_commit_interval = min_commit_interval
         self._pending: list[CommitOperationAdd] = []
@@ -192,8 +198,9 @@ class HubSink:
         if deletions:
             self._commit(deletions, "streamq: start over")
 
-    def add_shard(self, local: Path, name: str, manifest: Manifest) -> bool:
-        """Upload the shard's bytes now; commit it with the manifest now or with a later shard.
+    def add_shard(self, local: Path, name: str, manifest: Manifest, last: bool = False) -> bool:
+        """Upload the shard's bytes now; commit it with the manifest now or with a later shard (the last
+        one with the final files: one commit fewer at the end of a run, where nothing overlaps it).
 
         The local file is deleted as soon as its bytes are on the Hub, so batching commits costs no disk.
         """
@@ -206,6 +213,8 @@ class HubSink:
         else:  # a regular upload is read at commit time
             self._delete_after_commit.append(local)
         self._pending.append(op)
+        if last:
+            return False
         if time.monotonic() - self._last_commit < self.min_commit_interval:
             logger.info("%s uploaded; committing it with a later shard to respect the Hub's commit rate", name)
             return False

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .budget import DiskBudget, disk_full_is_clear
-from .arrival import Arrival
+from .arrival import Arrival, Cancelled
 from .convert import convert_arriving
 from .errors import StreamqError
 from .fetch import Fetched, Source
@@ -45,6 +45,60 @@ class ShardRecord:
     seconds: float
 
 
+class HeadStart:
+    """The first shard's download, begun while the run is still planned (reading headers and building
+    the model took as long as downloading half a shard at 500 MB/s), on a fresh output only: a run
+    that resumes may have that shard done already. The scheduler adopts it; if it is not adopted,
+    `cancel` stops it and deletes what it wrote."""
+
+    def __init__(self, source: Source, name: str, work: Path, fresh_output: Callable[[], bool]) -> None:
+        self.name, self.arrival = name, Arrival()
+        self._source, self._work, self._fresh_output = source, work, fresh_output
+        self._decided = threading.Event()
+        self._started = False
+        self._thread = ThreadPoolExecutor(1, "streamq-head-start")
+        self.future: Future[Fetched] = self._thread.submit(self._fetch)
+        self.adopted = False
+        self._cancelled = False
+
+    def started(self) -> bool:
+        """Whether it downloads (it first checks that the output is fresh)."""
+        self._decided.wait()
+        return self._started
+
+    def _fetch(self) -> Fetched:
+        try:
+            self._started = self._fresh_output()
+        finally:
+            self._decided.set()
+        if not self._started:
+            raise Cancelled()
+        try:
+            fetched = self._source.fetch(self.name, self._work, self.arrival)
+        except BaseException:
+            self.arrival.fail()
+            raise
+        self.arrival.finish()
+        return fetched
+
+    def cancel(self) -> None:
+        """Unless adopted: stop the download and delete its file. Either way, wait for its thread."""
+        if self._cancelled:
+            return
+        self._cancelled = True
+        if not self.adopted:
+            self.arrival.cancel()
+        self._thread.shutdown(wait=True)
+        if not self.adopted:
+            self.arrival.close()
+            try:
+                fetched = self.future.result()
+            except (Cancelled, Exception):
+                return  # a cancelled download deletes its own partial file
+            if fetched.temporary:
+                fetched.path.unlink(missing_ok=True)
+
+
 class ShardScheduler:
     """Converts and publishes the shards still to do; `close()` stops the helper threads."""
 
@@ -62,13 +116,22 @@ class ShardScheduler:
         self._publish_failed = threading.Event()
         self._published: deque[Future[ShardRecord]] = deque()
         self._arrivals: list[Arrival] = []
+        self._last: ShardPlan | None = None
 
-    def run(self, todo: list[ShardPlan]) -> Iterator[ShardRecord]:
-        """Yield a record per shard of `todo`, in order, as each is published."""
+    def run(self, todo: list[ShardPlan], head: HeadStart | None = None) -> Iterator[ShardRecord]:
+        """Yield a record per shard of `todo`, in order, as each is published; `head`, if given, is the
+        download of `todo[0]` already under way."""
         outputs = {shard.name: expected_output_size(shard, self.plan) for shard in todo}
+        self._last = todo[-1] if todo else None
         self._arrivals = [Arrival() for _ in todo]
-        fetches = [  # run ahead, in order
-            self._fetcher.submit(self._fetch, shard, outputs[shard.name], arrival) for shard, arrival in zip(todo, self._arrivals)
+        fetches = []
+        if head is not None:  # the next download queues behind it, as behind any other
+            head.adopted = True
+            self._arrivals[0] = head.arrival
+            fetches.append(self._fetcher.submit(self._adopt, head, todo[0], outputs[todo[0].name]))
+        fetches += [  # run ahead, in order
+            self._fetcher.submit(self._fetch, shard, outputs[shard.name], arrival)
+            for shard, arrival in zip(todo[len(fetches):], self._arrivals[len(fetches):])
         ]
         if todo:
             warm_up(self.plan, self.device)  # while the first shard starts downloading
@@ -90,10 +153,11 @@ class ShardScheduler:
         self.bar.set_postfix_str("")
 
     def close(self) -> None:
-        """Wake a fetch waiting for space, let running jobs finish, drop queued ones."""
+        """Wake a fetch waiting for space, let a running download finish and drop queued ones; shards
+        already converted are still published (in order, stopping at a failure), so no work is lost."""
         self.budget.close()
-        for pool in (self._fetcher, self._publisher):
-            pool.shutdown(wait=True, cancel_futures=True)
+        self._fetcher.shutdown(wait=True, cancel_futures=True)
+        self._publisher.shutdown(wait=True)
         for arrival in self._arrivals:
             arrival.close()
 
@@ -117,6 +181,15 @@ class ShardScheduler:
         arrival.finish()
         return fetched
 
+    def _adopt(self, head: HeadStart, shard: ShardPlan, output_size: int) -> Fetched:
+        """The head start's download, counted in the budget like any other (it is the first, so it fits)."""
+        try:
+            self.budget.reserve_input(self._input_size(shard), output_size)
+            return head.future.result()
+        except BaseException:
+            self._fetch_failed.set()
+            raise
+
     def _publish(self, shard: ShardPlan, output: Path, entry: ShardEntry, reserved: int, started: float) -> ShardRecord:
         try:
             if self._publish_failed.is_set():
@@ -124,7 +197,7 @@ class ShardScheduler:
             self.bar.set_postfix_str(f"publishing {shard.name}")
             self.manifest.shards[shard.name] = entry  # only this thread touches the manifest while shards run
             try:
-                committed = self.sink.add_shard(output, shard.name, self.manifest)
+                committed = self.sink.add_shard(output, shard.name, self.manifest, last=shard is self._last)
             except BaseException:
                 del self.manifest.shards[shard.name]
                 self._publish_failed.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -62,8 +63,57 @@ def test_index_and_config_land_in_the_last_commit(tmp_path: Path, hub: LocalHub)
     shards = [f for f in api.list_repo_files("me/out") if f.endswith(".safetensors")]
     before_last = set(api.list_repo_files("me/out", revision=commits[1].commit_id))
     assert "config.json" not in before_last and "model.safetensors.index.json" not in before_last
-    assert set(shards) <= before_last  # every shard was committed (with the manifest) before the end
-    assert len(commits) == len(shards) + 2  # repo creation, one per shard, the final one
+    last = sorted(shards)[-1]
+    assert set(shards) - {last} <= before_last  # every shard was committed (with the manifest) before the end,
+    assert last not in before_last  # but the last, which lands with the final files: one commit fewer at the end
+    assert len(commits) == len(shards) + 1  # repo creation, one per shard but the last, the final one
+
+
+def _wait_for_a_shard_download(hub: LocalHub) -> bool:
+    """Whether a full GET of a shard (not a Range read of a header) begins within 30 s."""
+    for _ in range(3000):
+        if shard_downloads(hub):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_first_download_starts_while_the_run_is_planned(tmp_path: Path, hub: LocalHub, monkeypatch) -> None:
+    """On a fresh output the first shard downloads while the headers are read and the model is built,
+    and the run uses that download: every shard is downloaded once."""
+    from streamq.fetch import HubSource
+
+    src = make_model(tmp_path / "src")
+    push(hub, src)
+    hub.requests.clear()
+    real_headers, began = HubSource.headers, []
+
+    def headers(self, filenames):
+        began.append(_wait_for_a_shard_download(hub))
+        return real_headers(self, filenames)
+
+    monkeypatch.setattr(HubSource, "headers", headers)
+    stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False)
+    assert began == [True]
+    assert shard_downloads(hub) == len(list(src.glob("*.safetensors")))
+    assert verify_output("me/out", endpoint=hub.endpoint).ok
+
+
+def test_a_head_start_leaves_nothing_when_planning_fails(tmp_path: Path, hub: LocalHub, monkeypatch) -> None:
+    from streamq.fetch import HubSource
+
+    push(hub, make_model(tmp_path / "src"))
+    hub.requests.clear()
+    work = tmp_path / "work"
+
+    def headers(self, filenames):
+        assert _wait_for_a_shard_download(hub)
+        raise streamq.CorruptShardError("injected: a header the plan refuses")
+
+    monkeypatch.setattr(HubSource, "headers", headers)
+    with pytest.raises(streamq.CorruptShardError, match="injected"):
+        stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, work_dir=work)
+    assert [p for p in work.rglob("*") if p.is_file()] == []  # the download was stopped and its file deleted
 
 
 def test_hub_to_local_and_local_to_hub(tmp_path: Path, hub: LocalHub) -> None:

@@ -10,6 +10,7 @@ import pytest
 from huggingface_hub import HfApi
 
 import streamq
+import streamq.pipeline
 import streamq.retry
 from streamq import stream_requantize, verify_output
 from streamq.testing import Fault, LocalHub
@@ -82,11 +83,18 @@ def big_hub(tmp_path: Path, monkeypatch):
         yield hub
 
 
+def no_head_start(monkeypatch) -> None:
+    """The first download waits for the plan, as the others do: faults armed when it starts must not
+    hit the header reads, which come after a head start."""
+    monkeypatch.setattr(streamq.pipeline, "_fresh_output", lambda *args: False)
+
+
 def test_broken_download_resumes_with_range_instead_of_starting_over(big_hub: LocalHub, monkeypatch) -> None:
     from streamq.fetch import HubSource
 
     hub = big_hub
     real_fetch, armed = HubSource.fetch, []
+    no_head_start(monkeypatch)
 
     def fetch_with_fault(self, path, work_dir, arrival=None):  # arm the fault once planning (header reads) is over
         if not armed:
@@ -135,7 +143,8 @@ def test_download_partial_survives_the_run_and_is_resumed_by_the_next(tmp_path: 
     from streamq.fetch import HubSource
 
     hub, work = big_hub, tmp_path / "work"
-    real_fetch = HubSource.fetch
+    real_fetch, real_fresh_output = HubSource.fetch, streamq.pipeline._fresh_output
+    no_head_start(monkeypatch)
 
     def fetch_with_fault(self, path, work_dir, arrival=None):  # the stream breaks after 11 MB, then storage stays down
         hub.faults.add(Fault.truncate(after_bytes=11_000_000, method="GET", path=SHARD_BYTES, times=1))
@@ -146,6 +155,7 @@ def test_download_partial_survives_the_run_and_is_resumed_by_the_next(tmp_path: 
     with pytest.raises(streamq.StreamqError, match="reading org/model failed: .*503.*run again to resume"):
         run(hub, work_dir=work)
     monkeypatch.setattr(HubSource, "fetch", real_fetch)
+    monkeypatch.setattr(streamq.pipeline, "_fresh_output", real_fresh_output)  # the next run's head start resumes the partial
     partials = list((work / "in").glob("*.incomplete"))
     assert partials and partials[0].stat().st_size == 11_000_000  # all that arrived before the break
     hub.faults.clear()
