@@ -103,7 +103,7 @@ def _quantize(
         return packed, QuantState(
             absmax=absmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize, code=code, quant_type=quant_type
         )
-    offset = absmax.mean()  # torch's own reduction, exactly as bnb computes it
+    offset = _mean(absmax)
     dynamic = _dynamic_map()
     qabsmax = torch.empty(absmax.shape, dtype=torch.uint8)
     nested_absmax = torch.empty(-(-absmax.numel() // _NESTED_BLOCKSIZE), dtype=torch.float32)
@@ -135,6 +135,15 @@ def _in_parallel(run: Callable[[int, int], None], blocks: int, step: int) -> Non
 @functools.cache
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(), "streamq-kernel")
+
+
+def _mean(values: torch.Tensor) -> torch.Tensor:
+    """`values.mean()` as bnb computes it (torch's parallel reduction, whose bits depend on the thread
+    count), but on a thread that ends right after: the OpenMP workers of a thread that lives on spin
+    for ~10 ms after each parallel op, CPU that a 2-core VM's download and hashing threads need (4
+    CPU-seconds over a 4.5 GB model). A new thread runs with torch's thread count; same bits."""
+    with ThreadPoolExecutor(1, "streamq-mean") as thread:
+        return thread.submit(values.mean).result()
 
 
 def _words(weight: torch.Tensor) -> np.ndarray:
