@@ -99,7 +99,7 @@ def main() -> None:
           f"all identical: {summary['all_identical']}")
     if args.json:
         machine = {
-            "cpu_count": os.cpu_count(), "numba_threads": numba.get_num_threads(),
+            "cpu_count": os.cpu_count(), "kernel_threads": len(os.sched_getaffinity(0)),
             "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
             "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__, "numba": numba.__version__,
         }
