@@ -45,6 +45,18 @@ class ShardRecord:
     seconds: float
 
 
+def _fetch_reporting(source: Source, name: str, work: Path, arrival: Arrival) -> Fetched:
+    """Fetch `name` into `work`, telling `arrival` how the download ended."""
+    try:
+        with disk_full_is_clear(work):
+            fetched = source.fetch(name, work, arrival)
+    except BaseException:
+        arrival.fail()
+        raise
+    arrival.finish()
+    return fetched
+
+
 class HeadStart:
     """The first shard's download, begun while the run is still planned (reading headers and building
     the model took as long as downloading half a shard at 500 MB/s), on a fresh output only: a run
@@ -73,13 +85,12 @@ class HeadStart:
             self._decided.set()
         if not self._started:
             raise Cancelled()
-        try:
-            fetched = self._source.fetch(self.name, self._work, self.arrival)
-        except BaseException:
-            self.arrival.fail()
-            raise
-        self.arrival.finish()
-        return fetched
+        return _fetch_reporting(self._source, self.name, self._work, self.arrival)
+
+    def adopt(self) -> Arrival:
+        """Take it over as the run's first download (`cancel` then only waits for it); its arrival."""
+        self.adopted = True
+        return self.arrival
 
     def cancel(self) -> None:
         """Unless adopted: stop the download and delete its file. Either way, wait for its thread."""
@@ -93,8 +104,8 @@ class HeadStart:
             self.arrival.close()
             try:
                 fetched = self.future.result()
-            except (Cancelled, Exception):
-                return  # a cancelled download deletes its own partial file
+            except Exception:
+                return  # cancelled (the download deleted its partial file) or failed
             if fetched.temporary:
                 fetched.path.unlink(missing_ok=True)
 
@@ -126,8 +137,7 @@ class ShardScheduler:
         self._arrivals = [Arrival() for _ in todo]
         fetches = []
         if head is not None:  # the next download queues behind it, as behind any other
-            head.adopted = True
-            self._arrivals[0] = head.arrival
+            self._arrivals[0] = head.adopt()
             fetches.append(self._fetcher.submit(self._adopt, head, todo[0], outputs[todo[0].name]))
         fetches += [  # run ahead, in order
             self._fetcher.submit(self._fetch, shard, outputs[shard.name], arrival)
@@ -172,14 +182,11 @@ class ShardScheduler:
             if self._fetch_failed.is_set():
                 raise StreamqError(f"{shard.name} not downloaded: an earlier download failed")
             self.budget.reserve_input(self._input_size(shard), output_size)
-            with disk_full_is_clear(self.work):
-                fetched = self.source.fetch(shard.name, self.work, arrival)
+            return _fetch_reporting(self.source, shard.name, self.work, arrival)
         except BaseException:
             self._fetch_failed.set()
             arrival.fail()
             raise
-        arrival.finish()
-        return fetched
 
     def _adopt(self, head: HeadStart, shard: ShardPlan, output_size: int) -> Fetched:
         """The head start's download, counted in the budget like any other (it is the first, so it fits)."""
