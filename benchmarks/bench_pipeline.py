@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -281,10 +282,60 @@ def child_main(payload: dict[str, Any]) -> None:
     setup_s = time.perf_counter() - started
     rss_after_setup = _proc_status("VmRSS")  # imports (and inputs made up front): what the work adds is above it
     started = time.perf_counter()
-    details = work()
+    with ThreadCpu() as threads:
+        details = work()
     wall_s = time.perf_counter() - started
-    result = {"wall_s": wall_s, "setup_s": setup_s, "rss_after_setup": rss_after_setup, "peak_rss": _proc_status("VmHWM"), **details}
+    result = {"thread_cpu_s": threads.by_name(), "wall_s": wall_s, "setup_s": setup_s, "rss_after_setup": rss_after_setup, "peak_rss": _proc_status("VmHWM"), **details}
     Path(payload["result"]).write_text(json.dumps(result))
+
+
+class ThreadCpu:
+    """CPU seconds of the work by thread name (pool threads counted together), to show where CPU goes.
+
+    Threads come and go (a download's hashing thread lives as long as the download), so /proc/self/task is
+    sampled every 50 ms and each thread's last figure counts; the thread names come from `threading`.
+    """
+
+    def __init__(self) -> None:
+        self._cpu: dict[int, float] = {}
+        self._names: dict[int, str] = {}
+        self._start = self._sample()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+
+    def _sample(self) -> dict[int, float]:
+        for thread in threading.enumerate():
+            if thread.native_id is not None:
+                self._names[thread.native_id] = re.sub(r"_\d+$", "", thread.name)
+        ticks = os.sysconf("SC_CLK_TCK")
+        for task in os.listdir("/proc/self/task"):
+            try:
+                stat = Path(f"/proc/self/task/{task}/stat").read_text()
+            except OSError:  # ended since the listing
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            self._cpu[int(task)] = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+        return dict(self._cpu)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+
+    def __enter__(self) -> ThreadCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def by_name(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for tid, cpu in self._cpu.items():
+            name = self._names.get(tid, "other")
+            totals[name] = totals.get(name, 0.0) + cpu - self._start.get(tid, 0.0)
+        return {name: round(cpu, 2) for name, cpu in sorted(totals.items(), key=lambda kv: -kv[1]) if cpu >= 0.01}
 
 
 def _proc_status(field_name: str) -> int:
@@ -514,7 +565,8 @@ def run_network(
             measured = run_scenario(scenario, shapes, hub.endpoint, scratch, setup)
             runs[scenario].append(measured)
             print(f"  [{label} {round_ + 1}/{repeat}] {scenario:<8} wall {measured.wall_s:6.1f} s  "
-                  f"disk {measured.peak_disk / GB:5.2f} GB  rss {measured.peak_rss / GB:5.2f} GB", flush=True)
+                  f"disk {measured.peak_disk / GB:5.2f} GB  rss {measured.peak_rss / GB:5.2f} GB  cpu by thread "
+                  f"{measured.details['thread_cpu_s']}", flush=True)
     use_network(hub, None)
     best = {s: summarize(ms) for s, ms in runs.items()}
     return {

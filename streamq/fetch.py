@@ -8,6 +8,7 @@ source that reads tensors by HTTP range can replace whole-file downloads without
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -164,6 +165,27 @@ class _PartialFile:
         return self._sha.hexdigest() if self._valid else None
 
 
+_SOCKET_READ = 1 << 20
+
+
+def _read_sockets_in_larger_pieces() -> None:
+    """Let httpcore read up to 1 MiB per socket read instead of 64 KiB.
+
+    Each read passes through httpcore, h11 and httpx in Python: at 64 KiB that cost 0.9 CPU-seconds
+    per GB on a 2-core VM, a third of a core at 0.5 GB/s, against 0.2 with 1 MiB reads. A read returns
+    whatever has arrived, so a larger one never waits longer. httpcore has no setting for it, only this
+    class constant (in `httpcore` under huggingface_hub 1.x, `httpcore2` under 2.x); it is raised for
+    the process, and an httpcore without it is left alone.
+    """
+    for name in ("httpcore2._sync.http11", "httpcore._sync.http11"):
+        try:
+            connection = importlib.import_module(name).HTTP11Connection
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(getattr(connection, "READ_NUM_BYTES", None), int) and connection.READ_NUM_BYTES < _SOCKET_READ:
+            connection.READ_NUM_BYTES = _SOCKET_READ
+
+
 def _append_body(url: str, headers: dict[str, str], f: _PartialFile) -> None:
     """Append the body of `url` from byte `f.size` on (a Range request) to `f`.
 
@@ -233,6 +255,7 @@ class HubSource:
     """A Hub repo pinned to the commit its revision pointed at when the run started."""
 
     def __init__(self, api: HfApi, repo_id: str, revision: str | None) -> None:
+        _read_sockets_in_larger_pieces()
         self.api = api
         self.repo_id = repo_id
         self.name = repo_id
