@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 
 from .budget import DiskBudget, disk_full_is_clear
 from .arrival import Arrival, Cancelled
-from .convert import convert_arriving
+from .convert import Converted, convert_arriving
 from .errors import StreamqError
 from .fetch import Fetched, Source
-from .manifest import Manifest, ShardEntry
+from .manifest import Manifest
 from .plan import Plan, ShardPlan, expected_output_size
 from .publish import Sink
 from .quantize import warm_up
@@ -155,8 +155,8 @@ class ShardScheduler:
                 self.budget.reserve_output(outputs[shard.name])
 
             with disk_full_is_clear(self.work):
-                output, entry = convert_arriving(arrival, fetch.result, shard, self.plan, self.work, self.device, make_room)
-            self._published.append(self._publisher.submit(self._publish, shard, output, entry, outputs[shard.name], started))
+                converted = convert_arriving(arrival, fetch.result, shard, self.plan, self.work, self.device, make_room)
+            self._published.append(self._publisher.submit(self._publish, converted, outputs[shard.name], started))
             yield from self._completed()
         while self._published:
             yield self._published.popleft().result()
@@ -197,14 +197,16 @@ class ShardScheduler:
             self._fetch_failed.set()
             raise
 
-    def _publish(self, shard: ShardPlan, output: Path, entry: ShardEntry, reserved: int, started: float) -> ShardRecord:
+    def _publish(self, converted: Converted, reserved: int, started: float) -> ShardRecord:
+        shard = converted.shard
         try:
             if self._publish_failed.is_set():
                 raise StreamqError(f"{shard.name} not published: an earlier shard failed")
             self.bar.set_postfix_str(f"publishing {shard.name}")
+            entry = converted.entry()
             self.manifest.shards[shard.name] = entry  # only this thread touches the manifest while shards run
             try:
-                committed = self.sink.add_shard(output, shard.name, self.manifest, last=shard is self._last)
+                committed = self.sink.add_shard(converted.path, shard.name, self.manifest, last=shard is self._last)
             except BaseException:
                 del self.manifest.shards[shard.name]
                 self._publish_failed.set()

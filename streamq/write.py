@@ -12,14 +12,12 @@ from safetensors.torch import save_file
 
 from .budget import is_disk_full
 from .errors import StreamqError
-from .fetch import file_sha256
 
 
 @dataclass(frozen=True)
 class WrittenShard:
     path: Path
     size: int
-    sha256: str
     tensor_bytes: int
     keys: list[str]
 
@@ -37,4 +35,4 @@ def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> WrittenShard:
         raise StreamqError(f"cannot write {path.name} in {path.parent}: {exc}; check the work_dir") from exc
     os.replace(partial, path)
     tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    return WrittenShard(path, path.stat().st_size, file_sha256(path), tensor_bytes, sorted(tensors))
+    return WrittenShard(path, path.stat().st_size, tensor_bytes, sorted(tensors))

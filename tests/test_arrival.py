@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import streamq
 from streamq.arrival import Arrival, ArrivalFailed, Restarted
 from streamq.convert import convert_arriving
-from streamq.fetch import Fetched
+from streamq.fetch import Fetched, file_sha256
 from streamq.plan import ShardPlan
 from streamq.quantize import quantize_shard, quantize_weight
 from streamq.read import ShardReader
@@ -217,11 +217,13 @@ def test_converted_shard_matches_the_file_read_whole(tmp_path: Path) -> None:
     source = tmp_path / "model.safetensors"
     tensors = make_shard(source)
     shard = ShardPlan(source.name, source.stat().st_size, None, tuple(tensors))
-    output, entry = convert_arriving(
+    converted = convert_arriving(
         arrived(source), lambda: Fetched(source, "0" * 64, temporary=False), shard, plan_for(tensors), tmp_path / "work", "cpu"
     )
-    assert_same(load_file(output), expected_output(load_file(source)))
+    assert_same(load_file(converted.path), expected_output(load_file(source)))
+    entry = converted.entry()
     assert entry.input_sha256 == "0" * 64 and source.exists()  # a source read in place is never deleted
+    assert entry.output_sha256 == file_sha256(converted.path) and entry.output_size == converted.path.stat().st_size
 
 
 def arrived(path: Path) -> Arrival:
