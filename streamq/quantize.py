@@ -11,7 +11,7 @@ from .arrival import Arrival, Restarted
 from .plan import Plan, ShardPlan
 from .read import ShardReader
 from .settings import QuantSettings
-from .targets import FLOAT_CODES
+from .targets import FLOAT_CODES, TensorRule
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +36,20 @@ def _quantize_tensors(reader: ShardReader, keys: tuple[str, ...], plan: Plan, de
         rule = plan.rules[key]
         if rule.action == "drop":
             continue
-        tensor = reader.get_tensor(key, scratch=rule.action == "quantize")  # used up below
-        if rule.dtype is not None:
-            tensor = tensor.to(getattr(torch, rule.dtype))
         if rule.action == "keep":
-            out[rule.out_key] = tensor.contiguous()
+            out[rule.out_key] = _converted(reader.get_tensor(key), rule).contiguous()
             continue
-        if rule.transpose:
-            tensor = tensor.T
-        for suffix, value in quantize_weight(tensor.contiguous(), plan.settings, device).items():
-            out[f"{rule.out_key}{suffix}"] = value
+        with reader.mapped_tensor(key) as tensor:  # nothing below keeps a view of it
+            weight = _converted(tensor, rule)
+            weight = weight.T if rule.transpose else weight
+            for suffix, value in quantize_weight(weight.contiguous(), plan.settings, device).items():
+                out[f"{rule.out_key}{suffix}"] = value
+            del tensor, weight
     return out
+
+
+def _converted(tensor: torch.Tensor, rule: TensorRule) -> torch.Tensor:
+    return tensor if rule.dtype is None else tensor.to(getattr(torch, rule.dtype))
 
 
 def warm_up(plan: Plan, device: str) -> None:

@@ -4,8 +4,8 @@ safetensors' reader opens complete files only (it maps the file and checks its l
 layout is read here, as its format document describes it: an 8-byte little-endian header length, a
 JSON header giving each tensor's dtype, shape and data offsets, then the data. Every entry is checked
 against the header the plan read before the download, and the download's sha256 check covers the
-rest. Tensors are read into memory of their own (not a memory map), so resident memory holds the
-tensors in use, never the file.
+rest. Tensors are read into memory of their own, or, for one that is used up at once (quantized),
+mapped for just that long, so resident memory holds the tensors in use, never the file.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import NamedTuple
 
 import torch
@@ -38,7 +40,6 @@ class ShardReader:
     def __init__(self, arrival: Arrival, name: str, size: int, expected: dict[str, TensorInfo]) -> None:
         self.arrival, self.name, self.size = arrival, name, size
         self.generation = arrival.started()
-        self._scratch = bytearray()
         (length,) = struct.unpack("<Q", self._read(0, 8))
         if length > min(_MAX_HEADER, size - 8):
             raise self._corrupt(f"its header claims {length} bytes")
@@ -78,30 +79,43 @@ class ShardReader:
         """`keys` in the order their bytes arrive (a header lists tensors by name, not by position)."""
         return sorted(keys, key=lambda key: self._entries[key].start if key in self._entries else 0)
 
-    def get_tensor(self, key: str, *, scratch: bool = False) -> torch.Tensor:
-        """The tensor, read once its bytes have arrived (blocking until then).
-
-        With `scratch`, it is read into a buffer that the next `get_tensor(..., scratch=True)` reuses:
-        for a tensor that is used up at once (quantized), so that the pages are not faulted in afresh
-        for every tensor (0.6 CPU-seconds per GB, as much as hashing it).
-        """
-        if key not in self._entries:
-            raise self._corrupt(f"tensor {key} is missing from its header")
-        start, end, dtype, shape = self._entries[key]
+    def get_tensor(self, key: str) -> torch.Tensor:
+        """The tensor, read once its bytes have arrived (blocking until then)."""
+        start, end, dtype, shape = self._entry(key)
         if start == end:
             return torch.empty(shape, dtype=dtype)
-        into = None
-        if scratch:
-            if len(self._scratch) < end - start:
-                self._scratch = bytearray(end - start)
-            into = memoryview(self._scratch)
-        return torch.frombuffer(self._read(self._data_start + start, end - start, into), dtype=dtype).reshape(shape)
+        return torch.frombuffer(self._read(self._data_start + start, end - start), dtype=dtype).reshape(shape)
 
-    def _read(self, offset: int, size: int, into: memoryview | None = None) -> memoryview:
+    @contextmanager
+    def mapped_tensor(self, key: str) -> Iterator[torch.Tensor]:
+        """The tensor, once its bytes have arrived, mapped from the file rather than read: for a tensor
+        that is used up inside the `with` (quantized). Read instead when its bytes are not aligned to
+        its elements, which safetensors files normally are."""
+        start, end, dtype, shape = self._entry(key)
+        offset = self._data_start + start
+        if start == end or offset % dtype.itemsize:
+            yield self.get_tensor(key)
+            return
+        with ExitStack() as mapping:
+            try:
+                view = mapping.enter_context(self.arrival.mapped(offset, end - start, self.generation))
+            except EOFError as exc:
+                raise self._eof(exc) from exc
+            yield torch.frombuffer(view, dtype=dtype).reshape(shape)
+
+    def _entry(self, key: str) -> _Entry:
+        if key not in self._entries:
+            raise self._corrupt(f"tensor {key} is missing from its header")
+        return self._entries[key]
+
+    def _read(self, offset: int, size: int) -> memoryview:
         try:
-            return self.arrival.read(offset, size, self.generation, into)
+            return self.arrival.read(offset, size, self.generation)
         except EOFError as exc:
-            raise self._corrupt(f"{exc}, before the bytes its header lists") from exc
+            raise self._eof(exc) from exc
+
+    def _eof(self, exc: EOFError) -> CorruptShardError:
+        return self._corrupt(f"{exc}, before the bytes its header lists")
 
     def _corrupt(self, why: str) -> CorruptShardError:
         return CorruptShardError(f"{self.name}: not a valid safetensors file ({why}); the file is corrupt or truncated")

@@ -129,25 +129,46 @@ def test_a_download_that_starts_over_is_quantized_again_from_the_start(tmp_path:
 
     import streamq.read as read_module
 
-    real_get = read_module.ShardReader.get_tensor
+    real_entry = read_module.ShardReader._entry  # every tensor read or mapped is looked up here first
 
-    def counting_get(self, key, **options):
+    def counting_entry(self, key):
         reads.append(key)
         if len(reads) > len(tensors):
             read_twice.set()
-        return real_get(self, key, **options)
+        return real_entry(self, key)
 
-    read_module.ShardReader.get_tensor = counting_get
+    read_module.ShardReader._entry = counting_entry
     try:
         thread = threading.Thread(target=download)
         thread.start()
         out = quantize_shard(arrival, ShardPlan("in.safetensors", size, None, tuple(tensors)), plan_for(tensors), "cpu")
         thread.join()
     finally:
-        read_module.ShardReader.get_tensor = real_get
+        read_module.ShardReader._entry = real_entry
         arrival.close()
     assert read_twice.is_set()
     assert_same(out, expected_output(tensors))
+
+
+def test_a_rewrite_waits_until_no_mapping_is_in_use(tmp_path: Path) -> None:
+    """Touching a mapped page of a truncated file kills the process, so `reset` (before a truncate) waits."""
+    path = tmp_path / "in.bin"
+    path.write_bytes(bytes(range(256)) * 64)
+    arrival = arrived(path)
+    reset_done = threading.Event()
+    generation = arrival.started()
+    assert bytes(arrival.read(0, 10, generation)) == bytes(range(10))
+    with arrival.mapped(4100, 300, generation) as view:
+        assert bytes(view[:3]) == bytes([4100 % 256, 4101 % 256, 4102 % 256]) and len(view) == 300
+        resetting = threading.Thread(target=lambda: (arrival.reset(), reset_done.set()))
+        resetting.start()
+        assert not reset_done.wait(0.3)  # blocked while the mapping is in use
+        del view
+    assert reset_done.wait(5)
+    resetting.join()
+    with pytest.raises(Restarted):
+        arrival.read(0, 10, generation)  # the old generation is gone
+    arrival.close()
 
 
 def test_a_new_file_is_a_new_generation_a_resumed_one_is_not(tmp_path: Path) -> None:
