@@ -7,3 +7,11 @@ os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "0")
 sys.path.insert(0, str(Path(__file__).parent))
+
+# bitsandbytes 0.50 switches CPU inference to an AVX512-BF16 repacked layout on CPUs that have it, and that
+# repacking fails for in_features not a multiple of the block size (our tiny models' 96-wide MLPs): a bug of
+# bitsandbytes' forward pass that hits transformers' own 4-bit models the same way. Forward passes in these tests
+# take the portable path so that they compare the models on every CPU; the bytes on disk do not depend on it.
+import bitsandbytes.nn.modules as _bnb_modules  # noqa: E402
+
+_bnb_modules.has_avx512bf16 = lambda: False
