@@ -292,6 +292,8 @@ class HubSource:
                 return None
             with open(partial, "a+b") as raw:
                 if raw.tell() > (meta.size or 0):  # not a prefix of this file: start over
+                    if arrival is not None:
+                        arrival.reset()
                     raw.truncate(0)
                 with _PartialFile(raw, arrival) as f:
                     if f.size < (meta.size or 0):

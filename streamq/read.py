@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import NamedTuple
@@ -23,6 +24,17 @@ from .arrival import Arrival
 from .errors import CorruptShardError
 from .plan import TORCH_DTYPES
 from .targets import TensorInfo
+
+
+def _spend_torchs_read_only_buffer_warning() -> None:
+    """Mapped tensors are read-only (see `Arrival.mapped`) and only read. torch warns once per process
+    that it cannot keep writes out of a read-only buffer, which tells a user nothing: spend it here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.frombuffer(b"\0", dtype=torch.uint8)
+
+
+_spend_torchs_read_only_buffer_warning()
 
 _MAX_HEADER = 100_000_000  # what safetensors itself accepts
 

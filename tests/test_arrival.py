@@ -160,6 +160,11 @@ def test_a_rewrite_waits_until_no_mapping_is_in_use(tmp_path: Path) -> None:
     assert bytes(arrival.read(0, 10, generation)) == bytes(range(10))
     with arrival.mapped(4100, 300, generation) as view:
         assert bytes(view[:3]) == bytes([4100 % 256, 4101 % 256, 4102 % 256]) and len(view) == 300
+        assert view.readonly
+        with open(path, "r+b") as f:  # the view is the page cache itself, not a copy of it
+            f.seek(4100)
+            f.write(b"\xff")
+        assert view[0] == 0xFF
         resetting = threading.Thread(target=lambda: (arrival.reset(), reset_done.set()))
         resetting.start()
         assert not reset_done.wait(0.3)  # blocked while the mapping is in use
