@@ -29,7 +29,9 @@ Location = LocalDir | HubRepo
 def parse_location(value: str | Path, *, allow_revision: bool = True) -> Location:
     """A `Path`, or a string starting with `/`, `.` or `~`, is local; any other string is a repo id.
 
-    A repo id may carry `@revision` (source only), as in `org/model@v1.0`.
+    A repo id may carry `@revision` (source only), as in `org/model@v1.0`. A would-be repo id that
+    also names a local file or directory is refused rather than guessed at: read from the Hub, it
+    fails only after a network round trip; written to the Hub, it creates a repo the user did not mean.
     """
     if isinstance(value, Path):
         return LocalDir(value.expanduser())
@@ -44,6 +46,11 @@ def parse_location(value: str | Path, *, allow_revision: bool = True) -> Locatio
         raise ValueError(f"{value!r}: empty revision after '@'")
     if repo_id.count("/") > 1 or not repo_id.strip("/"):
         raise ValueError(f"{value!r} is not a Hub repo id ('org/name') nor a local path (start it with ./ or /)")
+    if Path(value).exists():
+        raise ValueError(
+            f"{value!r} could be a Hub repo id or the local path {value}, which exists: write ./{value} for the "
+            "local one, or use another directory name"
+        )
     return HubRepo(repo_id, revision or None)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,6 +96,18 @@ def test_cli_requantize_runs_and_reports(tmp_path: Path, converted, capsys) -> N
     result = json.loads(capsys.readouterr().out)
     assert result["shards"] == len(list(src.glob("*.safetensors"))) and result["ratio"] > 1
     assert read_status(tmp_path / "cli-out").settings["quant_type"] == "fp4"
+
+
+def test_a_cli_run_prints_its_summary_and_nothing_else(tmp_path: Path, converted) -> None:
+    """In a fresh process, as a user runs it: no library noise on stderr (bitsandbytes warns at import on some CPUs)."""
+    src, _ = converted
+    run = subprocess.run(
+        [sys.executable, "-m", "streamq", "requantize", str(src), str(tmp_path / "out"), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""
+    assert "shards" in run.stdout and "quantized" in run.stdout
 
 
 def test_help_shows_examples(capsys) -> None:

@@ -24,6 +24,18 @@ def test_missing_local_source(tmp_path: Path) -> None:
         stream_requantize(tmp_path / "nope", tmp_path / "out", progress=False)
 
 
+def test_a_bare_name_that_is_also_a_local_directory_is_refused(tmp_path: Path, monkeypatch) -> None:
+    src = make_model(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"'model' could be a Hub repo id or the local path model.*\./model"):
+        stream_requantize("model", "./out", progress=False)
+    with pytest.raises(ValueError, match=r"'model' could be a Hub repo id"):
+        stream_requantize(src, "model", progress=False)
+    assert not (tmp_path / "out").exists()
+    stream_requantize("./model", "./out", progress=False)  # as the message says
+    assert (tmp_path / "out" / "config.json").exists()
+
+
 def test_only_pickle_weights_is_refused_without_unpickling(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
