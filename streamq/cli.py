@@ -88,8 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)], format="%(levelname)s %(name)s: %(message)s")
-    if args.verbose < 2:  # on CPUs with AVX512-BF16, bitsandbytes asks at import for an inference kernel streamq never runs
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return COMMANDS[args.command](args)
     except (StreamqError, ValueError) as exc:

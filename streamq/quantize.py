@@ -8,6 +8,7 @@ import os
 import torch
 
 from .arrival import Arrival, Restarted
+from .bnb import bitsandbytes_functional
 from .plan import Plan, ShardPlan
 from .read import ShardReader
 from .settings import QuantSettings
@@ -65,8 +66,7 @@ def warm_up(plan: Plan, device: str) -> None:
 
 def quantize_weight(weight: torch.Tensor, settings: QuantSettings, device: str) -> dict[str, torch.Tensor]:
     """The tensors `Linear4bit` saves for one weight: packed data plus its quant state, keyed by suffix."""
-    import bitsandbytes.functional as F
-
+    F = bitsandbytes_functional()
     if device == "cpu" and _kernel_supports(weight, settings):
         from .kernels import cpu
 

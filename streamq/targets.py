@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from .bnb import bitsandbytes_functional
 from .errors import UnsupportedModelError
 from .settings import QuantSettings
 
@@ -144,6 +145,7 @@ def _build_meta_model(
         config_dict = {k: v for k, v in config_dict.items() if k not in ("transformers_version",)}
         config = AutoConfig.for_model(**config_dict)
     model_class = _model_class(config, transformers, trust_remote_code)
+    bitsandbytes_functional()  # before transformers' bitsandbytes integration imports it
     quantizer = AutoHfQuantizer.from_config(settings.bnb_config(), pre_quantized=False)
     torch_dtype = getattr(torch, dtype)
     # The same init context from_pretrained uses (meta device, default dtype), around the same two steps.
