@@ -7,6 +7,7 @@ another thread and hands over the shard's `Arrival` and a way to wait for the fi
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,4 +74,24 @@ def convert_arriving(
         done.path.unlink(missing_ok=True)
     make_room()
     written = write_shard(tensors, work_dir / "out" / shard.name)
+    del tensors
+    _return_freed_memory()
     return Converted(shard, done.sha256, written)
+
+
+def _return_freed_memory() -> None:
+    """Give the freed output tensors' memory back to the OS. glibc keeps freed blocks below its mmap
+    threshold (which rises to 32 MB as large tensors are freed) in per-thread arenas: measured on the
+    benchmark model, the process kept ~100 MB more after each shard than it used, which a trim returns."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only; elsewhere nothing to do
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
