@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from types import ModuleType
 
 
+@functools.cache  # the quantizer asks for it once per weight
 def bitsandbytes_functional() -> ModuleType:
     """`bitsandbytes.functional`. The first import happens here, where bitsandbytes would log, on CPUs
     with AVX512-BF16, that its optional CPU inference kernel (package `kernels`) is missing: streamq runs
