@@ -8,8 +8,9 @@ user-like bandwidth, and four scenarios run side by side, each in its own subpro
             shards' sizes (preupload + one commit), pipelined like streamq but with no quantization;
 2. strict   streamq with its default disk budget (one input + one output shard);
 3. overlap  streamq with disk_budget = two input shards + one output shard (download overlaps quantization);
-4. recipe   transformers from_pretrained(BitsAndBytesConfig nf4, device_map="cpu") through the HF cache,
-            save_pretrained, HfApi.upload_folder.
+4. recipe   transformers from_pretrained(BitsAndBytesConfig nf4) through the HF cache, save_pretrained,
+            HfApi.upload_folder; on the device streamq quantizes on (device_map "cuda" when --device resolves to
+            CUDA, as from_pretrained does by itself on a GPU machine, else "cpu").
 
 Wall time is taken inside each child around the work itself, after its imports (torch, transformers and
 bitsandbytes for the quantizing scenarios), so start-up, the same for every run, does not blur the ratios.
@@ -348,7 +349,9 @@ def _proc_status(field_name: str) -> int:
 
 def _import_quantization_stack() -> None:
     """What both quantizing scenarios import anyway (bitsandbytes alone takes seconds), done before the clock."""
-    import bitsandbytes  # noqa: F401
+    from streamq.bnb import bitsandbytes_functional
+
+    bitsandbytes_functional()  # without bitsandbytes' 'pip install kernels' message, as streamq imports it
     import transformers.integrations.bitsandbytes  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
 
@@ -441,14 +444,17 @@ def transformers_recipe(p: dict[str, Any], area: Path) -> Callable[[], dict[str,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
 
+    cuda = p["device"] == "cuda" or (p["device"] == "auto" and torch.cuda.is_available())
+    device_map = "cuda" if cuda else "cpu"
+
     def work() -> dict[str, Any]:
-        model = AutoModelForCausalLM.from_pretrained(SOURCE, quantization_config=quantization, device_map="cpu")
+        model = AutoModelForCausalLM.from_pretrained(SOURCE, quantization_config=quantization, device_map=device_map)
         model.save_pretrained(area / "save")
         del model
         api = HfApi(endpoint=p["endpoint"], token=TOKEN)
         api.create_repo(p["dst"])
         api.upload_folder(repo_id=p["dst"], folder_path=area / "save")
-        return {"saved_bytes": directory_bytes(area / "save")}
+        return {"saved_bytes": directory_bytes(area / "save"), "device_map": device_map}
 
     return work
 
@@ -659,8 +665,12 @@ def print_calibration(bandwidth: float, history: list[dict[str, Any]]) -> None:
 
 
 def machine_facts() -> dict[str, Any]:
+    from streamq.bnb import bitsandbytes_functional
+
+    bitsandbytes_functional()
     import bitsandbytes
     import huggingface_hub
+    import safetensors
     import torch
     import transformers
 
@@ -669,7 +679,7 @@ def machine_facts() -> dict[str, Any]:
         "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {m.__name__: m.__version__ for m in (torch, transformers, huggingface_hub, bitsandbytes)},
+        "versions": {m.__name__: m.__version__ for m in (torch, transformers, huggingface_hub, bitsandbytes, safetensors)},
     }
 
 
