@@ -1,7 +1,8 @@
 """Run the shard jobs with overlap, within a disk budget.
 
 A shard is quantized (main thread) while it downloads (fetch thread, running ahead in shard order as
-far as the budget allows), and the previous one is published meanwhile (publish thread). Every file
+far as the budget allows), and the previous one is published meanwhile (publish thread; each output
+is hashed on a thread of its own first, so uploads follow each other without a gap). Every file
 in work_dir is reserved in a `DiskBudget` first, so the overlap never holds more than the budget;
 with the default budget of one input plus one output shard, the next download waits until this
 shard's input is deleted. Publishing is strictly in order and stops at the first failure, so the
@@ -122,6 +123,7 @@ class ShardScheduler:
         self.downloads = downloads
         self.numbers = {s.name: i for i, s in enumerate(plan.shards, 1)}
         self._fetcher = ThreadPoolExecutor(1, "streamq-fetch")
+        self._hasher = ThreadPoolExecutor(1, "streamq-output-sha256")  # beside the uploads, not in line with them
         self._publisher = ThreadPoolExecutor(1, "streamq-publish")
         self._fetch_failed = threading.Event()
         self._publish_failed = threading.Event()
@@ -156,7 +158,8 @@ class ShardScheduler:
 
             with disk_full_is_clear(self.work):
                 converted = convert_arriving(arrival, fetch.result, shard, self.plan, self.work, self.device, make_room)
-            self._published.append(self._publisher.submit(self._publish, converted, outputs[shard.name], started))
+            digest = self._hasher.submit(converted.output_sha256)
+            self._published.append(self._publisher.submit(self._publish, converted, digest, outputs[shard.name], started))
             yield from self._completed()
         while self._published:
             yield self._published.popleft().result()
@@ -167,7 +170,8 @@ class ShardScheduler:
         already converted are still published (in order, stopping at a failure), so no work is lost."""
         self.budget.close()
         self._fetcher.shutdown(wait=True, cancel_futures=True)
-        self._publisher.shutdown(wait=True)
+        self._publisher.shutdown(wait=True)  # waits for the hashes it still needs
+        self._hasher.shutdown(wait=True)
         for arrival in self._arrivals:
             arrival.close()
 
@@ -197,13 +201,13 @@ class ShardScheduler:
             self._fetch_failed.set()
             raise
 
-    def _publish(self, converted: Converted, reserved: int, started: float) -> ShardRecord:
+    def _publish(self, converted: Converted, digest: Future[str], reserved: int, started: float) -> ShardRecord:
         shard = converted.shard
         try:
             if self._publish_failed.is_set():
                 raise StreamqError(f"{shard.name} not published: an earlier shard failed")
             self.bar.set_postfix_str(f"publishing {shard.name}")
-            entry = converted.entry()
+            entry = converted.entry(digest.result())
             self.manifest.shards[shard.name] = entry  # only this thread touches the manifest while shards run
             try:
                 committed = self.sink.add_shard(converted.path, shard.name, self.manifest, last=shard is self._last)

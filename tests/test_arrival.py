@@ -3,6 +3,8 @@ changed, and refuses bytes that do not match the planned header."""
 
 from __future__ import annotations
 
+import hashlib
+
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import streamq
 from streamq.arrival import Arrival, ArrivalFailed, Restarted
 from streamq.convert import convert_arriving
-from streamq.fetch import Fetched, file_sha256
+from streamq.fetch import Fetched
 from streamq.plan import ShardPlan
 from streamq.quantize import quantize_shard, quantize_weight
 from streamq.read import ShardReader
@@ -247,9 +249,10 @@ def test_converted_shard_matches_the_file_read_whole(tmp_path: Path) -> None:
         arrived(source), lambda: Fetched(source, "0" * 64, temporary=False), shard, plan_for(tensors), tmp_path / "work", "cpu"
     )
     assert_same(load_file(converted.path), expected_output(load_file(source)))
-    entry = converted.entry()
+    entry = converted.entry(converted.output_sha256())
     assert entry.input_sha256 == "0" * 64 and source.exists()  # a source read in place is never deleted
-    assert entry.output_sha256 == file_sha256(converted.path) and entry.output_size == converted.path.stat().st_size
+    assert entry.output_sha256 == hashlib.sha256(converted.path.read_bytes()).hexdigest()
+    assert entry.output_size == converted.path.stat().st_size
 
 
 def arrived(path: Path) -> Arrival:
