@@ -3,12 +3,12 @@ then check that the result is byte for byte what one uninterrupted run makes.
 
 A small Llama (~300 MB in ~11 shards of up to 30 MB) is served by streamq's loopback Hub emulator in this
 process, downloads throttled so that a run lasts a while. One clean run to `me/ref` gives the reference and
-the timing (its first request after the ~3-5 s of interpreter start-up, its first shard download after the
-imports and the plan, its end), and a second run on the finished reference, which has nothing to do, times
-the fixed part of a run. Then `streamq requantize` to `me/out` is started in a subprocess and SIGKILLed
-after a random (seeded) delay between that first request and the expected end of the next three shards,
-so kills land during real work all along the run, until a run exits 0 (after `--kills` kills, the next
-run is left alone). Every file of both repos is then compared (the manifest without its timestamps,
+the timing (its first request after the ~3-5 s of interpreter start-up, the commit of each shard, its end),
+and a second run on the finished reference, which has nothing to do, times the fixed part of a run. Then
+`streamq requantize` to `me/out` is started in a subprocess and SIGKILLed after a random (seeded) delay
+between that first request and the expected commit of the third shard it converts (a resumed run takes
+as long as a fresh one to commit its first), so kills land before, during and after publishing, all along
+the run, until a run exits 0 (after `--kills` kills, the next run is left alone). Every file of both repos is then compared (the manifest without its timestamps,
 README.md with the repo name normalised), `streamq.verify_output` must pass, and the emulator's request
 log tells whether a shard was downloaded again beyond the one in flight at each kill.
 
@@ -49,6 +49,7 @@ EXTRA_ATTEMPTS = 5  # runs that may fail by themselves (not killed) before the s
 FINAL_RUN_TIMEOUT = 600.0
 TIMESTAMP_KEYS = {"created_at", "updated_at", "finished_at"}
 RESOLVE = re.compile(rf"^/{SOURCE}/resolve/[^/]+/(?P<name>.+)$")
+COMMIT = re.compile(rf"^/api/models/{REFERENCE}/commit/")
 STORAGE_GET = re.compile(r"^/storage/[0-9a-f]+/model/(?P<repo>[^/]+/[^/]+)/(?P<oid>[0-9a-f]{64})$")
 
 
@@ -101,19 +102,25 @@ def start_run(hub: LocalHub, dst: str, work: Path, log: Path) -> subprocess.Pope
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds from process start, from the clean runs: to the first request, to the first shard download
-    (start-up, imports and plan done), to the end of a run with nothing left to do, and to the end."""
+    """Seconds from process start, from the clean runs: to the first request, to the first shard's commit,
+    between shard commits, to the end of a run with nothing left to do, and to the end.
+
+    The first download starts while the run is planned, so only a commit marks when shards start to land."""
 
     startup: float
-    work_start: float
+    first_commit: float
+    per_shard: float
     fixed: float
     total: float
 
-    def kill_delay(self, rng: random.Random, shards_left: int, shards: int) -> float:
-        """Between the first request and the expected end of the next WINDOW_SHARDS shards; with none left,
-        the end of the finishing commit, give or take one shard's time (so such a run may end by itself)."""
-        per_shard = (self.total - self.fixed) / shards
-        end = self.work_start + per_shard * min(shards_left, WINDOW_SHARDS) if shards_left else self.fixed + per_shard
+    def kill_delay(self, rng: random.Random, shards_left: int) -> float:
+        """Between the first request and the expected commit of the WINDOW_SHARDS-th shard this run converts;
+        with none left, the end of a run with nothing to do, give or take one shard's time (so such a run
+        may end by itself)."""
+        if shards_left:
+            end = self.first_commit + self.per_shard * (min(shards_left, WINDOW_SHARDS) - 1)
+        else:
+            end = self.fixed + self.per_shard
         return rng.uniform(self.startup, end)
 
 
@@ -123,15 +130,17 @@ def timed_run(hub: LocalHub, scratch: Path, name: str) -> dict[str, float]:
     started = time.monotonic()
     proc = start_run(hub, REFERENCE, scratch / "work-ref", scratch / f"{name}.log")
     marks: dict[str, float] = {}
+    commits: list[float] = []
     while proc.poll() is None:
         for record in list(hub.requests)[seen:]:
             seen += 1
             marks.setdefault("first_request", time.monotonic() - started)
-            resolve = RESOLVE.match(record.path)
-            if record.method == "HEAD" and resolve and resolve["name"].endswith(".safetensors"):
-                marks.setdefault("first_download", time.monotonic() - started)
+            if record.method == "POST" and COMMIT.match(record.path):
+                commits.append(time.monotonic() - started)
         time.sleep(0.01)
     marks["total"] = time.monotonic() - started
+    marks["first_commit"] = commits[0] if commits else marks["total"]
+    marks["per_shard"] = (commits[-1] - commits[0]) / (len(commits) - 1) if len(commits) > 1 else 0.0
     if proc.returncode != 0:
         raise SystemExit(f"the {name} run failed (exit {proc.returncode}):\n{(scratch / f'{name}.log').read_text()[-3000:]}")
     return marks
@@ -143,7 +152,7 @@ def clean_runs(hub: LocalHub, scratch: Path) -> Timing:
     reference = timed_run(hub, scratch, "reference")
     noop = timed_run(hub, scratch, "no-op")
     total = reference["total"]
-    return Timing(reference["first_request"], reference["first_download"], min(noop["total"], total), total)
+    return Timing(reference["first_request"], reference["first_commit"], reference["per_shard"], min(noop["total"], total), total)
 
 
 def shards_published(api: HfApi) -> set[str]:
@@ -174,7 +183,7 @@ def soak(hub: LocalHub, scratch: Path, timing: Timing, shards: int, kills: int, 
     while len(attempts) < kills + EXTRA_ATTEMPTS:
         published = shards_published(api)
         killing = sum(a.killed for a in attempts) < kills
-        delay = timing.kill_delay(rng, shards - len(published), shards) if killing else FINAL_RUN_TIMEOUT
+        delay = timing.kill_delay(rng, shards - len(published)) if killing else FINAL_RUN_TIMEOUT
         before = len(hub.requests)
         started = time.monotonic()
         proc = start_run(hub, OUTPUT, scratch / "work-out", scratch / f"attempt-{len(attempts) + 1}.log")
@@ -329,7 +338,8 @@ def main() -> int:
             throttle_downloads(hub, args.bandwidth_mbps)
             timing = clean_runs(hub, scratch)
             print(f"model: {shards} shards; clean run: first request after {timing.startup:.1f} s, first shard "
-                  f"download after {timing.work_start:.1f} s, done after {timing.total:.1f} s; "
+                  f"committed after {timing.first_commit:.1f} s, then one every {timing.per_shard:.1f} s, "
+                  f"done after {timing.total:.1f} s; "
                   f"a run with nothing left: {timing.fixed:.1f} s")
             attempts = soak(hub, scratch, timing, shards, args.kills, args.seed)
             return summarize(hub, scratch, attempts, shard_of)
