@@ -275,18 +275,24 @@ class HubSource:
         Xet go through `hf_xet` when it is installed, as huggingface_hub itself does.
 
         Progress is reported to `arrival`. Returns the sha256 when it could be taken from the bytes as they
-        arrived (saving a second pass over the shard), else None."""
+        arrived (saving a second pass over the shard), else None.
+
+        A whole download that a killed run left in `dest` is taken up as the partial file: it is complete,
+        so nothing is fetched, and it is checked against the Hub's sha256 like any other."""
         url = hf_hub_url(self.repo_id, path, revision=self.revision, endpoint=self.api.endpoint)
         headers = build_hf_headers(token=self.api.token, library_name="streamq")
         partial = dest.with_name(f"{dest.name}.{self.revision}.incomplete")
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.is_file() and not partial.exists():
+            os.replace(dest, partial)
 
         def attempt() -> str | None:
             meta = get_hf_file_metadata(url, token=self.api.token, endpoint=self.api.endpoint)
             if meta.xet_file_data is not None and is_xet_available():  # Xet has its own chunked, resumable transfer
-                with tempfile.TemporaryDirectory(dir=dest.parent) as scratch:
-                    got = hf_hub_download(self.repo_id, path, revision=self.revision, local_dir=scratch, endpoint=self.api.endpoint, token=self.api.token)
-                    os.replace(got, partial)
+                if not (partial.is_file() and partial.stat().st_size == meta.size):
+                    with tempfile.TemporaryDirectory(dir=dest.parent) as scratch:
+                        got = hf_hub_download(self.repo_id, path, revision=self.revision, local_dir=scratch, endpoint=self.api.endpoint, token=self.api.token)
+                        os.replace(got, partial)
                 if arrival is not None:
                     arrival.begin_file(partial)
                 return None

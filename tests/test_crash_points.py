@@ -126,4 +126,6 @@ def test_kill_9_then_rerun_hub(tmp_path: Path, hub_model, point: str, nth: int) 
     n_shards = sum(1 for name in clean if name.endswith(".safetensors"))
     full_downloads = hub.requests.count("GET", r"^/storage/", status=200)
     assert n_shards - len(committed) - 1 <= full_downloads <= n_shards - len(committed)
+    if point == "after-download":  # that shard was whole on disk: checked by sha256 again, not fetched again
+        assert full_downloads == n_shards - len(committed) - 1
     assert download_files(api, repo, tmp_path / "out") == clean
