@@ -438,14 +438,15 @@ def transformers_recipe(p: dict[str, Any], area: Path) -> Callable[[], dict[str,
     from huggingface_hub import HfApi
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from streamq.pipeline import _resolve_device
+
     _import_quantization_stack()
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
 
-    cuda = p["device"] == "cuda" or (p["device"] == "auto" and torch.cuda.is_available())
-    device_map = "cuda" if cuda else "cpu"
+    device_map = _resolve_device(p["device"])  # where streamq quantizes, by streamq's own rule
 
     def work() -> dict[str, Any]:
         model = AutoModelForCausalLM.from_pretrained(SOURCE, quantization_config=quantization, device_map=device_map)

@@ -8,9 +8,10 @@ and a second run on the finished reference, which has nothing to do, times the f
 `streamq requantize` to `me/out` is started in a subprocess and SIGKILLed after a random (seeded) delay
 between that first request and the expected commit of the third shard it converts (a resumed run takes
 as long as a fresh one to commit its first), so kills land before, during and after publishing, all along
-the run, until a run exits 0 (after `--kills` kills, the next run is left alone). Every file of both repos is then compared (the manifest without its timestamps,
-README.md with the repo name normalised), `streamq.verify_output` must pass, and the emulator's request
-log tells whether a shard was downloaded again beyond the one in flight at each kill.
+the run, until a run exits 0 (after `--kills` kills, the next run is left alone). Every file of both repos
+is then compared (the manifest without its timestamps, README.md with the repo name normalised),
+`streamq.verify_output` must pass, and the emulator's request log tells whether a shard was downloaded
+again beyond the one in flight at each kill.
 
     python benchmarks/soak_kill.py                        # up to 20 kills, seed 0, 15 MB/s
     python benchmarks/soak_kill.py --kills 60 --seed 3 --bandwidth-mbps 0

@@ -4,7 +4,6 @@ changed, and refuses bytes that do not match the planned header."""
 from __future__ import annotations
 
 import hashlib
-
 import threading
 from pathlib import Path
 from types import SimpleNamespace
