@@ -249,7 +249,8 @@ def run_child(scenario: str, params: dict[str, Any], area: Path, cpus: set[int] 
     area.mkdir(parents=True)
     payload = json.dumps({"scenario": scenario, "area": str(area), "result": str(result_file), **params})
     env = {**os.environ, "HF_HOME": str(area / "hf_home"), "HF_ENDPOINT": params["endpoint"], "HF_TOKEN": TOKEN,
-           "PYTHONPATH": str(REPO_ROOT)}  # huggingface_hub reads HF_ENDPOINT at import
+           "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))}
+    # huggingface_hub reads HF_ENDPOINT at import; the caller's PYTHONPATH (carried wheels) stays behind ours
     started = time.monotonic()
     with DiskPoller(area) as poller:
         proc = subprocess.Popen(
