@@ -43,10 +43,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import timeline  # beside this script
 
 os.environ["HF_HUB_DISABLE_XET"] = "1"  # read at import: the emulator speaks git-LFS, not Xet
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
@@ -279,15 +282,19 @@ def child_main(payload: dict[str, Any]) -> None:
     scenario = {
         "probe": probe, "raw": raw_transfer, "strict": streamq_run, "overlap": streamq_run, "recipe": transformers_recipe,
     }
-    started = time.perf_counter()
-    work = scenario[payload["scenario"]](payload, area)
-    setup_s = time.perf_counter() - started
-    rss_after_setup = _proc_status("VmRSS")  # imports (and inputs made up front): what the work adds is above it
-    started = time.perf_counter()
-    with ThreadCpu() as threads:
-        details = work()
-    wall_s = time.perf_counter() - started
+    with ExitStack() as stack:
+        events = stack.enter_context(timeline.recording()) if payload.get("timeline") else None
+        started = time.perf_counter()
+        work = scenario[payload["scenario"]](payload, area)
+        setup_s = time.perf_counter() - started
+        rss_after_setup = _proc_status("VmRSS")  # imports (and inputs made up front): what the work adds is above it
+        started = time.perf_counter()
+        with ThreadCpu() as threads:
+            details = work()
+        wall_s = time.perf_counter() - started
     result = {"thread_cpu_s": threads.by_name(), "wall_s": wall_s, "setup_s": setup_s, "rss_after_setup": rss_after_setup, "peak_rss": _proc_status("VmHWM"), **details}
+    if events is not None:  # on the work's clock, stages of the setup left out
+        result["timeline"] = [(stage, detail, thread, start - started, end - started) for stage, detail, thread, start, end in events if end >= started]
     Path(payload["result"]).write_text(json.dumps(result))
 
 
@@ -490,8 +497,8 @@ def shard_shapes(endpoint: str) -> Shapes:
     return Shapes([(s["name"], s["input_bytes"]) for s in shards], [(s["name"], s["expected_output_bytes"]) for s in shards])
 
 
-def scenario_params(scenario: str, shapes: Shapes, endpoint: str, scratch: Path, device: str) -> dict[str, Any]:
-    params: dict[str, Any] = {"endpoint": endpoint, "dst": f"me/{scenario}-{uuid.uuid4().hex[:8]}", "device": device}
+def scenario_params(scenario: str, shapes: Shapes, endpoint: str, scratch: Path, device: str, timed: bool = False) -> dict[str, Any]:
+    params: dict[str, Any] = {"endpoint": endpoint, "dst": f"me/{scenario}-{uuid.uuid4().hex[:8]}", "device": device, "timeline": timed}
     if scenario == "probe":
         params.update(input=max(shapes.inputs, key=lambda s: s[1]), upload_bytes=shapes.largest_out)
     if scenario == "raw":
@@ -507,13 +514,14 @@ class Setup:
 
     cpus: set[int] | None = None
     device: str = "auto"
+    timeline: bool = False
 
 
 def run_scenario(scenario: str, shapes: Shapes, endpoint: str, scratch: Path, setup: Setup = Setup()) -> Measurement:
     """One child run; the output repo and every local file are removed afterwards to keep the disk free."""
     from huggingface_hub import HfApi
 
-    params = scenario_params(scenario, shapes, endpoint, scratch, setup.device)
+    params = scenario_params(scenario, shapes, endpoint, scratch, setup.device, setup.timeline)
     area = scratch / params["dst"].split("/")[1]
     try:
         measured = run_child(scenario, params, area, setup.cpus)
@@ -575,6 +583,8 @@ def run_network(
             print(f"  [{label} {round_ + 1}/{repeat}] {scenario:<8} wall {measured.wall_s:6.1f} s  "
                   f"disk {measured.peak_disk / GB:5.2f} GB  rss {measured.peak_rss / GB:5.2f} GB  cpu by thread "
                   f"{measured.details['thread_cpu_s']}", flush=True)
+            if "timeline" in measured.details:
+                print(timeline.render(measured.details["timeline"]), flush=True)
     use_network(hub, None)
     best = {s: summarize(ms) for s, ms in runs.items()}
     return {
@@ -712,6 +722,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--child-cpus", type=int, default=None,
                         help="pin each scenario to this many cores and the emulator to the rest (a small VM on a big box)")
     parser.add_argument("--scratch", type=Path, default=None, help="where the hub and work areas live (default: /tmp)")
+    parser.add_argument("--timeline", action="store_true", help="print when each stage of each run started and ended, by thread")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "pipeline.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -767,7 +778,7 @@ def main() -> None:
 
     if "raw" not in args.scenarios or not set(args.scenarios) <= set(SCENARIOS):
         raise SystemExit(f"--scenarios: a subset of {','.join(SCENARIOS)} that includes raw (the baseline)")
-    setup = pin(args.child_cpus, args.device)  # before the emulator starts
+    setup = replace(pin(args.child_cpus, args.device), timeline=args.timeline)  # pinned before the emulator starts
     spec = ModelSpec(args.hidden, args.intermediate, args.layers, args.vocab, shard_bytes=args.shard_mb * MB)
     scratch = Path(tempfile.mkdtemp(prefix="streamq-bench-", dir=args.scratch))
     load_before, git_before = os.getloadavg(), git_commit()
