@@ -22,6 +22,7 @@ once, so the recipe's wall time under a throttle is optimistic (its disk and RAM
     python benchmarks/bench_pipeline.py                          # ~4.5 GB model in 10 shards, 200 MB/s, then unthrottled
     python benchmarks/bench_pipeline.py --layers 4 --repeat 2 --no-unthrottled --json /tmp/small.json
     python benchmarks/bench_pipeline.py --child-cpus 2 --device cpu --scenarios raw,overlap   # a 2-core VM, on a bigger box
+    python benchmarks/bench_pipeline.py --layers 6 --shard-mb 100 --scenarios raw,overlap --timeline   # when each stage ran
 
 `--child-cpus N` pins every scenario to N cores and the emulator to the others, so that a machine with
 many cores measures what a small VM would see from a Hub elsewhere (on the 2-core machine itself the
