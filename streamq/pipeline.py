@@ -30,7 +30,6 @@ from .manifest import MANIFEST_NAME, Manifest, ShardEntry
 from .modelcard import render_model_card
 from .plan import INDEX_NAME, Plan, ShardPlan, build_plan, expected_output_size
 from .publish import HubSink, LocalSink, Payload, Sink, output_branch
-from .quantize import warm_up
 from .schedule import HeadStart, ShardRecord, ShardScheduler
 from .settings import QuantSettings
 
@@ -125,15 +124,7 @@ def iter_requantize(
                 heads.append(HeadStart(source, names[0], work, lambda: _fresh_output(api, dst_loc, branch, create_pr)))
                 stack.callback(heads[0].cancel)
 
-        def load_kernel(dtype: str) -> None:
-            """Before the first download starts: with a download running beside it, loading the compiled
-            kernel took 1 s on 4 cores (0.2 s alone), longer than that download, and the first shard waited."""
-            if dtype in ("bfloat16", "float16", "float32"):  # else left to the scheduler's warm-up, after the plan
-                warm_up([dtype], settings, device)
-
-        plan = build_plan(
-            source, settings, work / "meta", trust_remote_code=trust_remote_code, on_config_dtype=load_kernel, on_weight_files=head_start
-        )
+        plan = build_plan(source, settings, work / "meta", trust_remote_code=trust_remote_code, on_weight_files=head_start)
         for warning in plan.warnings:
             logger.warning(warning)
         sink: Sink = (

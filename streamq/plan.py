@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from .errors import AlreadyQuantizedError, CorruptShardError, NoSafetensorsError, UnsupportedDtypeError, UnsupportedModelError
 from .fetch import Source, SourceFile
 from .settings import QuantSettings
-from .targets import TensorInfo, TensorPlan, TensorRule, config_dtype, plan_tensors
+from .targets import TensorInfo, TensorPlan, TensorRule, plan_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -67,22 +67,17 @@ class Plan:
 
 def build_plan(
     source: Source, settings: QuantSettings, meta_dir: Path, *, trust_remote_code: bool = False,
-    on_config_dtype: Callable[[str], None] = lambda dtype: None,
     on_weight_files: Callable[[list[str]], None] = lambda names: None,
 ) -> Plan:
     """Read config, index and headers; refuse inputs streamq cannot convert faithfully.
 
-    `on_config_dtype` gets the dtype config.json names (the one weights are quantized from) before
-    anything else is read. `on_weight_files` gets the shard names, in the order they will be converted,
-    as soon as the index is read: the caller can start the first download while headers and the model
-    are read."""
+    `on_weight_files` gets the shard names, in the order they will be converted, as soon as the index
+    is read: the caller can start the first download while headers and the model are read."""
     files = source.files()
     if "config.json" not in files:
         raise UnsupportedModelError(f"{source.name} has no config.json; streamq converts transformers model repos")
     config = json.loads(source.read_text("config.json"))
     _refuse_quantized_config(source.name, config)
-    if (dtype := config_dtype(config)) is not None:
-        on_config_dtype(dtype)
     shard_names, index, single = _weight_files(source, files)
     on_weight_files(shard_names)
     weight_map = index["weight_map"] if index is not None else None

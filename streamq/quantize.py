@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
 
 import torch
 
@@ -54,21 +53,15 @@ def _converted(tensor: torch.Tensor, rule: TensorRule) -> torch.Tensor:
     return tensor if rule.dtype is None else tensor.to(getattr(torch, rule.dtype))
 
 
-def quantized_dtypes(plan: Plan) -> set[str]:
-    """The dtypes the plan's weights are quantized from (after any cast)."""
+def warm_up(plan: Plan, device: str) -> None:
+    """Quantize a small weight in each dtype the plan quantizes, so that loading the compiled kernel,
+    checking it against bitsandbytes and starting CUDA happen while the first shard downloads."""
     dtypes = {
         rule.dtype or FLOAT_CODES.get(plan.tensor_info[key].dtype)
         for key, rule in plan.rules.items() if rule.action == "quantize" and key in plan.tensor_info
     }
-    return {d for d in dtypes if d is not None}
-
-
-def warm_up(dtypes: Iterable[str], settings: QuantSettings, device: str) -> None:
-    """Quantize a small weight in each dtype, so that loading the compiled kernel, checking it against
-    bitsandbytes and starting CUDA happen before the first shard needs them (on a 4-core machine, with
-    a download running, that took 1 s: longer than the first shard's download at 1 GB/s)."""
-    for dtype in sorted(set(dtypes)):
-        quantize_weight(torch.ones(16, 4 * settings.blocksize, dtype=getattr(torch, dtype)), settings, device)
+    for dtype in sorted(d for d in dtypes if d is not None):
+        quantize_weight(torch.ones(16, 4 * plan.settings.blocksize, dtype=getattr(torch, dtype)), plan.settings, device)
 
 
 def quantize_weight(weight: torch.Tensor, settings: QuantSettings, device: str) -> dict[str, torch.Tensor]:

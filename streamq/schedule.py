@@ -29,7 +29,7 @@ from .fetch import Fetched, Source
 from .manifest import Manifest
 from .plan import Plan, ShardPlan, expected_output_size
 from .publish import Sink
-from .quantize import quantized_dtypes, warm_up
+from .quantize import warm_up
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ class ShardScheduler:
             for shard, arrival in zip(todo[len(fetches):], self._arrivals[len(fetches):])
         ]
         if todo:
-            warm_up(quantized_dtypes(self.plan), self.plan.settings, self.device)  # ms for a dtype done while planning
+            warm_up(self.plan, self.device)  # while the first shard starts downloading
         for shard, fetch, arrival in zip(todo, fetches, self._arrivals):
             started = time.monotonic()
             yield from self._completed()

@@ -58,15 +58,6 @@ TensorReader = Callable[[list[str]], "dict[str, torch.Tensor]"]  # checkpoint ke
 FLOAT_CODES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
-def config_dtype(config: dict[str, Any]) -> str | None:
-    """The dtype config.json names, if any: what `from_pretrained(dtype="auto")` loads in when it does."""
-    for key in ("dtype", "torch_dtype"):
-        value = config.get(key)
-        if isinstance(value, str) and value != "auto":
-            return value
-    return None
-
-
 def resolve_dtype(config: dict[str, Any], first_shard: dict[str, TensorInfo], index_metadata: dict[str, Any] | None) -> str:
     """The dtype `from_pretrained(dtype="auto")` loads in, by transformers' rule (`modeling_utils._get_dtype`).
 
@@ -76,8 +67,10 @@ def resolve_dtype(config: dict[str, Any], first_shard: dict[str, TensorInfo], in
     import torch
     from transformers.modeling_utils import get_state_dict_dtype, str_to_torch_dtype
 
-    if (named := config_dtype(config)) is not None:
-        return named
+    for key in ("dtype", "torch_dtype"):
+        value = config.get(key)
+        if isinstance(value, str) and value != "auto":
+            return value
     if isinstance(index_metadata, dict) and isinstance(index_metadata.get("dtype"), str):
         return index_metadata["dtype"]
     meta = {k: torch.empty(0, dtype=str_to_torch_dtype[first_shard[k].dtype], device="meta") for k in sorted(first_shard)}

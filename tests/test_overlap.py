@@ -253,32 +253,5 @@ def test_warm_up_quantizes_once_per_dtype_the_plan_quantizes(tmp_path: Path, mon
     seen: list[torch.dtype] = []
     real = quantize.quantize_weight
     monkeypatch.setattr(quantize, "quantize_weight", lambda w, *a: seen.append(w.dtype) or real(w, *a))
-    quantize.warm_up(quantize.quantized_dtypes(plan), plan.settings, "cpu")
+    quantize.warm_up(plan, "cpu")
     assert seen == [dtype]
-
-
-def test_the_kernel_is_warmed_up_for_the_config_dtype_before_the_first_download(tmp_path: Path, hub: LocalHub, monkeypatch) -> None:
-    """With a download beside it, loading the compiled kernel took 5x as long: it comes first, for the
-    dtype config.json names, and the scheduler's own warm-up then finds nothing left to load."""
-    import streamq.pipeline as pipeline
-
-    src = make_model(tmp_path / "src", dtype=torch.float16)
-    api = HfApi(endpoint=hub.endpoint, token="hf_test")
-    api.create_repo("org/model")
-    api.upload_folder(repo_id="org/model", folder_path=src)
-    events: list[tuple[str, object]] = []
-    real_fetch, real_warm_up = fetch.HubSource.fetch, pipeline.warm_up
-
-    def recorded_fetch(self, path, work_dir, arrival=None):
-        events.append(("fetch", path))
-        return real_fetch(self, path, work_dir, arrival)
-
-    def recorded_warm_up(dtypes, settings, device):
-        events.append(("warm up", list(dtypes)))
-        return real_warm_up(dtypes, settings, device)
-
-    monkeypatch.setattr(fetch.HubSource, "fetch", recorded_fetch)
-    monkeypatch.setattr(pipeline, "warm_up", recorded_warm_up)
-    stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=0)
-    first_weights = next(i for i, (what, name) in enumerate(events) if what == "fetch" and str(name).endswith(".safetensors"))
-    assert ("warm up", ["float16"]) in events[:first_weights], events
