@@ -572,15 +572,18 @@ def calibrate(hub: Any, bandwidth: float, shapes: Shapes, scratch: Path, setup: 
 
 
 def run_network(
-    label: str, network: Network | None, hub: Any, shapes: Shapes, scratch: Path, repeat: int, scenarios: list[str], setup: Setup
+    label: str, network: Network | None, hub: Any, shapes: Shapes, scratch: Path, repeat: int, scenarios: list[str], setup: Setup,
+    save: Callable[[dict[str, Any]], None] = lambda partial: None,
 ) -> dict[str, Any]:
-    """Every scenario `repeat` times, interleaved, under one network setting; best wall time counts."""
+    """Every scenario `repeat` times, interleaved, under one network setting; best wall time counts.
+    `save` gets the runs so far after each one."""
     use_network(hub, network)
     runs: dict[str, list[Measurement]] = {s: [] for s in scenarios}
     for round_ in range(repeat):
         for scenario in scenarios:
             measured = run_scenario(scenario, shapes, hub.endpoint, scratch, setup)
             runs[scenario].append(measured)
+            save({"label": label, "partial": True, "runs": {s: [asdict(m) for m in ms] for s, ms in runs.items()}})
             print(f"  [{label} {round_ + 1}/{repeat}] {scenario:<8} wall {measured.wall_s:6.1f} s  "
                   f"disk {measured.peak_disk / GB:5.2f} GB  rss {measured.peak_rss / GB:5.2f} GB  cpu by thread "
                   f"{measured.details['thread_cpu_s']}", flush=True)
@@ -746,16 +749,25 @@ def publish_model(hub: Any, spec: ModelSpec, seed: int, scratch: Path) -> Shapes
     return shapes
 
 
-def run_all(hub: Any, shapes: Shapes, scratch: Path, args: argparse.Namespace, setup: Setup) -> list[dict[str, Any]]:
-    """Each throttled bandwidth (calibrated first), then the bare loopback if asked."""
-    results = []
+def run_all(
+    hub: Any, shapes: Shapes, scratch: Path, args: argparse.Namespace, setup: Setup, save: Callable[[list[dict[str, Any]]], None]
+) -> list[dict[str, Any]]:
+    """Each throttled bandwidth (calibrated first), then the bare loopback if asked; `save` gets the
+    results after every run (the one in progress marked partial), so a run cut off keeps what it measured."""
+    results: list[dict[str, Any]] = []
+
+    def save_partial(partial: dict[str, Any]) -> None:
+        save([*results, partial])
+
     for mbps in args.bandwidth_mbps:
         network, calibration = calibrate(hub, mbps * MB, shapes, scratch, setup)
         print_calibration(mbps * MB, calibration)
         label = f"throttled {mbps:g} MB/s"
-        results.append({**run_network(label, network, hub, shapes, scratch, args.repeat, args.scenarios, setup), "calibration": calibration})
+        measured = run_network(label, network, hub, shapes, scratch, args.repeat, args.scenarios, setup, save_partial)
+        results.append({**measured, "calibration": calibration})
     if args.unthrottled:
-        results.append(run_network("unthrottled loopback", None, hub, shapes, scratch, args.repeat, args.scenarios, setup))
+        results.append(run_network("unthrottled loopback", None, hub, shapes, scratch, args.repeat, args.scenarios, setup, save_partial))
+    save(results)
     return results
 
 
@@ -783,21 +795,24 @@ def main() -> None:
     spec = ModelSpec(args.hidden, args.intermediate, args.layers, args.vocab, shard_bytes=args.shard_mb * MB)
     scratch = Path(tempfile.mkdtemp(prefix="streamq-bench-", dir=args.scratch))
     load_before, git_before = os.getloadavg(), git_commit()
+
+    def save(results: list[dict[str, Any]]) -> None:
+        report = {
+            "git": {**git_before, "changed_during_run": git_commit() != git_before}, "machine": {**machine_facts(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+            "model": asdict(spec), "shards": asdict(shapes), "repeat": args.repeat,
+            "setup": {"child_cpus": sorted(setup.cpus) if setup.cpus else None, "device": setup.device}, "networks": results,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+
     try:
         with LocalHub(scratch / "hub") as hub:
             shapes = publish_model(hub, spec, args.seed, scratch)
-            results = run_all(hub, shapes, scratch, args, setup)
+            results = run_all(hub, shapes, scratch, args, setup, save)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     for result in results:
         print_network(result)
-    report = {
-        "git": {**git_before, "changed_during_run": git_commit() != git_before}, "machine": {**machine_facts(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-        "model": asdict(spec), "shards": asdict(shapes), "repeat": args.repeat,
-        "setup": {"child_cpus": sorted(setup.cpus) if setup.cpus else None, "device": setup.device}, "networks": results,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
     print(f"\nwritten {args.json}")
 
 
