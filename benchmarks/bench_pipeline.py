@@ -579,11 +579,15 @@ def run_network(
     `save` gets the runs so far after each one."""
     use_network(hub, network)
     runs: dict[str, list[Measurement]] = {s: [] for s in scenarios}
+
+    def as_json() -> dict[str, list[dict[str, Any]]]:
+        return {s: [asdict(m) for m in ms] for s, ms in runs.items()}
+
     for round_ in range(repeat):
         for scenario in scenarios:
             measured = run_scenario(scenario, shapes, hub.endpoint, scratch, setup)
             runs[scenario].append(measured)
-            save({"label": label, "partial": True, "runs": {s: [asdict(m) for m in ms] for s, ms in runs.items()}})
+            save({"label": label, "partial": True, "runs": as_json()})
             print(f"  [{label} {round_ + 1}/{repeat}] {scenario:<8} wall {measured.wall_s:6.1f} s  "
                   f"disk {measured.peak_disk / GB:5.2f} GB  rss {measured.peak_rss / GB:5.2f} GB  cpu by thread "
                   f"{measured.details['thread_cpu_s']}", flush=True)
@@ -596,7 +600,7 @@ def run_network(
         "network": asdict(network) if network else None,
         "measured_rates": measured_rates(runs["raw"], shapes),
         "best": best,
-        "runs": {s: [asdict(m) for m in ms] for s, ms in runs.items()},
+        "runs": as_json(),
         "targets": targets(best, shapes),
     }
 
