@@ -1,4 +1,4 @@
-"""The numba CPU kernel must give the same bytes as bitsandbytes' own CPU quantize_4bit."""
+"""The C CPU kernel must give the same bytes as bitsandbytes' own CPU quantize_4bit."""
 
 from __future__ import annotations
 
@@ -13,12 +13,17 @@ import bitsandbytes.functional as bnbf
 
 from streamq.kernels import cpu
 
-pytestmark = pytest.mark.skipif(not cpu.AVAILABLE, reason="numba is not importable")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SETTINGS = [(d, qt, dq) for d in DTYPES for qt in ("nf4", "fp4") for dq in (False, True)]
 SHAPES = [(1,), (2,), (3,), (31,), (32,), (33,), (63,), (64,), (65,), (127,), (129,), (4097,), (7, 9), (17, 31),
           (64, 64), (3, 5, 7), (300, 33), (256, 257), (11, 4096)]
+
+
+def test_library_is_built() -> None:
+    """The install compiled quant4.c (an optional extension: a failed build would otherwise only show
+    as every weight going to the slow bitsandbytes path)."""
+    assert cpu.AVAILABLE, "streamq/kernels/quant4.c was not built; reinstall with a C compiler present"
 
 
 def bnb_quantize(weight: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool):
@@ -125,8 +130,10 @@ def test_nan_falls_back_to_bitsandbytes(dtype, quant_type, double_quant) -> None
 
     packed = torch.empty_like(theirs[0]).reshape(-1)
     absmax = torch.empty(5)
-    kernel = {"bf16": cpu._quantize_bf16, "fp16": cpu._quantize_fp16, "fp32": cpu._quantize_fp32}[dtype]
-    kernel(cpu._words(weight), 0, 5, 64, *cpu._code_table(quant_type), packed.numpy(), absmax.numpy())
+    bounds, steps, top = cpu._code_table(quant_type)
+    kernel = getattr(cpu._LIB, {"bf16": "quantize_bf16", "fp16": "quantize_fp16", "fp32": "quantize_fp32"}[dtype])
+    kernel(weight.data_ptr(), weight.numel(), 0, 5, 64, bounds.ctypes.data, steps.ctypes.data, top, packed.data_ptr(),
+           absmax.data_ptr())
     assert torch.equal(packed, theirs[0].reshape(-1))
     if not double_quant:
         assert torch.equal(absmax.isnan(), theirs[1].absmax.isnan())
@@ -149,8 +156,9 @@ def test_nested_lookup_matches_bnb_blockwise() -> None:
         codes = torch.empty(values.size, dtype=torch.uint8)
         absmax = torch.empty(-(-values.size // 256))
         dynamic = cpu._dynamic_map()
-        cpu._quantize_nested(values, np.float32(0), cpu._dynamic_lut(dynamic.numpy().tobytes()), codes.numpy(),
-                             absmax.numpy())
+        lut = cpu._dynamic_lut(dynamic.numpy().tobytes())
+        cpu._LIB.quantize_nested(values.ctypes.data, values.size, 0.0, lut.ctypes.data, codes.data_ptr(),
+                                 absmax.data_ptr())
         assert torch.equal(codes, theirs_q)
         assert torch.equal(absmax.view(torch.int32), theirs_state.absmax.view(torch.int32))
         assert torch.equal(dynamic, theirs_state.code)
@@ -202,10 +210,12 @@ def test_unsupported_input_falls_back() -> None:
     assert_identical(cpu.quantize_4bit(weight, quant_type="nf4", blocksize=64), bnb_quantize(weight, "nf4", 64, True))
 
 
-def test_without_numba_everything_goes_to_bnb() -> None:
-    """With numba unimportable the module still imports, supports() says no and bnb does the work."""
+def test_without_the_library_everything_goes_to_bnb() -> None:
+    """Where quant4.c was not built the module still imports, supports() says no and bnb does the work."""
     script = (
-        "import sys; sys.modules['numba'] = None\n"
+        "import importlib.util\n"
+        "find = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a: None if name.endswith('._quant4') else find(name, *a)\n"
         "import torch\n"
         "from streamq.kernels import cpu\n"
         "w = torch.randn(64, 64, dtype=torch.bfloat16)\n"
