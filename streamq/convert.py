@@ -33,10 +33,10 @@ class Converted:
         return self.written.path
 
     def output_sha256(self) -> str:
-        """The output file's sha256, which its upload needs first. The scheduler takes it on a thread of
-        its own, beside the previous shard's upload: on the quantizer's thread it cost a 2-core VM 0.25
-        CPU-seconds per GB of input with the kernel idle, and on the publish thread, in line with the
-        uploads, it made publishing the slowest stage at 1 GB/s on 4 cores (0.1-0.3 s per shard)."""
+        """The output file's sha256, which its upload needs first. The scheduler takes it beside the
+        uploads while they run (on the quantizer's thread it cost a 2-core VM 0.25 CPU-seconds per GB
+        of input with the kernel idle, and on the publish thread, in line with the uploads, it made
+        publishing the slowest stage at 1 GB/s on 4 cores), at once when nothing uploads."""
         return file_sha256(self.written.path)
 
     def entry(self, output_sha256: str) -> ShardEntry:

@@ -2,7 +2,8 @@
 
 A shard is quantized (main thread) while it downloads (fetch thread, running ahead in shard order as
 far as the budget allows), and the previous one is published meanwhile (publish thread; each output
-is hashed on a thread of its own first, so uploads follow each other without a gap). Every file
+is hashed on a thread of its own first, so uploads follow each other without a gap, unless nothing
+is uploading: then the hash is the upload's only wait and is taken at once). Every file
 in work_dir is reserved in a `DiskBudget` first, so the overlap never holds more than the budget;
 with the default budget of one input plus one output shard, the next download waits until this
 shard's input is deleted. Publishing is strictly in order and stops at the first failure, so the
@@ -158,7 +159,7 @@ class ShardScheduler:
 
             with disk_full_is_clear(self.work):
                 converted = convert_arriving(arrival, fetch.result, shard, self.plan, self.work, self.device, make_room)
-            digest = self._hasher.submit(converted.output_sha256)
+            digest = self._digest(converted)
             self._published.append(self._publisher.submit(self._publish, converted, digest, outputs[shard.name], started))
             yield from self._completed()
         while self._published:
@@ -200,6 +201,21 @@ class ShardScheduler:
         except BaseException:
             self._fetch_failed.set()
             raise
+
+    def _digest(self, converted: Converted) -> Future[str]:
+        """The output's sha256, which its upload waits for. While earlier shards still upload, it is
+        taken on the hasher thread, beside them; when nothing uploads (the first shard, or after a
+        stall) the upload waits for the hash alone, so it is taken here, before the next shard's
+        quantization competes with it: on 4 cores at 1 GB/s the first shard's 225 MB took 0.6 s on the
+        hasher thread beside that quantization, which was 0.6 s more before the first upload."""
+        if any(not published.done() for published in self._published):
+            return self._hasher.submit(converted.output_sha256)
+        digest: Future[str] = Future()
+        try:
+            digest.set_result(converted.output_sha256())
+        except Exception as exc:  # reported by the publish step, as from the hasher thread
+            digest.set_exception(exc)
+        return digest
 
     def _publish(self, converted: Converted, digest: Future[str], reserved: int, started: float) -> ShardRecord:
         shard = converted.shard
