@@ -34,6 +34,8 @@ def _load_library() -> ctypes.CDLL | None:
     releases the GIL during each call), or None where it was not built."""
     spec = importlib.util.find_spec(f"{__package__}._quant4")
     if spec is None or spec.origin is None:
+        logger.warning("streamq's CPU kernel was not built (no C compiler when streamq was installed); "
+                       "bitsandbytes quantizes instead, 20-60x slower. Reinstall streamq where gcc or clang is present")
         return None
     try:
         lib = ctypes.CDLL(spec.origin)
