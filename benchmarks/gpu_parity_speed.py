@@ -94,7 +94,7 @@ def speed(total_gb: float) -> dict:
     gpu_pass()
     gpu_s = time.perf_counter() - t
 
-    kernel.quantize_4bit(weights[0], quant_type="nf4")  # JIT warm-up
+    kernel.quantize_4bit(weights[0], quant_type="nf4")  # warm-up: the kernel checks itself against bitsandbytes once
     t = time.perf_counter()
     for w in weights:
         kernel.quantize_4bit(w, quant_type="nf4")
