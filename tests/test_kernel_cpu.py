@@ -107,6 +107,22 @@ def test_ties_on_bucket_bounds(quant_type) -> None:
         check(weight[:-3], quant_type, 64, True)  # ends in a partial block: division instead of 1/absmax
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("arrangement", ["shuffled", "by magnitude"])
+def test_every_16_bit_value(dtype, arrangement) -> None:
+    """All 16-bit patterns but NaN (zeros, subnormals, normals, infinities), in blocks of mixed scale or
+    of neighbours (whole blocks of subnormals, of infinities): the C kernel decodes each as torch does."""
+    values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(DTYPES[dtype])
+    values = values[~values.isnan()]
+    if arrangement == "shuffled":
+        values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(9))]
+    else:
+        values = values[values.float().abs().argsort(stable=True)]
+    for quant_type in ("nf4", "fp4"):
+        for double_quant in (False, True):
+            check(values, quant_type, 64, double_quant)
+
+
 @pytest.mark.parametrize("dtype,quant_type,double_quant", SETTINGS)
 def test_infinities(dtype, quant_type, double_quant) -> None:
     """An inf block makes absmax inf, the double-quant offset inf and the nested values NaN: still identical."""
