@@ -63,7 +63,6 @@ QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bnb.functional.quantize_4bit accepts
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _NESTED_BLOCKSIZE = 256  # bnb quantizes the absmax of double quant in blocks of 256
-_TINY = np.float32(1e-38)  # bnb clamps absmax to this before taking 1/absmax
 _JOB_WEIGHTS = 1 << 20  # weights per job handed to a thread (~2 ms of one core)
 
 
