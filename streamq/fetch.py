@@ -102,15 +102,16 @@ class _PartialFile:
         f.seek(0)
         while block := f.read(1 << 24):
             self._sha.update(block)
-        self._blocks: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+        self._blocks: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=4)
         self._hasher = threading.Thread(target=self._hash, name="streamq-sha256", daemon=True)
         self._hasher.start()
         if arrival is not None:
             arrival.begin(f.fileno(), f.tell())
 
     def _hash(self) -> None:
-        while (block := self._blocks.get()) is not None:
-            self._sha.update(block)
+        while (pieces := self._blocks.get()) is not None:
+            for piece in pieces:
+                self._sha.update(piece)
 
     def __enter__(self) -> _PartialFile:
         return self
@@ -139,11 +140,11 @@ class _PartialFile:
     def _write_pending(self) -> None:
         if not self._pending:
             return
-        block = b"".join(self._pending)
-        self._pending.clear()
+        pieces, self._pending = self._pending, []
         self._pending_size = 0
-        self._blocks.put(block)
-        self._f.write(block)
+        self._blocks.put(pieces)
+        for piece in pieces:  # written as they came: joining them first was one more copy of every byte
+            self._f.write(piece)
         if self._arrival is not None:
             self._f.flush()
             self._arrival.advance(self._f.tell())
