@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +22,47 @@ SHAPES = [(1,), (2,), (3,), (31,), (32,), (33,), (63,), (64,), (65,), (127,), (1
           (64, 64), (3, 5, 7), (300, 33), (256, 257), (11, 4096)]
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+# On a CPU with AVX-512 the kernel takes a 16-lane path for whole blocks; every test runs on both paths there.
+PATHS = ["generic"] + (["avx512"] if cpu.AVX512 else [])
+
+
+@pytest.fixture(autouse=True, params=PATHS)
+def kernel_path(request):
+    """Run the test on one of the kernel's paths (the library's switch, set back afterwards)."""
+    if not cpu.AVAILABLE:
+        yield request.param
+        return
+    switch = ctypes.c_int.in_dll(cpu._LIB, "quant4_use_avx512")
+    chosen = switch.value
+    switch.value = int(request.param == "avx512")
+    try:
+        yield request.param
+    finally:
+        switch.value = chosen
+
+
 def test_library_is_built() -> None:
     """The install compiled quant4.c (an optional extension: a failed build would otherwise only show
     as every weight going to the slow bitsandbytes path)."""
     assert cpu.AVAILABLE, "streamq/kernels/quant4.c was not built; reinstall with a C compiler present"
+
+
+def test_avx512_path_is_taken_where_the_cpu_has_it() -> None:
+    """A GCC build for x86-64 has the 16-lane path, and takes it exactly where /proc/cpuinfo lists
+    x86-64-v4's AVX-512 subsets (so that the tests above run it there)."""
+    flags = _cpu_flags()
+    if not flags or platform.machine() != "x86_64":
+        pytest.skip("checked on x86-64 Linux")
+    assert ctypes.c_int.in_dll(cpu._LIB, "quant4_avx512_path_built").value, "quant4.c was built without GCC's x86-64 path"
+    assert cpu.AVX512 == ({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"} <= flags)
 
 
 def bnb_quantize(weight: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool):

@@ -48,6 +48,8 @@ def _load_library() -> ctypes.CDLL | None:
         getattr(lib, name).restype = None
     lib.quantize_nested.argtypes = [p, i64, ctypes.c_float, p, p, p]
     lib.quantize_nested.restype = None
+    lib.quant4_has_avx512.restype = ctypes.c_int
+    ctypes.c_int.in_dll(lib, "quant4_use_avx512").value = lib.quant4_has_avx512()
     return lib
 
 
@@ -58,6 +60,7 @@ _KERNEL_NAMES = {  # (dtype, sorted code) -> kernel in quant4.c
 }
 _LIB = _load_library()
 AVAILABLE = _LIB is not None
+AVX512 = AVAILABLE and bool(ctypes.c_int.in_dll(_LIB, "quant4_use_avx512").value)  # whole blocks take the 16-lane path
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bnb.functional.quantize_4bit accepts

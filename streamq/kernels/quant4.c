@@ -5,6 +5,11 @@
  * the first shard could start. One pass per block reads the 16- or 32-bit words directly and fuses
  * absmax, scaling, the code search and packing. IEEE semantics are needed throughout (NaN compares
  * false, denormals kept): build without -ffast-math, with -ffp-contract=off.
+ *
+ * On CPUs with AVX-512 (x86-64-v4) whole blocks go through a 16-lane path instead, chosen at run time:
+ * the same loads and multiply, and the index found by a binary search over the 15 bounds (4 in-register
+ * table lookups in place of 15 comparisons), 1.4-1.7x faster there. Elsewhere the 16-lane code would be
+ * split into narrower registers and run slower than the loop it replaces, so it is only built for v4.
  */
 
 #include <stdint.h>
@@ -77,18 +82,35 @@ INLINE void pack(const int32_t *codes, int64_t count, uint8_t *packed) {
     for (int64_t j = 0; j < count / 2; j++) packed[j] = (uint8_t)(codes[2 * j] << 4 | codes[2 * j + 1]);
 }
 
-/* Blocks first..last-1: absmax, x * (1/absmax), index, pack; a partial last block the way bnb does
- * it (it stores the clamped absmax, divides instead of multiplying by the reciprocal, and pads an odd
- * count with a scaled zero). */
+/* The partial last block (if blocks first..last-1 reach it), the way bnb does it: it stores the clamped
+ * absmax, divides instead of multiplying by the reciprocal, and pads an odd count with a scaled zero. */
+INLINE void quantize_tail(const void *src, int kind, int sorted, int64_t n, int64_t first, int64_t last,
+                          int64_t blocksize, const float *b, const int32_t *s, int32_t top, uint8_t *packed,
+                          float *absmax) {
+    int64_t full = n / blocksize, start = full * blocksize;
+    if (full < first || full >= last || start >= n) return;
+    int32_t codes[MAX_BLOCKSIZE + 2];
+    float amax = clamp_tiny(load(kind, max_abs_word(src, kind, start, n)));
+    absmax[full] = amax;
+    int64_t rem = n - start;
+    for (int64_t i = 0; i < rem; i++) codes[i] = code(load(kind, word(src, kind, start + i)) / amax, b, s, top, sorted);
+    codes[rem] = code(0.0f, b, s, top, sorted);
+    pack(codes, rem + 1, packed + start / 2);
+}
+
+INLINE int64_t full_blocks_before(int64_t n, int64_t blocksize, int64_t last) {
+    return n / blocksize < last ? n / blocksize : last;
+}
+
+/* Blocks first..last-1: absmax, x * (1/absmax), index, pack. */
 INLINE void quantize_blocks(const void *src, int kind, int sorted, int64_t n, int64_t first, int64_t last,
                             int64_t blocksize, const float *bounds, const int32_t *steps, int32_t top,
                             uint8_t *packed, float *absmax) {
     float b[15];
     int32_t s[15];
     for (int k = 0; k < 15; k++) b[k] = bounds[k], s[k] = steps[k];
-    int32_t codes[MAX_BLOCKSIZE + 2];
-    int64_t full = n / blocksize < last ? n / blocksize : last;
-    for (int64_t block = first; block < full; block++) {
+    int32_t codes[MAX_BLOCKSIZE];
+    for (int64_t block = first; block < full_blocks_before(n, blocksize, last); block++) {
         int64_t start = block * blocksize;
         float amax = load(kind, max_abs_word(src, kind, start, start + blocksize));
         absmax[block] = amax;
@@ -97,23 +119,123 @@ INLINE void quantize_blocks(const void *src, int kind, int sorted, int64_t n, in
             codes[i] = code(load(kind, word(src, kind, start + i)) * scale, b, s, top, sorted);
         pack(codes, blocksize, packed + start / 2);
     }
-    int64_t start = full * blocksize;
-    if (full < last && start < n) {
-        float amax = clamp_tiny(load(kind, max_abs_word(src, kind, start, n)));
-        absmax[full] = amax;
-        int64_t rem = n - start;
-        for (int64_t i = 0; i < rem; i++)
-            codes[i] = code(load(kind, word(src, kind, start + i)) / amax, b, s, top, sorted);
-        codes[rem] = code(0.0f, b, s, top, sorted);
-        pack(codes, rem + 1, packed + start / 2);
-    }
+    quantize_tail(src, kind, sorted, n, first, last, blocksize, b, s, top, packed, absmax);
 }
 
-#define KERNEL(name, kind, sorted)                                                                        \
-    VECTORIZED void name(const void *src, int64_t n, int64_t first, int64_t last, int64_t blocksize,       \
-                         const float *bounds, const int32_t *steps, int32_t top, uint8_t *packed,         \
-                         float *absmax) {                                                                 \
-        quantize_blocks(src, kind, sorted, n, first, last, blocksize, bounds, steps, top, packed, absmax); \
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define HAVE_V4 1
+#define V4 __attribute__((target("arch=x86-64-v4")))
+#define LANES 16
+typedef float vf __attribute__((vector_size(4 * LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * LANES)));
+typedef uint32_t vu __attribute__((vector_size(4 * LANES)));
+typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
+typedef uint8_t vb __attribute__((vector_size(LANES)));
+
+/* 16 weights as floats: `load`, lane by lane (fp16 with the same branch-free arithmetic as from_half). */
+V4 INLINE vf vload(const void *src, int kind, int64_t i) {
+    vu w;
+    if (kind == FP32) {
+        memcpy(&w, (const uint32_t *)src + i, sizeof w);
+        return (vf)w;
+    }
+    vh h;
+    memcpy(&h, (const uint16_t *)src + i, sizeof h);
+    w = __builtin_convertvector(h, vu);
+    if (kind == BF16) return (vf)(w << 16);
+    vu o = (w & 0x7fffu) << 13, exponent = o & 0x0f800000u;
+    vu top = (vu)(exponent == 0x0f800000u), low = (vu)(exponent == 0u);
+    o += ((uint32_t)(127 - 15) << 23) + (((uint32_t)(128 - 16) << 23) & top) + ((1u << 23) & low);
+    vf f = (vf)o - (vf)((113u << 23) & low);
+    return (vf)((vu)f | (w & 0x8000u) << 16);
+}
+
+/* The index of 16 scaled weights. The bounds k with !(x <= bounds[k]) are a prefix of the sorted bounds
+ * (all 15 for NaN); the branch-free binary search finds its length j, and order[j] (j itself for a sorted
+ * code) equals `code`'s top - sum(steps[k] for x <= bounds[k]). */
+V4 INLINE vi vcode(vf x, vf bounds, vi order, int sorted) {
+    vi j = ~(x <= bounds[7]) & 8;
+    j += ~(x <= __builtin_shuffle(bounds, j + 3)) & 4;
+    j += ~(x <= __builtin_shuffle(bounds, j + 1)) & 2;
+    j += ~(x <= __builtin_shuffle(bounds, j)) & 1;
+    return sorted ? j : __builtin_shuffle(order, j);
+}
+
+V4 INLINE void quantize_blocks_v4(const void *src, int kind, int sorted, int64_t n, int64_t first, int64_t last,
+                                  int64_t blocksize, const float *bounds, const int32_t *steps, int32_t top,
+                                  uint8_t *packed, float *absmax) {
+    static const vi EVEN = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+    float b[15];
+    int32_t s[15];
+    vf bv = {0};
+    vi order = {0};
+    for (int k = 0; k < 15; k++) b[k] = bounds[k], s[k] = steps[k], bv[k] = bounds[k];
+    for (int j = 15, c = top; j >= 0; j--) order[j] = c, c -= j > 0 ? s[j - 1] : 0; /* order[j] = c(x) in bucket j */
+    for (int64_t block = first; block < full_blocks_before(n, blocksize, last); block++) {
+        int64_t start = block * blocksize;
+        float amax = load(kind, max_abs_word(src, kind, start, start + blocksize));
+        absmax[block] = amax;
+        float scale = 1.0f / clamp_tiny(amax);
+        for (int64_t g = start; g < start + blocksize; g += 2 * LANES) { /* every blocksize is a multiple of 32 */
+            vi c0 = vcode(vload(src, kind, g) * scale, bv, order, sorted);
+            vi c1 = vcode(vload(src, kind, g + LANES) * scale, bv, order, sorted);
+            vb two = __builtin_convertvector(__builtin_shuffle(c0, c1, EVEN) << 4 | __builtin_shuffle(c0, c1, EVEN + 1), vb);
+            memcpy(packed + g / 2, &two, sizeof two);
+        }
+    }
+    quantize_tail(src, kind, sorted, n, first, last, blocksize, b, s, top, packed, absmax);
+}
+
+#endif
+
+/* Whether this CPU can take the AVX-512 path; cpu.py sets `quant4_use_avx512` from it when it loads the
+ * library (the tests set it to 0 to check the other path on the same machine). */
+int quant4_has_avx512(void) {
+#ifdef HAVE_V4
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512cd");
+#else
+    return 0;
+#endif
+}
+
+int quant4_use_avx512 = 0;
+
+#ifdef HAVE_V4
+const int quant4_avx512_path_built = 1;
+#else
+const int quant4_avx512_path_built = 0;
+#endif
+
+#ifdef HAVE_V4
+#define V4_PATH(name, kind, sorted)                                                                           \
+    V4 static void name##_v4(const void *src, int64_t n, int64_t first, int64_t last, int64_t blocksize,      \
+                             const float *bounds, const int32_t *steps, int32_t top, uint8_t *packed,        \
+                             float *absmax) {                                                                \
+        quantize_blocks_v4(src, kind, sorted, n, first, last, blocksize, bounds, steps, top, packed, absmax); \
+    }
+#define TAKE_V4_PATH(name)                                                           \
+    if (quant4_use_avx512) {                                                         \
+        name##_v4(src, n, first, last, blocksize, bounds, steps, top, packed, absmax); \
+        return;                                                                      \
+    }
+#else
+#define V4_PATH(name, kind, sorted)
+#define TAKE_V4_PATH(name)
+#endif
+
+#define KERNEL(name, kind, sorted)                                                                           \
+    V4_PATH(name, kind, sorted)                                                                              \
+    VECTORIZED static void name##_any(const void *src, int64_t n, int64_t first, int64_t last, int64_t blocksize, \
+                                      const float *bounds, const int32_t *steps, int32_t top, uint8_t *packed, \
+                                      float *absmax) {                                                       \
+        quantize_blocks(src, kind, sorted, n, first, last, blocksize, bounds, steps, top, packed, absmax);    \
+    }                                                                                                        \
+    void name(const void *src, int64_t n, int64_t first, int64_t last, int64_t blocksize, const float *bounds, \
+              const int32_t *steps, int32_t top, uint8_t *packed, float *absmax) {                           \
+        TAKE_V4_PATH(name)                                                                                   \
+        name##_any(src, n, first, last, blocksize, bounds, steps, top, packed, absmax);                      \
     }
 
 KERNEL(quantize_bf16, BF16, 0)
