@@ -83,7 +83,7 @@ class _PartialFile:
     """The partial download: bytes are appended (after what an earlier attempt left in it), hashed,
     and reported to `arrival` (if any) so that the shard can be quantized while it downloads.
 
-    Bytes are gathered into 4 MiB blocks before they are written, hashed and reported: once per
+    Socket reads are gathered into 4 MiB batches before they are written, hashed and reported: once per
     64 KiB socket read, that bookkeeping cost a 2-core VM as much CPU as the transfer itself. The
     hashing runs in a thread of its own (hashlib releases the GIL), fed through a short queue, so the
     download loop only reads the socket and writes the file. Use it as a context manager: leaving
