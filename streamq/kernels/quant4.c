@@ -102,6 +102,14 @@ INLINE int64_t full_blocks_before(int64_t n, int64_t blocksize, int64_t last) {
     return n / blocksize < last ? n / blocksize : last;
 }
 
+/* Stores block `block`'s absmax and returns the scale its weights are multiplied by. */
+INLINE float block_scale(const void *src, int kind, int64_t block, int64_t blocksize, float *absmax) {
+    int64_t start = block * blocksize;
+    float amax = load(kind, max_abs_word(src, kind, start, start + blocksize));
+    absmax[block] = amax;
+    return 1.0f / clamp_tiny(amax);
+}
+
 /* Blocks first..last-1: absmax, x * (1/absmax), index, pack. */
 INLINE void quantize_blocks(const void *src, int kind, int sorted, int64_t n, int64_t first, int64_t last,
                             int64_t blocksize, const float *bounds, const int32_t *steps, int32_t top,
@@ -112,9 +120,7 @@ INLINE void quantize_blocks(const void *src, int kind, int sorted, int64_t n, in
     int32_t codes[MAX_BLOCKSIZE];
     for (int64_t block = first; block < full_blocks_before(n, blocksize, last); block++) {
         int64_t start = block * blocksize;
-        float amax = load(kind, max_abs_word(src, kind, start, start + blocksize));
-        absmax[block] = amax;
-        float scale = 1.0f / clamp_tiny(amax);
+        float scale = block_scale(src, kind, block, blocksize, absmax);
         for (int64_t i = 0; i < blocksize; i++)
             codes[i] = code(load(kind, word(src, kind, start + i)) * scale, b, s, top, sorted);
         pack(codes, blocksize, packed + start / 2);
@@ -173,9 +179,7 @@ V4 INLINE void quantize_blocks_v4(const void *src, int kind, int sorted, int64_t
     for (int j = 15, c = top; j >= 0; j--) order[j] = c, c -= j > 0 ? s[j - 1] : 0; /* order[j] = c(x) in bucket j */
     for (int64_t block = first; block < full_blocks_before(n, blocksize, last); block++) {
         int64_t start = block * blocksize;
-        float amax = load(kind, max_abs_word(src, kind, start, start + blocksize));
-        absmax[block] = amax;
-        float scale = 1.0f / clamp_tiny(amax);
+        float scale = block_scale(src, kind, block, blocksize, absmax);
         for (int64_t g = start; g < start + blocksize; g += 2 * LANES) { /* every blocksize is a multiple of 32 */
             vi c0 = vcode(vload(src, kind, g) * scale, bv, order, sorted);
             vi c1 = vcode(vload(src, kind, g + LANES) * scale, bv, order, sorted);
