@@ -12,6 +12,9 @@ user-like bandwidth, and four scenarios run side by side, each in its own subpro
             HfApi.upload_folder; on the device streamq quantizes on (device_map "cuda" when --device resolves to
             CUDA, as from_pretrained does by itself on a GPU machine, else "cpu").
 
+Only when named in --scenarios, an ablation: `unchecked` is overlap with the sha256 check of the downloaded
+input taken out (`ablation.py`), which measures what that check costs; streamq itself always checks.
+
 Wall time is taken inside each child around the work itself, after its imports (torch, transformers and
 bitsandbytes for the quantizing scenarios), so start-up, the same for every run, does not blur the ratios.
 The emulator only throttles response bodies, so uploads are slowed by a per-request delay growing with
@@ -50,7 +53,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import timeline  # beside this script
+import ablation  # beside this script
+import timeline
 
 os.environ["HF_HUB_DISABLE_XET"] = "1"  # read at import: the emulator speaks git-LFS, not Xet
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
@@ -63,6 +67,7 @@ MB = 1_000_000
 GB = 1_000_000_000
 POLL_SECONDS = 0.02
 SCENARIOS = ("raw", "strict", "overlap", "recipe")
+ABLATIONS = ("unchecked",)  # run only when asked for
 METADATA_ALLOWANCE = 65_536  # config.json and huggingface_hub metadata beside the shards, 4 KiB blocks each
 
 
@@ -281,9 +286,12 @@ def child_main(payload: dict[str, Any]) -> None:
     """Entry point of a scenario subprocess: set up (imports, inputs), then time the work alone."""
     area = Path(payload["area"])
     scenario = {
-        "probe": probe, "raw": raw_transfer, "strict": streamq_run, "overlap": streamq_run, "recipe": transformers_recipe,
+        "probe": probe, "raw": raw_transfer, "strict": streamq_run, "overlap": streamq_run, "unchecked": streamq_run,
+        "recipe": transformers_recipe,
     }
     with ExitStack() as stack:
+        if payload["scenario"] == "unchecked":
+            stack.enter_context(ablation.input_check_removed())
         events = stack.enter_context(timeline.recording()) if payload.get("timeline") else None
         started = time.perf_counter()
         work = scenario[payload["scenario"]](payload, area)
@@ -504,7 +512,7 @@ def scenario_params(scenario: str, shapes: Shapes, endpoint: str, scratch: Path,
         params.update(input=max(shapes.inputs, key=lambda s: s[1]), upload_bytes=shapes.largest_out)
     if scenario == "raw":
         params.update(inputs=[n for n, _ in shapes.inputs], outputs=shapes.outputs, staging=str(scratch / "staging"))
-    if scenario == "overlap":
+    if scenario in ("overlap", "unchecked"):
         params["disk_budget"] = 2 * shapes.largest_in + shapes.largest_out
     return params
 
@@ -725,7 +733,7 @@ def parse_args() -> argparse.Namespace:
                         help="also run every scenario on the unthrottled loopback")
     parser.add_argument("--repeat", type=int, default=1, help="runs per scenario and network; best wall time counts")
     parser.add_argument("--scenarios", type=lambda v: v.split(","), default=list(SCENARIOS),
-                        help=f"comma-separated subset of {','.join(SCENARIOS)}")
+                        help=f"comma-separated subset of {','.join(SCENARIOS + ABLATIONS)}")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="streamq's device option")
     parser.add_argument("--child-cpus", type=int, default=None,
                         help="pin each scenario to this many cores and the emulator to the rest (a small VM on a big box)")
@@ -793,8 +801,8 @@ def main() -> None:
         return
     from streamq.testing import LocalHub
 
-    if "raw" not in args.scenarios or not set(args.scenarios) <= set(SCENARIOS):
-        raise SystemExit(f"--scenarios: a subset of {','.join(SCENARIOS)} that includes raw (the baseline)")
+    if "raw" not in args.scenarios or not set(args.scenarios) <= set(SCENARIOS + ABLATIONS):
+        raise SystemExit(f"--scenarios: a subset of {','.join(SCENARIOS + ABLATIONS)} that includes raw (the baseline)")
     setup = replace(pin(args.child_cpus, args.device), timeline=args.timeline)  # pinned before the emulator starts
     spec = ModelSpec(args.hidden, args.intermediate, args.layers, args.vocab, shard_bytes=args.shard_mb * MB)
     scratch = Path(tempfile.mkdtemp(prefix="streamq-bench-", dir=args.scratch))
