@@ -16,6 +16,7 @@
 #include <string.h>
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define HAVE_V4 1 /* GCC on x86-64: target clones, and the AVX-512 path below */
 #define VECTORIZED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define VECTORIZED
@@ -128,8 +129,7 @@ INLINE void quantize_blocks(const void *src, int kind, int sorted, int64_t n, in
     quantize_tail(src, kind, sorted, n, first, last, blocksize, b, s, top, packed, absmax);
 }
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define HAVE_V4 1
+#ifdef HAVE_V4
 #define V4 __attribute__((target("arch=x86-64-v4")))
 #define LANES 16
 typedef float vf __attribute__((vector_size(4 * LANES)));
@@ -208,11 +208,6 @@ int quant4_use_avx512 = 0;
 
 #ifdef HAVE_V4
 const int quant4_avx512_path_built = 1;
-#else
-const int quant4_avx512_path_built = 0;
-#endif
-
-#ifdef HAVE_V4
 #define V4_PATH(name, kind, sorted)                                                                           \
     V4 static void name##_v4(const void *src, int64_t n, int64_t first, int64_t last, int64_t blocksize,      \
                              const float *bounds, const int32_t *steps, int32_t top, uint8_t *packed,        \
@@ -225,6 +220,7 @@ const int quant4_avx512_path_built = 0;
         return;                                                                      \
     }
 #else
+const int quant4_avx512_path_built = 0;
 #define V4_PATH(name, kind, sorted)
 #define TAKE_V4_PATH(name)
 #endif
