@@ -175,7 +175,7 @@ def _model_class(config: Any, transformers: Any, trust_remote_code: bool) -> Any
 
 
 def _rules_from_model(
-    model: Any, converter: Converter, quantizer: Any, tensors: dict[str, TensorInfo], dtype: str, read_tensors: TensorReader
+    model: Any, output: Converter, quantizer: Any, tensors: dict[str, TensorInfo], dtype: str, read_tensors: TensorReader
 ) -> dict[str, TensorRule]:
     """Mirror transformers' loading loop (core_model_loading) and save (`save_pretrained`) for each key."""
     import torch
@@ -213,7 +213,7 @@ def _rules_from_model(
         if renamed not in meta_state:
             rules[key] = TensorRule("drop", key, None, reason="not a parameter or saved buffer of the model")
             continue
-        quantize = converter.needs_quantization(model, quantizer, renamed)
+        quantize = output.needs_quantization(model, quantizer, renamed)
         if pattern is None:
             loads[key] = renamed
             filled.add(renamed)
@@ -223,7 +223,7 @@ def _rules_from_model(
             converter = pattern_to_converter[pattern]
             targets = [t for t in (renamed.replace(converter.target_patterns[0], p) for p in converter.target_patterns) if t in meta_state]
             filled.update(targets)
-            quantized = [t for t in targets if converter.needs_quantization(model, quantizer, t)]
+            quantized = [t for t in targets if output.needs_quantization(model, quantizer, t)]
             if quantized:
                 merged[key] = quantized
         target = dtype_plan[dtype_by_group[dtype_alt.search(renamed).lastgroup]] if dtype_plan and dtype_alt.search(renamed) else None
@@ -234,7 +234,7 @@ def _rules_from_model(
         if quantize:
             module = model.get_submodule(renamed.rsplit(".", 1)[0])
             transpose = issubclass(getattr(module, "source_cls", type(None)), Conv1D)
-            rules[key] = TensorRule("quantize", renamed, cast, transpose, converter.quantize_reason)
+            rules[key] = TensorRule("quantize", renamed, cast, transpose, output.quantize_reason)
         else:
             rules[key] = TensorRule("keep", key if pattern else renamed, cast, reason=_keep_reason(model, renamed))
     _refuse_merged_quantized(merged)
