@@ -1,0 +1,270 @@
+"""compressed-tensors `pack-quantized` int4 (W4A16): what llm-compressor writes, QAT grids kept exact.
+
+Which layers: llm-compressor's W4A16 rule, every module compressed-tensors matches as "Linear" on the
+model (built on the meta device) outside `ignore` (default `["lm_head"]`); per-expert MoE weights
+that transformers fuses on load are quantized under their checkpoint names, as `model_free_ptq`
+writes them (transformers loads those back). Scales: llm-compressor's round-to-nearest (static
+min-max observer, compressed-tensors' `calculate_qparams`), except for a group whose weights lie
+on a symmetric 4-bit grid (w = s * q in the weight's dtype, q in [-8, 7], as a QAT checkpoint
+stores them) that round-to-nearest would move: there the grid's own s is written, so the
+dequantized weight is the source bit for bit. Packing is compressed-tensors' own compressor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import UnsupportedModelError
+from ..settings import QuantSettings
+from .base import CardText, Stats
+
+_HEADER_BYTES_PER_TENSOR = 160  # safetensors JSON entry, generously
+_PROBE = 4  # weights of a group checked against a candidate scale before the whole group is
+
+
+class Int4Targets:
+    """The planning state of one meta model: the parameters llm-compressor's rule quantizes."""
+
+    def __init__(self) -> None:
+        self.weights: set[str] = set()  # "<Linear module>.weight"
+        self.ignored: set[str] = set()  # modules matched by `ignore`
+
+    def update_weight_conversions(self, conversions: list[Any], model: Any) -> list[Any]:
+        """As transformers' quantizers are asked when it builds the conversion mapping: a
+        not-yet-quantized model loads with the plain mapping."""
+        return conversions
+
+
+class Int4Converter:
+    """W4A16, symmetric, group strategy, written with compressed-tensors' classes."""
+
+    name = "compressed-tensors"
+    quantize_reason = "Linear layer, quantized by llm-compressor's W4A16 rule"
+
+    def __init__(self, settings: QuantSettings) -> None:
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+        self.settings = settings
+        self.group_size = int(settings.blocksize or 128)
+        self.ignore = list(settings.skip_modules) if settings.skip_modules is not None else ["lm_head"]
+        self.scheme = QuantizationScheme(
+            targets=["Linear"],
+            weights=QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=self.group_size),
+        )
+
+    # planning
+    def make_quantizer(self) -> Int4Targets:
+        return Int4Targets()
+
+    def prepare_meta_model(self, model: Any, quantizer: Int4Targets, dtype: torch.dtype) -> None:
+        """compressed-tensors' own matcher (class "Linear", `ignore` by name or "re:" regex)."""
+        from compressed_tensors.utils import match_named_modules
+
+        for name, module in match_named_modules(model, self.scheme.targets, self.ignore):
+            weight = getattr(module, "weight", None)
+            if weight is None or weight.dim() != 2:
+                continue
+            if weight.shape[1] % self.group_size:
+                raise UnsupportedModelError(
+                    f"{name} has {weight.shape[1]} input features, not a multiple of the int4 group size "
+                    f"{self.group_size}; choose blocksize {self._sizes_dividing(weight.shape[1])} or keep it with skip_modules"
+                )
+            quantizer.weights.add(f"{name}.weight")
+        quantizer.ignored = {name for name, _ in model.named_modules() if _matches(name, self.ignore)}
+
+    def _sizes_dividing(self, features: int) -> str:
+        from ..settings import INT4_GROUP_SIZES
+
+        sizes = [str(g) for g in INT4_GROUP_SIZES if features % g == 0]
+        return " or ".join(sizes) if sizes else "(none fits)"
+
+    def needs_quantization(self, model: Any, quantizer: Int4Targets, param_name: str) -> bool:
+        return param_name in quantizer.weights
+
+    def quantizes_fused_source(self, model: Any, quantizer: Int4Targets, param_name: str, shape: tuple[int, ...]) -> bool:
+        """Per-expert 2-D checkpoint weights that transformers fuses into a 3-D experts parameter are
+        quantized one by one, as model_free_ptq does (transformers' load splits them back)."""
+        module = param_name.rsplit(".", 1)[0]
+        if len(shape) != 2 or module in quantizer.ignored:
+            return False
+        try:
+            param = model.get_parameter(param_name)
+        except AttributeError:
+            return False
+        if param.dim() != 3:
+            return False
+        if shape[1] % self.group_size:
+            raise UnsupportedModelError(
+                f"the experts of {module} have {shape[1]} input features, not a multiple of the int4 group size "
+                f"{self.group_size}; choose blocksize {self._sizes_dividing(shape[1])}"
+            )
+        return True
+
+    # quantizing
+    def quantize_weight(self, weight: torch.Tensor, device: str, stats: Stats | None = None) -> dict[str, torch.Tensor]:
+        """`weight_packed`, `weight_scale`, `weight_shape` from compressed-tensors' PackedQuantizationCompressor."""
+        from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+        w = weight.to(device)
+        scale, exact = self.scales(w)
+        out = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale}, self.scheme)
+        if stats is not None:
+            groups = exact.numel()
+            stats["weights"] += 1
+            stats["groups"] += groups
+            stats["groups_exact"] += int(exact.sum())
+            stats["weights_exact"] += int(bool(exact.all()))
+            stats["params"] += w.numel()
+        return {k.removeprefix("weight"): v.cpu().contiguous() for k, v in out.items()}  # "_packed", "_scale", "_shape"
+
+    def scales(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group scales [out, in/group] in w's dtype, and which groups dequantize to w bit for bit.
+
+        Round-to-nearest first (llm-compressor's observer: min/max per group in w's dtype, then
+        compressed-tensors' `calculate_qparams`); a group it does not reproduce exactly is tried
+        against candidate grid scales s = |w|max / m (m = 1..8, and the dtype's neighbours of each),
+        all groups at once, and takes the first s that reconstructs every weight of the group."""
+        from compressed_tensors.quantization.utils import calculate_qparams
+
+        out_features, in_features = w.shape
+        groups = w.reshape(out_features, in_features // self.group_size, self.group_size)
+        scale, _ = calculate_qparams(groups.amin(dim=-1), groups.amax(dim=-1), self.scheme.weights)
+        exact = self._reproduces(groups, scale)
+        todo = (~exact).nonzero(as_tuple=True)
+        if todo[0].numel():
+            found, found_scale = self._grid_scales(groups[todo])
+            scale[todo] = torch.where(found, found_scale, scale[todo])
+            exact[todo] = found
+        return scale, exact
+
+    def _grid_scales(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For groups [n, group]: whether a grid scale reproduces each, and that scale."""
+        absmax = groups.abs().amax(dim=-1).float()
+        found = torch.zeros(groups.shape[0], dtype=torch.bool, device=groups.device)
+        best = torch.zeros(groups.shape[0], dtype=groups.dtype, device=groups.device)
+        for m in (8, 7, 6, 5, 4, 3, 2, 1):
+            base = (absmax / m).to(groups.dtype)
+            for candidate in (base, _next(base, 1), _next(base, -1)):
+                open_ = (~found & (candidate > 0) & torch.isfinite(candidate)).nonzero(as_tuple=True)[0]
+                if not open_.numel():
+                    continue
+                sub, s = groups[open_], candidate[open_]
+                probe = self._reproduces(sub[:, :_PROBE], s[:, None])
+                hit = open_[probe]
+                if hit.numel():
+                    ok = self._reproduces(groups[hit], candidate[hit][:, None])
+                    found[hit[ok]] = True
+                    best[hit[ok]] = candidate[hit[ok]]
+            if bool(found.all()):
+                break
+        return found, best
+
+    def _reproduces(self, groups: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Per group: whether compressed-tensors' quantize then dequantize gives back every weight's bits."""
+        from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+
+        flat = groups.reshape(groups.shape[0], -1)
+        args = self.scheme.weights.model_copy(update={"group_size": groups.shape[-1]})
+        q = quantize(x=flat, scale=scale, zero_point=None, args=args, dtype=torch.int8)
+        back = dequantize(x_q=q, scale=scale, zero_point=None, args=args, dtype=groups.dtype).reshape(groups.shape)
+        return (_bits(back) == _bits(groups)).all(dim=-1)
+
+    def warm_up_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.ones(16, 4 * self.group_size, dtype=dtype)
+
+    def expected_size(self, shape: tuple[int, ...]) -> int:
+        out_features, in_features = shape[0], shape[-1]
+        scale_itemsize = 4  # the model dtype's, at most float32
+        return (
+            out_features * -(-in_features // 8) * 4
+            + out_features * -(-in_features // self.group_size) * scale_itemsize
+            + 16 + 3 * _HEADER_BYTES_PER_TENSOR
+        )
+
+    # config.json, verify, card
+    def config_block(self) -> dict[str, Any]:
+        """`quantization_config` as llm-compressor's model_free_ptq writes it (compressed status)."""
+        from compressed_tensors import __version__ as ct_version
+        from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+
+        config = QuantizationConfig(
+            config_groups={"config_group_0": self.scheme.model_copy(update={"format": "pack-quantized"})},
+            ignore=list(self.ignore),
+            quantization_status=QuantizationStatus.COMPRESSED,
+            format="pack-quantized",
+        )
+        return {"version": ct_version, "quant_method": "compressed-tensors", "transform_config": {}, **config.model_dump()}
+
+    def check_config(self, quantization_config: dict[str, Any] | None, settings: dict[str, Any]) -> list[str]:
+        quant = quantization_config or {}
+        problems = [
+            f"config.json quantization_config[{key!r}] is {quant.get(key)!r}, expected {value!r}"
+            for key, value in (("quant_method", "compressed-tensors"), ("format", "pack-quantized"), ("quantization_status", "compressed"))
+            if quant.get(key) != value
+        ]
+        weights = [g.get("weights") or {} for g in (quant.get("config_groups") or {}).values()]
+        if not weights or any(w.get("num_bits") != 4 or w.get("group_size") != settings["blocksize"] for w in weights):
+            problems.append(f"config.json quantization_config does not describe int4 weights in groups of {settings['blocksize']}")
+        return problems
+
+    def plan_note(self) -> str | None:
+        return (
+            f"grid-exact groups (weights already on a 4-bit grid, as in QAT checkpoints) are counted while quantizing; "
+            f"the run's summary, manifest and model card report them. QAT checkpoints trained on groups of 32 need blocksize 32"
+            if self.group_size != 32 else
+            "grid-exact groups (weights already on a 4-bit grid, as in QAT checkpoints) are counted while quantizing; "
+            "the run's summary, manifest and model card report them"
+        )
+
+    def card(self, stats: Stats) -> CardText:
+        groups, exact = stats.get("groups", 0), stats.get("groups_exact", 0)
+        share = exact / groups if groups else 0.0
+        if groups and share == 1.0:
+            verdict = "**yes**: every group of every quantized weight lies on a 4-bit grid and was kept exactly"
+        elif share >= 0.5:
+            verdict = f"mostly: {share:.1%} of the groups lie on a 4-bit grid and were kept exactly; the rest were rounded to nearest"
+        else:
+            verdict = f"no ({share:.2%} of the groups were on a 4-bit grid); the weights were rounded to nearest as llm-compressor does"
+        return CardText(
+            title=f"int4 W4A16 (compressed-tensors, group size {self.group_size})",
+            tags=["compressed-tensors", "int4", "w4a16", "4-bit"],
+            description=(
+                "The weights are compressed-tensors `pack-quantized` int4 (W4A16: symmetric, one scale per group of "
+                f"{self.group_size} input weights, activations unquantized), the format llm-compressor's `W4A16` scheme writes; "
+                "transformers loads it with the `compressed-tensors` package and vLLM serves it with its int4 kernels. "
+                "Groups whose weights already lie on a symmetric 4-bit grid (quantization-aware-trained checkpoints) keep "
+                "that grid's scale, so they dequantize to the source weights bit for bit; the others are rounded to nearest "
+                "exactly as llm-compressor's `model_free_ptq` does.\n\n"
+                f"Quantization-aware-trained (QAT) source: {verdict} "
+                f"({exact} of {groups} groups; {stats.get('weights_exact', 0)} of {stats.get('weights', 0)} weights entirely)."
+            ),
+            rows=[
+                ("format", "`compressed-tensors` pack-quantized, int4 W4A16, symmetric"),
+                ("group size", f"`{self.group_size}`"),
+                ("not quantized", ", ".join(f"`{m}`" for m in self.ignore) + " and every non-Linear layer (embeddings, norms, routers)"),
+                ("grid-exact groups", f"{exact} / {groups}"),
+            ],
+            loading=(
+                "Needs `compressed-tensors` installed. vLLM: `vllm serve <this repo>`. To get plain dequantized weights "
+                "in transformers, pass `quantization_config=CompressedTensorsConfig(run_compressed=False)`."
+            ),
+        )
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    from compressed_tensors.utils.match import match_name
+
+    return any(match_name(name, p) for p in patterns)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor, so -0.0 and 0.0 differ and NaN equals itself."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _next(t: torch.Tensor, direction: int) -> torch.Tensor:
+    """The neighbouring representable value of each positive finite element in t's dtype (one step
+    of its bit pattern; a result that leaves the positive finite range is filtered by the caller)."""
+    return (_bits(t) + direction).view(t.dtype)
