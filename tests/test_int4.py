@@ -129,3 +129,33 @@ def test_cli_int4_resumes_and_verifies(tmp_path: Path, capsys) -> None:
     assert main(["requantize", str(src), str(tmp_path / "out"), "--quant-type", "int4", "--blocksize", "64"]) == 1  # other settings
     assert main(["plan", str(src), "--quant-type", "int4", "--blocksize", "32"]) == 0
     assert "grid" in capsys.readouterr().out
+
+
+def test_exact_groups_are_what_compressed_tensors_round_trip_gives_back() -> None:
+    """The grid search's own arithmetic against the library's: a weight mixing grid groups (bf16 and
+    fp16, several largest |q|), ordinary groups and all-zero groups, packed, unpacked, compared."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from int4_cases import on_grid
+
+    from streamq.converters import converter_for
+    from streamq.settings import QuantSettings
+
+    converter = converter_for(QuantSettings("int4", blocksize=32))
+    generator = torch.Generator().manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float16):
+        grid = on_grid(torch.Size([64, 256]), 32, dtype, generator).reshape(64, 8, 32)
+        for rows, top in ((slice(0, 8), 7), (slice(8, 16), 6), (slice(16, 24), 5), (slice(24, 32), 3)):  # largest |q| below 8
+            q = torch.randint(-top, top + 1, (8, 8, 32), generator=generator)
+            grid[rows] = q.to(dtype) * (torch.rand(8, 8, 1, generator=generator) * 0.02 + 0.002).to(dtype)
+        ordinary = (torch.randn(64, 8, 32, generator=generator) * 0.02).to(dtype)
+        pick = torch.rand(64, 8, 1, generator=generator) < 0.5
+        w = torch.where(pick, grid, ordinary)
+        w[0, 0] = 0.0
+        w = w.reshape(64, 256)
+        scale, exact = converter.scales(w)
+        packed = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale}, converter.scheme)
+        back = PackedQuantizationCompressor.decompress(packed, converter.scheme)["weight"].to(dtype)
+        same = (back.view(torch.int16) == w.view(torch.int16)).reshape(64, 8, 32).all(dim=-1)
+        assert torch.equal(same, exact)
+        assert bool(exact[pick[..., 0]].all()) and exact[0, 0]
+        assert not bool(exact[~pick[..., 0]][1:].any())

@@ -22,6 +22,10 @@ from .base import CardText, Stats
 
 _HEADER_BYTES_PER_TENSOR = 160  # safetensors JSON entry, generously
 _PROBE = 4  # weights of a group checked against a candidate scale before the whole group is
+_CHUNK_GROUPS = 1 << 16  # groups searched at once (16 candidate scales x _PROBE weights each)
+# The largest |q| in a group (8 first: a Q4_0 group of 32 holds a -8 most often, then 7, ...).
+_POWERS = torch.tensor([8.0, 4.0, 2.0, 1.0])
+_OTHERS = torch.tensor([7.0, 6.0, 5.0, 3.0])
 
 
 class Int4Targets:
@@ -122,54 +126,26 @@ class Int4Converter:
     def scales(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-group scales [out, in/group] in w's dtype, and which groups dequantize to w bit for bit.
 
-        Round-to-nearest first (llm-compressor's observer: min/max per group in w's dtype, then
-        compressed-tensors' `calculate_qparams`); a group it does not reproduce exactly is tried
-        against candidate grid scales s = |w|max / m (m = 1..8, and the dtype's neighbours of each),
-        all groups at once, and takes the first s that reconstructs every weight of the group."""
+        Round-to-nearest (llm-compressor's observer: min/max per group in w's dtype, then
+        compressed-tensors' `calculate_qparams`) except where a grid scale reproduces the group and
+        round-to-nearest does not. Grid scales are searched for all groups at once (see `_grid_scales`)."""
         from compressed_tensors.quantization.utils import calculate_qparams
 
         out_features, in_features = w.shape
-        groups = w.reshape(out_features, in_features // self.group_size, self.group_size)
-        scale, _ = calculate_qparams(groups.amin(dim=-1), groups.amax(dim=-1), self.scheme.weights)
-        exact = self._reproduces(groups, scale)
-        todo = (~exact).nonzero(as_tuple=True)
-        if todo[0].numel():
-            found, found_scale = self._grid_scales(groups[todo])
-            scale[todo] = torch.where(found, found_scale, scale[todo])
-            exact[todo] = found
-        return scale, exact
-
-    def _grid_scales(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For groups [n, group]: whether a grid scale reproduces each, and that scale."""
-        absmax = groups.abs().amax(dim=-1).float()
-        found = torch.zeros(groups.shape[0], dtype=torch.bool, device=groups.device)
-        best = torch.zeros(groups.shape[0], dtype=groups.dtype, device=groups.device)
-        for m in (8, 7, 6, 5, 4, 3, 2, 1):
-            base = (absmax / m).to(groups.dtype)
-            for candidate in (base, _next(base, 1), _next(base, -1)):
-                open_ = (~found & (candidate > 0) & torch.isfinite(candidate)).nonzero(as_tuple=True)[0]
-                if not open_.numel():
-                    continue
-                sub, s = groups[open_], candidate[open_]
-                probe = self._reproduces(sub[:, :_PROBE], s[:, None])
-                hit = open_[probe]
-                if hit.numel():
-                    ok = self._reproduces(groups[hit], candidate[hit][:, None])
-                    found[hit[ok]] = True
-                    best[hit[ok]] = candidate[hit[ok]]
-            if bool(found.all()):
-                break
-        return found, best
-
-    def _reproduces(self, groups: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Per group: whether compressed-tensors' quantize then dequantize gives back every weight's bits."""
-        from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
-
-        flat = groups.reshape(groups.shape[0], -1)
-        args = self.scheme.weights.model_copy(update={"group_size": groups.shape[-1]})
-        q = quantize(x=flat, scale=scale, zero_point=None, args=args, dtype=torch.int8)
-        back = dequantize(x_q=q, scale=scale, zero_point=None, args=args, dtype=groups.dtype).reshape(groups.shape)
-        return (_bits(back) == _bits(groups)).all(dim=-1)
+        groups = w.reshape(-1, self.group_size)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        scale, _ = calculate_qparams(low, high, self.scheme.weights)
+        exact = torch.zeros_like(scale, dtype=torch.bool)
+        for chunk in torch.arange(groups.shape[0], device=w.device).split(_CHUNK_GROUPS):
+            found, grid = _grid_scales(groups[chunk])
+            rows = chunk[found]
+            keep = _reproduces(groups[rows], scale[rows, None])  # round-to-nearest is exact there too: its bytes stay
+            scale[rows[~keep]] = grid[found][~keep]
+            exact[rows] = True
+        zero = (~exact & (low == 0) & (high == 0)).nonzero().squeeze(1)  # no grid scale; round-to-nearest keeps +0.0
+        exact[zero] = _reproduces(groups[zero], scale[zero, None])
+        shape = (out_features, in_features // self.group_size)
+        return scale.reshape(shape), exact.reshape(shape)
 
     def warm_up_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.ones(16, 4 * self.group_size, dtype=dtype)
@@ -251,6 +227,50 @@ class Int4Converter:
                 "in transformers, pass `quantization_config=CompressedTensorsConfig(run_compressed=False)`."
             ),
         )
+
+
+def _grid_scales(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For groups [n, group]: whether a grid scale reproduces each, and that scale.
+
+    Candidates: s = |w|max / m for m = 8..1 (the largest |q| of the group), and for m not a power of
+    two also the dtype's neighbours of that quotient (|w|max itself was rounded). Every candidate is first tried on the first few weights of each group at once (which rejects
+    ordinary weights cheaply); a group's first surviving candidate is then checked on the whole
+    group, the next one where that fails."""
+    n = groups.shape[0]
+    absmax = groups.abs().amax(dim=-1).float()[:, None]
+    exact = (absmax / _POWERS.to(groups.device)).to(groups.dtype)  # |q|max a power of two: s = |w|max / |q|max exactly
+    rounded = (absmax / _OTHERS.to(groups.device)).to(groups.dtype)  # else |w|max = dtype(s * |q|max): s is near it
+    candidates = torch.cat((exact[:, :1], rounded[:, :1], _next(rounded[:, :1], 1), _next(rounded[:, :1], -1),
+                            exact[:, 1:], rounded[:, 1:], _next(rounded[:, 1:], 1), _next(rounded[:, 1:], -1)), dim=-1)
+    usable = (candidates > 0) & torch.isfinite(candidates)
+    # A cheap necessary condition first: w = dtype(s * q) puts w / s within 8 * 2^-8 (bfloat16's
+    # rounding; less in float16/32) of an integer; ordinary weights pass it on two weights rarely.
+    ratio = groups[:, None, :2].float() / candidates[..., None].float()
+    near = ((ratio - ratio.round()).abs() <= 1 / 16).all(dim=-1) & usable
+    rows = near.any(dim=-1).nonzero().squeeze(1)
+    ok = torch.zeros_like(near)
+    ok[rows] = near[rows] & _reproduces(groups[rows, None, :_PROBE], candidates[rows, :, None])
+    found = torch.zeros(n, dtype=torch.bool, device=groups.device)
+    best = torch.zeros(n, dtype=groups.dtype, device=groups.device)
+    while True:
+        rows = (ok.any(dim=-1) & ~found).nonzero().squeeze(1)
+        if not rows.numel():
+            return found, best
+        first = ok[rows].to(torch.uint8).argmax(dim=-1)
+        scale = candidates[rows, first]
+        whole = _reproduces(groups[rows], scale[:, None])
+        found[rows[whole]] = True
+        best[rows[whole]] = scale[whole]
+        ok[rows[~whole], first[~whole]] = False
+
+
+def _reproduces(weights: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Whether quantizing `weights` with `scale` (broadcast over the last dim) and dequantizing gives
+    back every weight's bits, all(-1). The same torch ops in the same dtype as compressed-tensors'
+    quantize (x / scale, clamp to [-8, 7], round) and dequantize (q * scale), so the same results
+    (tests/test_int4.py checks it against the library's own round trip)."""
+    q = torch.round(torch.clamp(weights / scale, -8, 7))
+    return (_bits(q * scale) == _bits(weights)).all(dim=-1)
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
