@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UnsupportedModelError
+from ..errors import StreamqError, UnsupportedModelError
 from ..settings import QuantSettings
 from .base import CardText, Stats
 
@@ -48,7 +48,10 @@ class Int4Converter:
     quantize_reason = "Linear layer, quantized by llm-compressor's W4A16 rule"
 
     def __init__(self, settings: QuantSettings) -> None:
-        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        try:
+            from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        except ImportError as exc:
+            raise StreamqError("quant_type int4 writes with the compressed-tensors package: pip install 'streamq[int4]'") from exc
 
         self.settings = settings
         self.group_size = int(settings.blocksize or 128)
