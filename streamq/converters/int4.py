@@ -130,7 +130,8 @@ class Int4Converter:
 
         Round-to-nearest (llm-compressor's observer: min/max per group in w's dtype, then
         compressed-tensors' `calculate_qparams`) except where a grid scale reproduces the group and
-        round-to-nearest does not (it reproduces only all-zero groups). Grid scales are searched for all groups at once (see `_grid_scales`)."""
+        round-to-nearest does not (it reproduces only all-zero groups). Grid scales are searched for
+        all groups at once (see `_grid_scales`)."""
         from compressed_tensors.quantization.utils import calculate_qparams
 
         out_features, in_features = w.shape
@@ -138,12 +139,13 @@ class Int4Converter:
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
         scale, _ = calculate_qparams(low, high, self.scheme.weights)
         exact = torch.zeros_like(scale, dtype=torch.bool)
-        for chunk in torch.arange(groups.shape[0], device=w.device).split(_CHUNK_GROUPS):
+        for start in range(0, groups.shape[0], _CHUNK_GROUPS):
             # Round-to-nearest never reproduces a group with a nonzero weight (its largest weight comes
             # back as 7 or 8 times max/7.5, 6-7% off), so a grid scale found replaces it.
-            found, grid = _grid_scales(groups[chunk])
-            scale[chunk[found]] = grid[found]
-            exact[chunk[found]] = True
+            part = slice(start, start + _CHUNK_GROUPS)
+            found, grid = _grid_scales(groups[part])
+            scale[part][found] = grid[found]
+            exact[part] = found
         zero = (~exact & (low == 0) & (high == 0)).nonzero().squeeze(1)  # no grid scale; round-to-nearest keeps +0.0
         exact[zero] = _reproduces(groups[zero], scale[zero, None])
         shape = (out_features, in_features // self.group_size)
