@@ -56,6 +56,10 @@ model = AutoModelForCausalLM.from_pretrained("{repo_name}")  # the 4-bit config 
 
 Needs `bitsandbytes` and `accelerate` installed.
 """
+    if plan.left_out:
+        text += "\n## Files of the source repo not in this one\n\n" + "".join(
+            f"- `{name}`: {reason}\n" for name, reason in plan.left_out.items()
+        )
     if body:
         text += f"\n## Original model card\n\n{body}\n"
     return text
