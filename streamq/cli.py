@@ -10,6 +10,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+from . import __version__
 from .errors import StreamqError
 
 EXAMPLES = """examples:
@@ -52,8 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"streamq {__version__}")
+    # The global options are accepted after the subcommand too (`streamq requantize a b -v`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log detail (-vv for debug)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = commands.add_parser("requantize", help="convert IN into a 4-bit repo or directory OUT", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def command(name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, parents=[common], **kwargs)
+
+    run = command("requantize", "convert IN into a 4-bit repo or directory OUT", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _plan_options(run)
     run.add_argument("dst", metavar="OUT", help="Hub repo id or local directory for the 4-bit model")
     run.add_argument("--dry-run", action="store_true", help="print the plan (same as `streamq plan`) and stop")
@@ -67,17 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--disk-budget", type=float, metavar="GB", help="let work_dir hold this much, to download the next shard while one quantizes")
     run.add_argument("--min-commit-interval", type=float, default=36.0, help="seconds between Hub commits; shards in between are committed together")
 
-    plan = commands.add_parser("plan", help="show what requantize would do, reading only headers")
+    plan = command("plan", "show what requantize would do, reading only headers")
     _plan_options(plan)
 
-    verify = commands.add_parser("verify", help="check a finished output against its manifest")
+    verify = command("verify", "check a finished output against its manifest")
     verify.add_argument("dst", metavar="OUT")
     verify.add_argument("--branch")
     verify.add_argument("--load", action="store_true", help="also load it with transformers on CPU and run one forward pass")
     verify.add_argument("--json", action="store_true")
     _hub_options(verify)
 
-    status = commands.add_parser("status", help="what the manifest of OUT says: done, pending, settings")
+    status = command("status", "what the manifest of OUT says: done, pending, settings")
     status.add_argument("dst", metavar="OUT")
     status.add_argument("--branch")
     status.add_argument("--json", action="store_true")

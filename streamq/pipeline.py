@@ -24,7 +24,7 @@ from .budget import DiskBudget
 from .errors import InsufficientDiskError, OutputNotWritableError, StreamqError
 from .fetch import HubSource, Source, open_source
 from .finish import output_config, output_index
-from .hub import make_api
+from .hub import make_api, require_online
 from .location import HubRepo, LocalDir, parse_location, source_location
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry
 from .modelcard import render_model_card
@@ -109,6 +109,8 @@ def iter_requantize(
         raise ValueError("create_pr needs a Hub repo as output, not a directory")
     if _same_location(src_loc, dst_loc):
         raise StreamqError(f"the output {dst} is the source itself; choose another output repo or directory")
+    if isinstance(dst_loc, HubRepo):
+        require_online(dst_loc.repo_id)
     device = _resolve_device(device)
 
     with ExitStack() as stack:
