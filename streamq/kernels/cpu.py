@@ -7,7 +7,7 @@ double quant, its native 8-bit blockwise op over the absmax (absmax per 256-bloc
 temporaries. Here the same arithmetic runs as one fused pass of C (`quant4.c`, over block ranges, on
 all cores) that reads bf16/fp16/fp32 directly. `quantize_4bit` checks itself against the installed
 bitsandbytes once per setting and falls back to it whenever it cannot promise identical bytes, or
-when the compiled library is missing (a build without a C compiler).
+when the compiled library is missing (its build failed: setup.py records why).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import bitsandbytes
 import bitsandbytes.functional as bnbf
@@ -27,6 +28,7 @@ import torch
 from bitsandbytes.functional import QuantState
 
 logger = logging.getLogger(__name__)
+BUILD_RECORD = "_quant4_build_error.txt"  # written by setup.py when the build fails
 
 
 def _load_library() -> ctypes.CDLL | None:
@@ -34,8 +36,8 @@ def _load_library() -> ctypes.CDLL | None:
     releases the GIL during each call), or None where it was not built."""
     spec = importlib.util.find_spec(f"{__package__}._quant4")
     if spec is None or spec.origin is None:
-        logger.warning("streamq's CPU kernel was not built (no C compiler when streamq was installed); "
-                       "bitsandbytes quantizes instead, 20-60x slower. Reinstall streamq where gcc or clang is present")
+        logger.warning("streamq's CPU kernel is not built: %s; bitsandbytes quantizes instead, much slower. "
+                       "Reinstall streamq (pip install) where a C compiler (gcc or clang) works", not_built_reason())
         return None
     try:
         lib = ctypes.CDLL(spec.origin)
@@ -51,6 +53,13 @@ def _load_library() -> ctypes.CDLL | None:
     lib.quant4_has_avx512.restype = ctypes.c_int
     ctypes.c_int.in_dll(lib, "quant4_use_avx512").value = lib.quant4_has_avx512()
     return lib
+
+
+def not_built_reason(record: Path = Path(__file__).with_name(BUILD_RECORD)) -> str:
+    """Why the kernel is missing, as setup.py recorded it; no record means no build was attempted."""
+    if record.is_file():
+        return f"{record.read_text().strip()} when streamq was installed"
+    return "no build of it was attempted for this copy of streamq (imported from a source tree, as through PYTHONPATH, or from a wheel without it)"
 
 
 _KERNEL_NAMES = {  # (dtype, sorted code) -> kernel in quant4.c
