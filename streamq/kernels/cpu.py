@@ -75,7 +75,7 @@ QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bnb.functional.quantize_4bit accepts
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _NESTED_BLOCKSIZE = 256  # bnb quantizes the absmax of double quant in blocks of 256
-_JOB_WEIGHTS = 1 << 20  # weights per job handed to a thread (~2 ms of one core)
+_JOB_WEIGHTS = 1 << 20  # weights per job handed to a thread: a few ms of one core
 
 
 def supports(weight: torch.Tensor, quant_type: str, blocksize: int) -> bool:
@@ -159,8 +159,8 @@ def _in_parallel(run: Callable[[int, int], None], blocks: int, step: int) -> Non
 
     Threads of our own (ctypes releases the GIL during each call) rather than OpenMP parallel loops:
     under OpenMP (an earlier numba kernel's `prange`), a core that finished its static share spun at
-    the barrier while the download and hashing threads needed it, and the kernel took 4x its CPU
-    time on a busy 2-core VM. Here an idle worker just takes the next range, and a waiting one sleeps.
+    the barrier while the download and hashing threads needed it, and the kernel took several times its
+    CPU time on a busy 2-core VM. Here an idle worker just takes the next range, and a waiting one sleeps.
     """
     ranges = [(first, min(first + step, blocks)) for first in range(0, blocks, step)]
     if len(ranges) == 1:
@@ -178,8 +178,8 @@ def _pool() -> ThreadPoolExecutor:
 def _mean(values: torch.Tensor) -> torch.Tensor:
     """`values.mean()` as bnb computes it (torch's parallel reduction, whose bits depend on the thread
     count), but on a thread that ends right after: the OpenMP workers of a thread that lives on spin
-    for ~10 ms after each parallel op, CPU that a 2-core VM's download and hashing threads need (4
-    CPU-seconds over a 4.5 GB model). A new thread runs with torch's thread count; same bits."""
+    for a while after each parallel op, CPU that a small VM's download and hashing threads need.
+    A new thread runs with torch's thread count; same bits."""
     with ThreadPoolExecutor(1, "streamq-mean") as thread:
         return thread.submit(values.mean).result()
 
