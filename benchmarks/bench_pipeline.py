@@ -882,9 +882,11 @@ def run_all(
     """Each throttled bandwidth (calibrated first), then the bare loopback if asked; `save` gets the
     results after every run (the one in progress marked partial), so a run cut off keeps what it measured."""
     results: list[dict[str, Any]] = []
+    network: Network | None = None  # the setting in progress, for the partial saves
+    calibration: list[dict[str, Any]] | None = None
 
     def save_partial(partial: dict[str, Any]) -> None:
-        save([*results, partial])
+        save([*results, {**partial, "network": asdict(network) if network else None, "calibration": calibration}])
 
     for mbps in args.bandwidth_mbps:
         network, calibration = calibrate(hub, mbps * MB, shapes, scratch, setup, args.calibration_rounds)
@@ -893,6 +895,7 @@ def run_all(
         measured = run_network(label, network, hub, shapes, scratch, args.repeat, args.scenarios, setup, save_partial)
         results.append({**measured, "calibration": calibration})
     if args.unthrottled:
+        network, calibration = None, None
         results.append(run_network("unthrottled loopback", None, hub, shapes, scratch, args.repeat, args.scenarios, setup, save_partial))
     save(results)
     return results
