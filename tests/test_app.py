@@ -1,0 +1,250 @@
+"""The web app as a user meets it: `streamq app` started as a command, against the local Hub emulator,
+driven through `gradio_client` (the `/requantize` API) and through its page in headless Chromium.
+
+Needs the `app` extra and Debian's chromium + chromium-driver (`.ci/run` installs both); missing, the
+tests fail rather than skip, so CI never passes without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi, snapshot_download
+
+from streamq import stream_requantize
+from streamq.testing import Fault, LocalHub
+from tiny_models import make_model
+
+SENTINEL = "hf_SENTINELappToken0123456789abcdefXYZ"  # the app's HF_TOKEN: must never show up anywhere
+SCREENSHOT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "app_finished.png"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = (
+    "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking "
+    "--disable-component-update --disable-sync --window-size=1200,1400"
+).split()
+
+
+class App:
+    """A running `streamq app` subprocess and the Hub it talks to."""
+
+    def __init__(self, hub: LocalHub, url: str, log: Path) -> None:
+        self.hub, self.url, self.log = hub, url, log
+        self.api = HfApi(endpoint=hub.endpoint, token=SENTINEL)
+        self.seen: list[str] = []  # everything the page and the API showed, checked for the token at the end
+
+    def repos(self) -> dict[str, str]:
+        """Every repo of the emulator and its main commit: what a failed run must leave as it was."""
+        found = {}
+        for repo_id in ("me/model-nf4", "me/page-nf4", "me/exists", "me/new", "org/out", "me/missing-nf4", "me/private-nf4", "me/gated-nf4"):
+            if self.api.repo_exists(repo_id):
+                found[repo_id] = self.api.model_info(repo_id).sha
+        return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory) -> Iterator[App]:
+    root = tmp_path_factory.mktemp("app")
+    tokens = {SENTINEL: {"user": "me", "write": ["me/*"], "read": ["org/*"]}, "hf_owner": {"user": "org", "write": ["*"]}}
+    with LocalHub(root / "hub", tokens=tokens) as hub:
+        owner = HfApi(endpoint=hub.endpoint, token="hf_owner")
+        for name, seed in (("org/model", 0), ("org/page", 1), ("other/private", 2), ("org/gated", 3)):
+            owner.create_repo(name, private=name == "other/private")
+            owner.upload_folder(repo_id=name, folder_path=make_model(root / name.replace("/", "_"), seed=seed))
+        hub.set_gated("org/gated")
+        # an output made earlier with other settings (fp4): converting into it with nf4 must be refused
+        stream_requantize("org/model", "me/exists", quant_type="fp4", endpoint=hub.endpoint, token=SENTINEL, progress=False, min_commit_interval=0)
+
+        port = _free_port()
+        env = {**os.environ, "HF_TOKEN": SENTINEL, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+               "STREAMQ_WORK_DIR": str(root / "work"), "HF_HOME": str(root / "hf_home")}
+        env.pop("GRADIO_ANALYTICS_ENABLED", None)  # the app itself must turn analytics off
+        log = root / "app.log"
+        with open(log, "wb") as out:
+            command = [sys.executable, "-m", "streamq", "-vv", "app", "--port", str(port), "--endpoint", hub.endpoint]
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            _wait_until_up(url, proc, log)
+            yield App(hub, url, log)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"streamq app exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"streamq app did not answer within {timeout} s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_importing_streamq_does_not_import_gradio() -> None:
+    code = "import sys, streamq, streamq.cli; streamq.cli.build_parser(); print(sorted(m for m in sys.modules if m.split('.')[0] in ('gradio', 'gradio_client', 'streamq.app', 'selenium')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_gradio_client_converts_and_the_output_loads(app: App, tmp_path: Path) -> None:
+    from gradio_client import Client
+    from transformers import AutoModelForCausalLM
+
+    import torch
+
+    client = Client(app.url, verbose=False)
+    assert "/requantize" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    plan = client.predict("org/model", "nf4", True, "bfloat16", api_name="/plan")
+    assert "model-00001-of-00007.safetensors" in plan and "disk budget on this machine" in plan
+    progress, link, result = client.predict("org/model", "me/model-nf4", "nf4", True, "bfloat16", False, api_name="/requantize")
+    app.seen += [plan, progress, link, json.dumps(result)]
+    assert result["url"] == f"{app.hub.endpoint}/me/model-nf4" and result["url"] in link
+    assert result["shards"] == 7 and result["shards_skipped"] == 0 and result["tensors_quantized"] > 0
+    assert "Phase:** done" in progress and "7 of 7 published" in progress
+
+    out = Path(snapshot_download("me/model-nf4", endpoint=app.hub.endpoint, token=SENTINEL, local_dir=tmp_path / "dl"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+
+    # the same conversion again resumes: every shard is found done, nothing is converted or committed
+    commits = len(app.api.list_repo_commits("me/model-nf4"))
+    progress, _, again = client.predict("org/model", "me/model-nf4", "nf4", True, "bfloat16", False, api_name="/requantize")
+    assert again["shards_skipped"] == 7 and "7 done by an earlier run" in progress
+    assert len(app.api.list_repo_commits("me/model-nf4")) == commits
+
+
+def test_the_page_in_a_browser_plans_converts_shows_progress_and_links(app: App, browser) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    slow = app.hub.faults.add(Fault.throttle(2048, 0.02, method="GET", path=r"^/storage/", times=None))  # ~100 kB/s: progress is seen
+    try:
+        browser.get(app.url)
+        wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+        source = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#source textarea, #source input"))
+        output = browser.find_element(By.CSS_SELECTOR, "#output textarea, #output input")
+        source.send_keys("org/page")
+        output.click()  # leaving the source field suggests <user>/<model>-<quant type>
+        wait.until(lambda d: output.get_attribute("value") == "me/page-nf4")
+
+        browser.find_element(By.ID, "plan").click()
+        wait.until(lambda d: "disk budget on this machine" in d.find_element(By.ID, "plan-box").text)
+        plan = browser.find_element(By.ID, "plan-box").text
+        assert "model-00007-of-00007.safetensors" in plan and "quantize: nn.Linear replaced by Linear4bit" in plan
+
+        browser.find_element(By.ID, "convert").click()
+        seen: list[str] = []
+
+        def finished(driver) -> bool:
+            seen.append(driver.find_element(By.ID, "status").text)
+            return "Done:" in driver.find_element(By.ID, "result").text
+
+        wait.until(finished)
+    finally:
+        app.hub.faults.remove(slow)
+    during = [text for text in seen if "Phase: shard" in text]
+    assert during, f"no progress seen while converting: {seen[-3:]}"
+    assert any("Input converted:" in t and "MB/s" in t and "Work directory:" in t for t in during)
+    assert any("of 7 published" in t and "7 of 7" not in t for t in during)
+    link = browser.find_element(By.CSS_SELECTOR, "#result a")
+    assert link.get_attribute("href") == f"{app.hub.endpoint}/me/page-nf4"
+    assert "Phase: done" in browser.find_element(By.ID, "status").text
+    assert app.api.file_exists("me/page-nf4", "config.json")
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOT))
+    app.seen += [browser.page_source, "\n".join(seen)]
+
+    # offline: the page loaded nothing from outside this machine (no CDN, fonts or analytics)
+    hosts = set()
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            hosts.add(message["params"]["request"]["url"].split("/")[2])
+    assert hosts - {"", app.url.split("/")[2]} == set(), hosts
+
+
+BAD_INPUT = [
+    ("org/missing", "me/missing-nf4", "nf4", "repo org/missing not found"),
+    ("other/private", "me/private-nf4", "nf4", "repo other/private not found, or private"),
+    ("org/gated", "me/gated-nf4", "nf4", "org/gated is gated"),
+    ("org/model", "org/out", "nf4", "cannot write to org/out"),
+    ("org/model", "me/exists", "nf4", "the output already holds a run with settings"),
+    ("./model", "me/new", "nf4", "must be a Hub repo id"),
+]
+
+
+@pytest.mark.parametrize("source, output, quant, message", BAD_INPUT, ids=[c[3] for c in BAD_INPUT])
+def test_bad_input_on_the_page_shows_one_line_and_publishes_nothing(app: App, browser, source: str, output: str, quant: str, message: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    before = app.repos()
+    browser.get(app.url)
+    wait = WebDriverWait(browser, 60, poll_frequency=0.1)
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#source textarea, #source input")).send_keys(source)
+    field = browser.find_element(By.CSS_SELECTOR, "#output textarea, #output input")
+    field.click()
+    wait.until(lambda d: field.get_attribute("value"))  # the suggested name, replaced by the one under test
+    field.clear()
+    field.send_keys(output)
+    browser.find_element(By.ID, "convert").click()
+    wait.until(lambda d: message in d.find_element(By.TAG_NAME, "body").text)
+    shown = browser.find_element(By.TAG_NAME, "body").text
+    assert "Traceback" not in shown and "File \"" not in shown
+    app.seen.append(browser.page_source)
+    assert app.repos() == before  # no new repo, no new commit
+    if output == "me/exists":
+        assert "fp4" in shown  # names the setting that differs
+
+
+def test_the_token_never_appears_in_pages_api_answers_or_logs(app: App) -> None:
+    assert len(app.seen) >= 5, "run the tests above first (they collect what the page showed)"
+    for path in ("config", "gradio_api/info"):
+        with urllib.request.urlopen(app.url + path, timeout=10) as response:
+            app.seen.append(response.read().decode())
+    log = app.log.read_text(errors="replace")
+    assert "Running on local URL" in log
+    for text in [*app.seen, log]:
+        assert SENTINEL not in text and SENTINEL[3:] not in text
