@@ -25,6 +25,7 @@ from streamq.testing import Fault, LocalHub
 from tiny_models import make_model
 
 SENTINEL = "hf_SENTINELappToken0123456789abcdefXYZ"  # the app's HF_TOKEN: must never show up anywhere
+VISITOR = "hf_VISITORscriptToken9876543210zyxwvuTSR"  # a script's own token (gradio_client's oauth_token=)
 SCREENSHOT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "app_finished.png"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = (
@@ -59,7 +60,11 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory) -> Iterator[App]:
     root = tmp_path_factory.mktemp("app")
-    tokens = {SENTINEL: {"user": "me", "write": ["me/*"], "read": ["org/*"]}, "hf_owner": {"user": "org", "write": ["*"]}}
+    tokens = {
+        SENTINEL: {"user": "me", "write": ["me/*"], "read": ["org/*"]},
+        VISITOR: {"user": "you", "write": ["you/*"], "read": ["org/*"]},
+        "hf_owner": {"user": "org", "write": ["*"]},
+    }
     with LocalHub(root / "hub", tokens=tokens) as hub:
         owner = HfApi(endpoint=hub.endpoint, token="hf_owner")
         for name, seed in (("org/model", 0), ("org/page", 1), ("other/private", 2), ("org/gated", 3)):
@@ -129,7 +134,7 @@ def test_gradio_client_converts_and_the_output_loads(app: App, tmp_path: Path) -
 
     import torch
 
-    client = Client(app.url, verbose=False)
+    client = Client(app.url, verbose=False, analytics_enabled=False)
     assert "/requantize" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     plan = client.predict("org/model", "nf4", True, "bfloat16", api_name="/plan")
     assert "model-00001-of-00007.safetensors" in plan and "disk budget on this machine" in plan
@@ -153,6 +158,16 @@ def test_gradio_client_converts_and_the_output_loads(app: App, tmp_path: Path) -
     progress, _, again = client.predict("org/model", "me/model-nf4", "nf4", True, "bfloat16", False, api_name="/requantize")
     assert again["shards_skipped"] == 7 and "7 done by an earlier run" in progress
     assert len(app.api.list_repo_commits("me/model-nf4")) == commits
+
+
+def test_a_script_converts_with_its_own_token(app: App) -> None:
+    from gradio_client import Client
+
+    client = Client(app.url, verbose=False, analytics_enabled=False, oauth_token=VISITOR)
+    progress, link, result = client.predict("org/model", "", "nf4", True, "bfloat16", False, api_name="/requantize")
+    app.seen += [progress, link, json.dumps(result)]
+    assert result["url"] == f"{app.hub.endpoint}/you/model-nf4"  # the default name is the token's user's
+    assert HfApi(endpoint=app.hub.endpoint, token=VISITOR).file_exists("you/model-nf4", "config.json")
 
 
 def test_the_page_in_a_browser_plans_converts_shows_progress_and_links(app: App, browser) -> None:
@@ -247,4 +262,76 @@ def test_the_token_never_appears_in_pages_api_answers_or_logs(app: App) -> None:
     log = app.log.read_text(errors="replace")
     assert "Running on local URL" in log
     for text in [*app.seen, log]:
-        assert SENTINEL not in text and SENTINEL[3:] not in text
+        for token in (SENTINEL, VISITOR):
+            assert token not in text and token[3:] not in text
+
+
+def test_one_conversion_at_a_time_the_next_waits_in_the_queue(app: App) -> None:
+    from gradio_client import Client
+    from gradio_client.utils import Status
+
+    client = Client(app.url, verbose=False, analytics_enabled=False)
+    slow = app.hub.faults.add(Fault.throttle(2048, 0.02, method="GET", path=r"^/storage/", times=None))
+    try:
+        first = client.submit("org/model", "me/queue-a", "nf4", True, "bfloat16", False, api_name="/requantize")
+        second = client.submit("org/model", "me/queue-b", "nf4", True, "bfloat16", False, api_name="/requantize")
+        states = []
+        while not (first.done() and second.done()):
+            state = (first.status().code, second.status().code)
+            if not states or states[-1] != state:
+                states.append(state)
+            time.sleep(0.05)
+    finally:
+        app.hub.faults.remove(slow)
+    running = (Status.PROCESSING, Status.ITERATING)
+    assert any(a in running and b == Status.IN_QUEUE or b in running and a == Status.IN_QUEUE for a, b in states), states
+    assert not any(a in running and b in running for a, b in states), states
+    assert first.result()[2]["shards"] == 7 and second.result()[2]["shards"] == 7
+
+
+def _handler(page, api_name: str):
+    return next(f.fn for f in page.fns.values() if f.api_name == api_name)
+
+
+def test_on_a_space_the_visitors_own_token_is_used_and_login_is_required(app: App, monkeypatch, tmp_path: Path) -> None:
+    import gradio as gr
+    import gradio.oauth
+
+    from streamq.app import build_app
+
+    # what a Space with `hf_oauth: true` provides (read by gradio at import); the provider is never contacted here
+    for name, value in (("OAUTH_CLIENT_ID", "id"), ("OAUTH_CLIENT_SECRET", "secret"), ("OAUTH_SCOPES", "openid profile"), ("OPENID_PROVIDER_URL", "http://127.0.0.1:9")):
+        monkeypatch.setattr(gradio.oauth, name, value)
+    monkeypatch.setenv("SYSTEM", "spaces")
+    monkeypatch.setenv("SPACE_ID", "me/streamq")
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # never the Space owner's token for a visitor
+    page = build_app(endpoint=app.hub.endpoint, work_dir=str(tmp_path))
+    assert any(isinstance(block, gr.LoginButton) for block in page.blocks.values())
+    requantize = _handler(page, "requantize")
+    with pytest.raises(gr.Error, match="Log in with the Hugging Face button first"):
+        next(requantize("org/model", "me/space-nf4", "nf4", True, "bfloat16", False, None, None))
+    token = gr.OAuthToken(token=SENTINEL, scope="openid profile read-repos write-repos manage-repos", expires_at=0)
+    profile = gr.OAuthProfile({"preferred_username": "me", "name": "me", "picture": "", "profile": "", "website": ""})
+    *_, (progress, link, result) = requantize("org/model", "", "fp4", False, "bfloat16", True, token, profile)
+    assert result["url"].endswith("/me/model-fp4") and "Done" in link  # default output from the profile's name
+    assert app.api.model_info("me/model-fp4").private
+    assert SENTINEL not in progress + link + json.dumps(result)
+
+
+def test_rules_default_output_disk_budget_and_hub_only() -> None:
+    from streamq.app.run import QUANT_TYPES, Conversion, choose_disk_budget, default_output
+
+    assert default_output("Qwen/Qwen3-8B@main", "nf4", "me") == "me/Qwen3-8B-nf4"
+    assert default_output("Qwen/Qwen3-8B", "fp4", None) == ""
+    summary = {"shards": [{"input_bytes": 10, "expected_output_bytes": 4}, {"input_bytes": 8, "expected_output_bytes": 3}], "disk_needed_bytes": 14}
+    assert choose_disk_budget(summary, free=1000) == 24  # two inputs plus one output of the largest shard
+    assert choose_disk_budget(summary, free=20) == 16  # else 80 % of the free space, if that holds one pair
+    assert choose_disk_budget(summary, free=15) is None  # else the run's own minimum, which reports the shortfall
+    for source, output in (("./model", "me/x"), ("org/model", "/tmp/out"), ("org/model", "me/x@dev")):
+        with pytest.raises(ValueError):
+            Conversion(source, output)
+    assert Conversion("org/m", "me/x", "fp4", False).options()["double_quant"] is False
+    assert "token=" not in repr(Conversion("org/m", "me/x", token=SENTINEL)) and SENTINEL not in repr(Conversion("org/m", "me/x", token=SENTINEL))
+    with pytest.raises(ValueError, match="quant type must be one of"):
+        Conversion("org/m", "me/x", "int3").options()
+    assert set(QUANT_TYPES) >= {"nf4", "fp4"}

@@ -42,17 +42,20 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
     """The page. `endpoint`: the Hub (default HF_ENDPOINT or huggingface.co); `work_dir`: see `work_root`.
 
     On a Space (`hf_oauth: true`) visitors log in and their own token is used; elsewhere the token is
-    HF_TOKEN or the saved login, as for `streamq requantize`. The token is never shown or stored.
+    HF_TOKEN or the saved login, as for `streamq requantize`, unless a script passes its own
+    (gradio_client's `oauth_token=`). The token is never shown or stored.
     """
     in_space = get_space() is not None
     root = work_root(work_dir)
 
     def token_of(oauth_token: Optional[gr.OAuthToken]) -> Optional[str]:
-        if not in_space:
-            return None  # huggingface_hub reads HF_TOKEN or the saved login
-        if oauth_token is None:  # never fall back to the Space owner's token for an anonymous visitor
+        """The caller's token (Space login, or gradio_client's `oauth_token=`); without one, a Space
+        refuses (never the owner's token for an anonymous visitor) and a local app uses HF_TOKEN or the saved login."""
+        if oauth_token is not None:
+            return oauth_token.token
+        if in_space:
             raise gr.Error("Log in with the Hugging Face button first: the conversion runs with your account.")
-        return oauth_token.token
+        return None
 
     def user_of(profile: Optional[gr.OAuthProfile], token: Optional[str]) -> Optional[str]:
         if profile is not None:
@@ -72,7 +75,7 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
         """Fill `<user>/<model>-<quant>` unless the user typed an output name of their own."""
         if output.strip() and output != last:
             return output, last
-        token = oauth_token.token if in_space and oauth_token is not None else None
+        token = oauth_token.token if oauth_token is not None else None
         suggestion = default_output(source.strip(), quant_type, user_of(profile, token)) if source.strip() else ""
         return suggestion, suggestion
 
@@ -139,7 +142,7 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
         gr.Markdown(
             f"One conversion runs at a time; others wait in the queue. The disk budget is two input shards plus one "
             f"output shard, at most {FREE_DISK_SHARE:.0%} of the work directory's free space. "
-            "Scripts: `gradio_client.Client(url).predict(source, output, quant_type, double_quant, compute_dtype, private, api_name='/requantize')`."
+            "Scripts: `gradio_client.Client(url, oauth_token=...).predict(source, output, quant_type, double_quant, compute_dtype, private, api_name='/requantize')`."
         )
 
         def bnb_options(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
