@@ -245,7 +245,9 @@ def test_bad_input_on_the_page_shows_one_line_and_publishes_nothing(app: App, br
     field.clear()
     field.send_keys(output)
     browser.find_element(By.ID, "convert").click()
-    wait.until(lambda d: message in d.find_element(By.TAG_NAME, "body").text)
+    wait.until(lambda d: message in d.find_element(By.ID, "result").text)
+    assert "Phase: failed" in browser.find_element(By.ID, "status").text
+    assert len(browser.find_element(By.ID, "result").text.strip().splitlines()) == 1  # one line
     shown = browser.find_element(By.TAG_NAME, "body").text
     assert "Traceback" not in shown and "File \"" not in shown
     app.seen.append(browser.page_source)

@@ -8,7 +8,6 @@ import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Optional
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry or version check: works offline
@@ -19,6 +18,7 @@ from huggingface_hub import HfApi  # noqa: E402
 
 from ..errors import StreamqError  # noqa: E402
 from ..report import format_plan, human_size  # noqa: E402
+from ..settings import COMPUTE_DTYPES  # noqa: E402
 from .run import (  # noqa: E402
     FREE_DISK_SHARE,
     QUANT_TYPES,
@@ -32,7 +32,6 @@ from .run import (  # noqa: E402
 )
 
 POLL_SECONDS = 0.5
-COMPUTE_DTYPES = ["bfloat16", "float16", "float32"]
 INTRO = """# streamq: a 4-bit copy of any Hub model
 Converts the model **shard by shard** (download one safetensors shard, quantize, upload, delete, next), so
 this machine needs neither the model's memory nor its disk. Starting the same conversion again resumes it."""
@@ -65,12 +64,6 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
         except Exception:  # not logged in, or the Hub unreachable: the user types the output name
             return None
 
-    def conversion(source: str, output: str, quant_type: str, double_quant: bool, compute_dtype: str, private: bool, token: Optional[str]) -> Conversion:
-        try:
-            return Conversion(source.strip(), output.strip(), quant_type, double_quant, compute_dtype, private, token, endpoint)
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from None
-
     def suggest_output(source: str, quant_type: str, output: str, last: str, profile: Optional[gr.OAuthProfile] = None, oauth_token: Optional[gr.OAuthToken] = None) -> tuple[str, str]:
         """Fill `<user>/<model>-<quant>` unless the user typed an output name of their own."""
         if output.strip() and output != last:
@@ -81,13 +74,12 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
 
     def plan(source: str, quant_type: str, double_quant: bool, compute_dtype: str, oauth_token: Optional[gr.OAuthToken] = None) -> str:
         """The plan, as `streamq plan` prints it, and the disk budget this machine would give the run."""
-        job = conversion(source, "plan/preview", quant_type, double_quant, compute_dtype, False, token_of(oauth_token))
         try:
-            summary = plan_conversion(job)
+            summary = plan_conversion(Conversion(source.strip(), "", quant_type, double_quant, compute_dtype, token=token_of(oauth_token), endpoint=endpoint))
         except (StreamqError, ValueError) as exc:
             raise gr.Error(str(exc)) from None
         root.mkdir(parents=True, exist_ok=True)
-        free = _free_bytes(root)
+        free = shutil.disk_usage(root).free
         budget = choose_disk_budget(summary, free)
         budget_line = (
             f"disk budget on this machine: {human_size(budget)} of {human_size(free)} free in the work directory"
@@ -104,15 +96,20 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
         token = token_of(oauth_token)
         if not output.strip():
             output = default_output(source.strip(), quant_type, user_of(oauth_profile, token))
+        try:
             if not output:
-                raise gr.Error("Give an output repo name (org/name): your Hub user name could not be found.")
-        run = RunProgress(conversion(source, output, quant_type, double_quant, compute_dtype, private, token), root).start()
+                raise ValueError("give an output repo name (org/name): your Hub user name could not be found")
+            job = Conversion(source.strip(), output.strip(), quant_type, double_quant, compute_dtype, private, token, endpoint)
+        except ValueError as exc:
+            yield "**Phase:** failed", f"**Error:** {exc}", None
+            raise gr.Error(str(exc)) from None
+        run = RunProgress(job, root).start()
         while not run.wait(POLL_SECONDS):
             yield render_progress(run.snapshot()), "", None
         snap = run.snapshot()
         if snap.error is not None:
             yield render_progress(snap), f"**Error:** {snap.error}", None
-            raise gr.Error(snap.error)
+            raise gr.Error(snap.error)  # API callers get it as an exception with this message
         result = snap.result
         assert result is not None
         details = {**asdict(result), "ratio": result.ratio, "url": result.output}
@@ -129,7 +126,7 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
         with gr.Row():
             quant_type = gr.Radio([(label, name) for name, (label, _) in QUANT_TYPES.items()], value="nf4", label="Quant type", elem_id="quant-type")
             double_quant = gr.Checkbox(value=True, label="Double quant (quantize the absmax statistics too)", elem_id="double-quant")
-            compute_dtype = gr.Dropdown(COMPUTE_DTYPES, value="bfloat16", label="Compute dtype", elem_id="compute-dtype")
+            compute_dtype = gr.Dropdown(list(COMPUTE_DTYPES), value="bfloat16", label="Compute dtype", elem_id="compute-dtype")
             private = gr.Checkbox(value=False, label="Private output repo", elem_id="private")
         with gr.Row():
             plan_button = gr.Button("Show plan", elem_id="plan")
@@ -154,7 +151,7 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
         plan_button.click(plan, [source, quant_type, double_quant, compute_dtype], plan_box, api_name="plan", concurrency_id="plan", concurrency_limit=2)
         start_button.click(
             requantize, [source, output, quant_type, double_quant, compute_dtype, private], [status, link, details],
-            api_name="requantize", concurrency_id="requantize", concurrency_limit=1,
+            api_name="requantize", concurrency_id="requantize", concurrency_limit=1, show_progress="hidden",
         )
     return page
 
@@ -173,12 +170,8 @@ def render_progress(snap: Snapshot) -> str:
         )
     budget = f" (budget {human_size(snap.disk_budget)})" if snap.disk_budget else ""
     lines.append(f"**Work directory:** {human_size(snap.work_dir_bytes)} on disk now{budget}")
-    lines.append(f"**Elapsed:** {snap.elapsed:.0f} s")
+    lines.append(f"**Elapsed:** {snap.elapsed:.1f} s")
     return "  \n".join(lines)
-
-
-def _free_bytes(path: Path) -> int:
-    return shutil.disk_usage(path).free
 
 
 def launch(page: gr.Blocks, *, host: Optional[str] = None, port: Optional[int] = None) -> None:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..errors import StreamqError
 from ..location import HubRepo, parse_location
-from ..pipeline import RequantizeResult, ShardRecord, iter_requantize, plan_requantize
+from ..pipeline import RequantizeResult, ShardRecord, _bytes_in, iter_requantize, plan_requantize
 from ..report import plan_summary
 
 # The quant types the page offers, in order: name -> (label, whether bitsandbytes' double_quant and
@@ -41,7 +41,8 @@ _one_run = threading.Lock()  # one conversion per process; the gradio queue also
 
 @dataclass(frozen=True)
 class Conversion:
-    """What the page or the API asked for. `token` None: HF_TOKEN or the saved login, as in huggingface_hub."""
+    """What the page or the API asked for (`output` may be empty for a plan). `token` None: HF_TOKEN or the
+    saved login, as in huggingface_hub."""
 
     source: str
     output: str
@@ -55,6 +56,8 @@ class Conversion:
     def __post_init__(self) -> None:
         """Hub repos only: a page anyone may open must not read or write the server's own files."""
         for what, value in (("source", self.source), ("output", self.output)):
+            if what == "output" and not value:
+                continue  # a plan needs no output
             if not isinstance(parse_location(value, allow_revision=what == "source"), HubRepo):
                 raise ValueError(f"the {what} must be a Hub repo id (org/name), not a local path: {value!r}")
 
@@ -210,7 +213,7 @@ class RunProgress:
             shards_skipped=sum(1 for r in records if r.skipped),
             bytes_done=int(bar.n) if bar is not None else 0,
             bytes_total=int(bar.total or 0) if bar is not None else 0,
-            work_dir_bytes=_bytes_under(self.work_dir),
+            work_dir_bytes=_bytes_in(self.work_dir),
             disk_budget=self.disk_budget,
             elapsed=elapsed,
             speed=sum(r.input_bytes for r in done) / elapsed if elapsed > 0 else 0.0,
@@ -232,14 +235,3 @@ def _bar_class(progress: RunProgress) -> type[tqdm]:
             return True
 
     return PageBar
-
-
-def _bytes_under(folder: Path) -> int:
-    """Bytes in `folder` now (files come and go while we look)."""
-    total = 0
-    for path in folder.rglob("*") if folder.is_dir() else ():
-        try:
-            total += path.stat().st_size if path.is_file() else 0
-        except FileNotFoundError:
-            continue
-    return total
