@@ -337,3 +337,10 @@ def test_rules_default_output_disk_budget_and_hub_only() -> None:
     with pytest.raises(ValueError, match="quant type must be one of"):
         Conversion("org/m", "me/x", "int3").options()
     assert set(QUANT_TYPES) >= {"nf4", "fp4"}
+
+
+def test_streamq_app_without_the_extra_says_how_to_install_it() -> None:
+    code = "import sys; sys.modules['gradio'] = None; from streamq.cli import main; sys.exit(main(['app']))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip() == 'streamq: error: the app needs its extra packages (gradio is missing): pip install "streamq[app]"'
