@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     _hub_options(status)
 
-    app = commands.add_parser("app", help='serve the web page (needs pip install "streamq[app]")')
+    app = command("app", 'serve the web page (needs pip install "streamq[app]")')
     app.add_argument("--port", type=int, default=7860)
     app.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     app.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")

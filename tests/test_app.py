@@ -325,7 +325,7 @@ def test_rules_default_output_disk_budget_and_hub_only() -> None:
 
     assert default_output("Qwen/Qwen3-8B@main", "nf4", "me") == "me/Qwen3-8B-nf4"
     assert default_output("Qwen/Qwen3-8B", "fp4", None) == ""
-    summary = {"shards": [{"input_bytes": 10, "expected_output_bytes": 4}, {"input_bytes": 8, "expected_output_bytes": 3}], "disk_needed_bytes": 14}
+    summary = {"shards": [{"input_bytes": 10, "expected_output_bytes": 4}, {"input_bytes": 8, "expected_output_bytes": 3}]}
     assert choose_disk_budget(summary, free=1000) == 24  # two inputs plus one output of the largest shard
     assert choose_disk_budget(summary, free=20) == 16  # else 80 % of the free space, if that holds one pair
     assert choose_disk_budget(summary, free=15) is None  # else the run's own minimum, which reports the shortfall

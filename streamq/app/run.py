@@ -104,13 +104,13 @@ def choose_disk_budget(summary: dict[str, Any], free: int) -> int | None:
     """Two input shards plus one output shard, or FREE_DISK_SHARE of the free space if that is less;
     None (the run's own minimum, one input plus one output shard, whose check names the shortfall)
     when even that share is below the minimum."""
+    largest_in = max((s["input_bytes"] for s in summary["shards"]), default=0)
     largest_out = max((s["expected_output_bytes"] for s in summary["shards"]), default=0)
-    largest_in = summary["disk_needed_bytes"] - largest_out  # 0 for a local source, read in place
     wanted = 2 * largest_in + largest_out
     cap = int(free * FREE_DISK_SHARE)
     if wanted <= cap:
         return wanted
-    return cap if cap >= summary["disk_needed_bytes"] else None
+    return cap if cap >= largest_in + largest_out else None
 
 
 @dataclass
