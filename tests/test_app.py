@@ -150,6 +150,10 @@ def test_gradio_client_converts_and_the_output_loads(app: App, tmp_path: Path) -
     out = Path(snapshot_download("me/model-nf4", endpoint=app.hub.endpoint, token=SENTINEL, local_dir=tmp_path / "dl"))
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    direct = tmp_path / "direct"  # the library itself, same source and options: the page passes them as given
+    stream_requantize("org/model", direct, endpoint=app.hub.endpoint, token=SENTINEL, progress=False)
+    shards = sorted(p.name for p in direct.glob("*.safetensors"))
+    assert len(shards) == 7 and all((out / name).read_bytes() == (direct / name).read_bytes() for name in shards)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     with torch.no_grad():
@@ -324,6 +328,9 @@ def test_on_a_space_the_visitors_own_token_is_used_and_login_is_required(app: Ap
     *_, (progress, link, result) = requantize("org/model", "", "fp4", False, "bfloat16", True, token, profile)
     assert result["url"].endswith("/me/model-fp4") and "Done" in link  # default output from the profile's name
     assert app.api.model_info("me/model-fp4").private
+    config = json.loads(Path(app.api.hf_hub_download("me/model-fp4", "config.json", local_dir=tmp_path / "dl")).read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "fp4"
+    assert config["quantization_config"]["bnb_4bit_use_double_quant"] is False
     assert SENTINEL not in progress + link + json.dumps(result)
 
 
