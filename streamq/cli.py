@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   streamq plan mistralai/Mistral-7B-v0.3            # what would happen, without downloading weights
   streamq verify me/Llama-3.1-8B-Instruct-nf4 --load
   streamq status me/Llama-3.1-8B-Instruct-nf4
+  streamq app --port 7860                           # the web page (pip install "streamq[app]")
 
 Run the same requantize command again to resume an interrupted run.
 Environment: HF_TOKEN, HF_ENDPOINT, HF_HOME, HF_HUB_DISABLE_PROGRESS_BARS as in huggingface_hub.
@@ -91,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--branch")
     status.add_argument("--json", action="store_true")
     _hub_options(status)
+
+    app = command("app", 'serve the web page (needs pip install "streamq[app]")')
+    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    app.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
+    app.add_argument("--work-dir", help="where conversions keep partial downloads (default: STREAMQ_WORK_DIR, /data/streamq, or the temp dir)")
     return parser
 
 
@@ -176,7 +183,16 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"requantize": _requantize, "plan": _plan, "verify": _verify, "status": _status}
+def _app(args: argparse.Namespace) -> int:
+    try:
+        from .app import build_app, launch
+    except ImportError as exc:
+        raise StreamqError(f'the app needs its extra packages ({exc.name} is missing): pip install "streamq[app]"') from exc
+    launch(build_app(endpoint=args.endpoint, work_dir=args.work_dir), host=args.host, port=args.port)
+    return 0
+
+
+COMMANDS = {"requantize": _requantize, "plan": _plan, "verify": _verify, "status": _status, "app": _app}
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ def iter_requantize(
     branch: str | None = None,
     disk_budget: int | None = None,
     create_pr: bool = False,
+    tqdm_class: type[tqdm] = tqdm,
 ) -> Generator[ShardRecord, None, RequantizeResult]:
     """Yield a `ShardRecord` per shard as it is published; the generator returns the `RequantizeResult`.
 
@@ -100,6 +101,9 @@ def iter_requantize(
     lets work_dir hold more than one input plus one output shard, so the next downloads run ahead
     while a shard is written and published; by default a shard is quantized while it downloads and
     the previous one uploads meanwhile, but the next download waits for this shard's input to go.
+    `tqdm_class` makes the run's one progress bar (as in huggingface_hub's `snapshot_download`): its
+    `desc` and `postfix` name the phase, `n` of `total` the input bytes published; a subclass can
+    show them elsewhere, as the web app (`streamq.app`) does.
     """
     started = time.monotonic()
     settings = _settings(quant_type, double_quant, blocksize, compute_dtype, skip_modules)
@@ -143,7 +147,7 @@ def iter_requantize(
             heads[0].cancel()
         budget = DiskBudget(_disk_limit(work, plan, todo, downloads, disk_budget))
 
-        bar = stack.enter_context(tqdm(total=plan.input_bytes, unit="B", unit_scale=True, disable=not progress, desc="streamq"))
+        bar = stack.enter_context(tqdm_class(total=plan.input_bytes, unit="B", unit_scale=True, disable=not progress, desc="streamq"))
         for number, shard in enumerate(plan.shards, 1):
             if shard not in todo:
                 bar.update(shard.size)
