@@ -125,6 +125,8 @@ def test_cli_int4_resumes_and_verifies(tmp_path: Path, capsys) -> None:
     assert main(args) == 0  # a finished run resumes to nothing, with the same totals from the manifest
     again = json.loads(capsys.readouterr().out)
     assert again["shards_skipped"] == again["shards"] and again["stats"] == first["stats"]
+    assert main(["status", str(tmp_path / "out")]) == 0
+    assert f"grid-exact groups: {first['stats']['groups']} of {first['stats']['groups']}" in capsys.readouterr().out
     assert main(["verify", str(tmp_path / "out"), "--load"]) == 0
     assert main(["requantize", str(src), str(tmp_path / "out"), "--quant-type", "int4", "--blocksize", "64"]) == 1  # other settings
     assert main(["plan", str(src), "--quant-type", "int4", "--blocksize", "32"]) == 0
