@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .dequantizers import Dequantizer, LogicalTensor, dequantizer_for, logical_checkpoint
+from .dequantizers.base import without_quantization
 from .errors import AlreadyQuantizedError, CorruptShardError, NoSafetensorsError, UnsupportedDtypeError, UnsupportedModelError
 from .fetch import Source, SourceFile
 from .settings import QuantSettings
@@ -30,6 +32,7 @@ TORCH_DTYPES = {  # the safetensors dtype codes streamq reads, and what they are
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
+STORED_DTYPES = TORCH_DTYPES | {"F8_E4M3": torch.float8_e4m3fn}  # what the shard reader reads: also a dequantized source's FP8
 # Weight files of any format: never carried into the 4-bit repo.
 WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.gguf|\.onnx|\.onnx_data|\.safetensors\.index\.json|\.bin\.index\.json)$")
 QUANTIZED_KEY = re.compile(r"\.(absmax|quant_map|quant_state\.[\w]+|qweight|qzeros|scales|g_idx|weight_scale|weight_scale_inv|input_scale|weight_packed|SCB)$")
@@ -55,6 +58,16 @@ class Plan:
     extra_files: list[str]
     single_file: bool
     warnings: list[str] = field(default_factory=list)
+    # A quantized source: tensor_info and the shards' keys describe the dequantized (logical) checkpoint;
+    # `logical` says which physical tensors each dequantized one is made from, `physical_info` is the real headers.
+    dequantizer: Dequantizer | None = None
+    logical: dict[str, LogicalTensor] = field(default_factory=dict)
+    physical_info: dict[str, TensorInfo] | None = None
+
+    @property
+    def stored_info(self) -> dict[str, TensorInfo]:
+        """Every tensor as the source files store it (what the shard reader checks the headers against)."""
+        return self.physical_info if self.physical_info is not None else self.tensor_info
 
     @property
     def rules(self) -> dict[str, TensorRule]:
@@ -77,7 +90,9 @@ def build_plan(
     if "config.json" not in files:
         raise UnsupportedModelError(f"{source.name} has no config.json; streamq converts transformers model repos")
     config = json.loads(source.read_text("config.json"))
-    _refuse_quantized_config(source.name, config)
+    dequantizer = dequantizer_for(source.name, config)  # refuses quantized sources it cannot dequantize exactly
+    if dequantizer is not None:
+        config = without_quantization(config)
     shard_names, index, single = _weight_files(source, files)
     on_weight_files(shard_names)
     weight_map = index["weight_map"] if index is not None else None
@@ -97,8 +112,14 @@ def build_plan(
         listed = set(weight_map) - set(tensor_info)
         if listed:
             raise CorruptShardError(f"{INDEX_NAME} names {len(listed)} tensor(s) no shard holds, e.g. {sorted(listed)[0]}")
-    _check_tensors(tensor_info, headers)
-    config_dir = _stage_config(source, files, meta_dir, trust_remote_code)
+    physical_info, logical = None, {}
+    if dequantizer is not None:
+        physical_info = tensor_info
+        headers, logical = logical_checkpoint(dequantizer, headers, _dequantized_dtype(source.name, config))
+        tensor_info = {key: info for header in headers.values() for key, info in header.items()}
+        shards = [ShardPlan(s.name, s.size, s.sha256, tuple(headers[s.name])) for s in shards]
+    _check_tensors(tensor_info, headers, scales_allowed=dequantizer is not None)
+    config_dir = _stage_config(source, files, meta_dir, trust_remote_code, config if dequantizer is not None else None)
     tensors = plan_tensors(
         config,
         tensor_info,
@@ -110,7 +131,10 @@ def build_plan(
         model_dir=str(config_dir),
     )
     extra = [f for f in files if not WEIGHT_FILE.search(f) and f != ".gitattributes"]
-    return Plan(source.name, source.revision, settings, config, shards, tensors, tensor_info, extra, single, list(tensors.warnings))
+    return Plan(
+        source.name, source.revision, settings, config, shards, tensors, tensor_info, extra, single, list(tensors.warnings),
+        dequantizer, logical, physical_info,
+    )
 
 
 def _tensor_reader(source: Source, shards: list[ShardPlan], work: Path) -> Callable[[list[str]], dict[str, torch.Tensor]]:
@@ -135,22 +159,16 @@ def _tensor_reader(source: Source, shards: list[ShardPlan], work: Path) -> Calla
     return read
 
 
-def _refuse_quantized_config(name: str, config: dict[str, Any]) -> None:
-    """A config that declares a quantization (bitsandbytes, GPTQ, AWQ, FP8, compressed-tensors...) is refused, naming it."""
-    for field_name in ("quantization_config", "compression_config"):  # older compressed-tensors use the second
-        quant = config.get(field_name)
-        if not quant:
-            continue
-        if isinstance(quant, dict) and quant.get("quant_method"):
-            method = str(quant["quant_method"])
-        elif isinstance(quant, dict):
-            method = f"unknown method; its keys: {', '.join(sorted(quant)[:6])}"
-        else:
-            method = "unknown method"
-        raise AlreadyQuantizedError(
-            f"{name} is already quantized ({method}) according to {field_name} in config.json; "
-            "start from the full-precision model instead"
-        )
+def _dequantized_dtype(name: str, config: dict[str, Any]) -> str:
+    """The dtype transformers dequantizes a quantized source to: the model dtype config.json names."""
+    for key in ("dtype", "torch_dtype"):
+        value = config.get(key)
+        if value in ("float16", "bfloat16", "float32"):
+            return value
+    raise UnsupportedModelError(
+        f"{name} is quantized and its config.json names no dtype (float16, bfloat16 or float32), so the dtype "
+        "transformers would dequantize it to is not known; add \"dtype\": \"bfloat16\" to a copy of the repo"
+    )
 
 
 def _weight_files(source: Source, files: dict[str, SourceFile]) -> tuple[list[str], dict[str, Any] | None, bool]:
@@ -184,8 +202,9 @@ def _check_index(name: str, keys: tuple[str, ...], weight_map: dict[str, str]) -
             )
 
 
-def _check_tensors(tensor_info: dict[str, TensorInfo], headers: dict[str, dict[str, TensorInfo]]) -> None:
-    quantized = [k for k in tensor_info if QUANTIZED_KEY.search(k)]
+def _check_tensors(tensor_info: dict[str, TensorInfo], headers: dict[str, dict[str, TensorInfo]], scales_allowed: bool = False) -> None:
+    """`scales_allowed`: a dequantized source's leftover scales (activation or KV-cache) are dropped by planning."""
+    quantized = [] if scales_allowed else [k for k in tensor_info if QUANTIZED_KEY.search(k)]
     if quantized:
         raise AlreadyQuantizedError(
             f"the checkpoint already holds quantized tensors (e.g. {quantized[0]}); start from the full-precision model"
@@ -199,12 +218,17 @@ def _check_tensors(tensor_info: dict[str, TensorInfo], headers: dict[str, dict[s
                 )
 
 
-def _stage_config(source: Source, files: dict[str, SourceFile], meta_dir: Path, trust_remote_code: bool) -> Path:
-    """Put config.json (and custom code, only if trusted) where transformers' AutoConfig can read it."""
+def _stage_config(
+    source: Source, files: dict[str, SourceFile], meta_dir: Path, trust_remote_code: bool, config: dict[str, Any] | None = None
+) -> Path:
+    """Put config.json (and custom code, only if trusted) where transformers' AutoConfig can read it;
+    `config`, when given, is written instead of the source's (a dequantized source's, without its quantization)."""
     meta_dir.mkdir(parents=True, exist_ok=True)
     wanted = ["config.json"] + ([f for f in files if f.endswith(".py")] if trust_remote_code else [])
     for name in wanted:
         source.copy_to(name, meta_dir / name)
+    if config is not None:
+        (meta_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return meta_dir
 
 
