@@ -11,6 +11,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .errors import StreamqError
+from .settings import QUANT_TYPES
 
 EXAMPLES = """examples:
   streamq requantize meta-llama/Llama-3.1-8B-Instruct me/Llama-3.1-8B-Instruct-nf4
@@ -34,9 +35,10 @@ def _hub_options(parser: argparse.ArgumentParser) -> None:
 def _plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="IN", help="Hub repo id (org/name[@revision]) or local directory (./dir, /dir, ~/dir)")
     parser.add_argument("--revision", help="source branch, tag or commit (same as IN@revision)")
-    parser.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
+    parser.add_argument("--quant-type", choices=list(QUANT_TYPES), default="nf4",
+                        help="nf4/fp4: bitsandbytes; int4: compressed-tensors pack-quantized W4A16 (transformers, vLLM)")
     parser.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="do not quantize the absmax statistics")
-    parser.add_argument("--blocksize", type=int, default=64)
+    parser.add_argument("--blocksize", type=int, help="bitsandbytes block size (default 64), or the int4 group size: 32, 64 or 128 (default 128; 32 for Q4_0-style QAT checkpoints)")
     parser.add_argument("--compute-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--skip-modules", nargs="+", metavar="NAME", help="modules kept in full precision (replaces transformers' defaults, like llm_int8_skip_modules)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow building models that ship custom code (read it first)")

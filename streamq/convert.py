@@ -8,8 +8,9 @@ another thread and hands over the shard's `Arrival` and a way to wait for the fi
 from __future__ import annotations
 
 import ctypes
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .arrival import Arrival, ArrivalFailed
@@ -27,6 +28,7 @@ class Converted:
     shard: ShardPlan
     input_sha256: str
     written: WrittenShard
+    stats: Counter = field(default_factory=Counter)  # what the converter counted for this shard
 
     @property
     def path(self) -> Path:
@@ -51,6 +53,7 @@ class Converted:
             tensor_bytes=self.written.tensor_bytes,
             keys=self.written.keys,
             finished_at=now(),
+            stats=dict(self.stats),
         )
 
 
@@ -68,7 +71,8 @@ def convert_arriving(
     """
     try:
         try:
-            tensors = quantize_shard(arrival, shard, plan, device)
+            stats: Counter = Counter()
+            tensors = quantize_shard(arrival, shard, plan, device, stats)
         except ArrivalFailed:
             fetched()  # raises the download's own error
             raise
@@ -81,7 +85,7 @@ def convert_arriving(
     written = write_shard(tensors, work_dir / "out" / shard.name)
     del tensors
     _return_freed_memory()
-    return Converted(shard, done.sha256, written)
+    return Converted(shard, done.sha256, written, stats)
 
 
 def _return_freed_memory() -> None:

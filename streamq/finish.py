@@ -6,24 +6,28 @@ import json
 import tempfile
 from pathlib import Path
 
+from .converters import converter_for
 from .manifest import Manifest
 from .plan import Plan
 
 
 def output_config(plan: Plan, config_dir: Path, trust_remote_code: bool) -> bytes:
     """config.json as transformers' own `save_pretrained` writes it for the 4-bit model."""
+    block = converter_for(plan.settings).config_block()
     try:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(config_dir, trust_remote_code=trust_remote_code)
-        config.quantization_config = plan.settings.bnb_config()
+        if block is not None:
+            config.quantization_config = block
         config.dtype = plan.tensors.dtype
         with tempfile.TemporaryDirectory() as tmp:
             config.save_pretrained(tmp)
             return (Path(tmp) / "config.json").read_bytes()
     except (ValueError, KeyError, OSError):  # an architecture transformers does not know: patch the JSON
         data = dict(plan.config)
-        data["quantization_config"] = plan.settings.quantization_config()
+        if block is not None:
+            data["quantization_config"] = block if isinstance(block, dict) else block.to_dict()
         data["dtype"] = plan.tensors.dtype
         return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 

@@ -31,6 +31,7 @@ class ShardEntry:
     keys: list[str]
     status: str = "done"
     finished_at: str = ""
+    stats: dict[str, int] = field(default_factory=dict)  # what the converter counted, e.g. grid-exact groups
 
 
 @dataclass

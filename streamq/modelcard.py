@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from collections import Counter
+
+from .converters import converter_for
 from .plan import Plan
 
 
-def render_model_card(plan: Plan, repo_name: str, source_card: str | None, output_bytes: int) -> str:
-    """A README.md with `base_model` + `base_model_relation: quantized`; the source card's text follows."""
-    settings = plan.settings
+def render_model_card(plan: Plan, repo_name: str, source_card: str | None, output_bytes: int, stats: Counter | None = None) -> str:
+    """A README.md with `base_model` + `base_model_relation: quantized`; the source card's text follows.
+    `stats` are the run's totals of what the converter counted (e.g. grid-exact groups)."""
+    card_text = converter_for(plan.settings).card(stats or Counter())
     license_ = None
     body = ""
     if source_card:
@@ -22,28 +26,22 @@ def render_model_card(plan: Plan, repo_name: str, source_card: str | None, outpu
         base_model_relation="quantized" if is_hub else None,
         library_name="transformers",
         license=license_,
-        tags=["bitsandbytes", "4-bit", settings.quant_type, "streamq"],
+        tags=[*card_text.tags, "streamq"],
     )
+    rows = "".join(f"| {name} | {value} |\n" for name, value in card_text.rows)
     ratio = plan.input_bytes / output_bytes if output_bytes else 0.0
     origin = f"[{plan.source}](https://huggingface.co/{plan.source}) at commit `{plan.revision}`" if is_hub else f"`{plan.source}`"
     text = f"""---
 {data.to_yaml()}
 ---
 
-# 4-bit ({settings.quant_type.upper()}) bitsandbytes version of {plan.source}
+# {card_text.title} version of {plan.source}
 
-Quantized from {origin} with [streamq](https://pypi.org/project/streamq/), shard by shard. The weights are
-the same bytes `transformers` + `bitsandbytes` would write for
-`from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))` followed by `save_pretrained`.
+Quantized from {origin} with [streamq](https://pypi.org/project/streamq/), shard by shard. {card_text.description}
 
 | setting | value |
 | --- | --- |
-| quant_type | `{settings.quant_type}` |
-| double quant | `{settings.double_quant}` |
-| blocksize | `{settings.blocksize}` |
-| compute dtype | `{settings.compute_dtype}` |
-| model dtype | `{plan.tensors.dtype}` |
-| kept in full precision | {", ".join(f"`{m}`" for m in settings.skip_modules) if settings.skip_modules else "transformers' defaults (lm_head, tied weights, keep-in-fp32 modules)"} |
+{rows}| model dtype | `{plan.tensors.dtype}` |
 | size | {plan.input_bytes / 1e9:.2f} GB -> {output_bytes / 1e9:.2f} GB ({ratio:.2f}x smaller) |
 
 ## How to load
@@ -54,7 +52,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("{repo_name}")  # the 4-bit config is in config.json
 ```
 
-Needs `bitsandbytes` and `accelerate` installed.
+{card_text.loading}
 """
     if body:
         text += f"\n## Original model card\n\n{body}\n"

@@ -12,7 +12,8 @@ import tempfile
 import time
 from collections.abc import Generator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import HfApi
@@ -49,6 +50,7 @@ class RequantizeResult:
     tensors_kept: int
     device: str
     elapsed: float
+    stats: dict[str, int] = field(default_factory=dict)  # the converter's totals over all shards, e.g. grid-exact groups
 
     @property
     def ratio(self) -> float:
@@ -72,7 +74,7 @@ def iter_requantize(
     revision: str | None = None,
     quant_type: str = "nf4",
     double_quant: bool = True,
-    blocksize: int = 64,
+    blocksize: int | None = None,
     compute_dtype: str = "bfloat16",
     skip_modules: Sequence[str] | None = None,
     work_dir: str | Path | None = None,
@@ -171,6 +173,7 @@ def iter_requantize(
         tensors_kept=sum(1 for r in rules if r.action == "keep"),
         device=device,
         elapsed=time.monotonic() - started,
+        stats=dict(run_stats(manifest)),
     )
 
 
@@ -180,7 +183,7 @@ def plan_requantize(
     revision: str | None = None,
     quant_type: str = "nf4",
     double_quant: bool = True,
-    blocksize: int = 64,
+    blocksize: int | None = None,
     compute_dtype: str = "bfloat16",
     skip_modules: Sequence[str] | None = None,
     token: str | bool | None = None,
@@ -195,8 +198,16 @@ def plan_requantize(
         return build_plan(source, settings, Path(tmp), trust_remote_code=trust_remote_code)
 
 
-def _settings(quant_type: str, double_quant: bool, blocksize: int, compute_dtype: str, skip_modules: Sequence[str] | None) -> QuantSettings:
+def _settings(quant_type: str, double_quant: bool, blocksize: int | None, compute_dtype: str, skip_modules: Sequence[str] | None) -> QuantSettings:
     return QuantSettings(quant_type, double_quant, blocksize, compute_dtype, tuple(skip_modules) if skip_modules is not None else None)
+
+
+def run_stats(manifest: Manifest) -> Counter:
+    """The converter's counts summed over every published shard (resumed ones included)."""
+    total: Counter = Counter()
+    for entry in manifest.shards.values():
+        total.update(entry.stats)
+    return total
 
 
 def _same_location(a: HubRepo | LocalDir, b: HubRepo | LocalDir) -> bool:
@@ -322,7 +333,7 @@ def _final_files(source: Source, plan: Plan, manifest: Manifest, work: Path, dst
         files[name] = path
     output_bytes = sum(e.output_size for e in manifest.shards.values())
     repo_name = dst.repo_id if isinstance(dst, HubRepo) else str(dst.path)
-    files["README.md"] = render_model_card(plan, repo_name, source_card, output_bytes).encode()
+    files["README.md"] = render_model_card(plan, repo_name, source_card, output_bytes, run_stats(manifest)).encode()
     files["config.json"] = output_config(plan, work / "meta", trust_remote_code)
     if not plan.single_file:
         files[INDEX_NAME] = output_index(plan, manifest)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .converters import converter_for
 from .dequantizers import Dequantizer, LogicalTensor, dequantizer_for, logical_checkpoint
 from .dequantizers.base import without_quantization
 from .errors import AlreadyQuantizedError, CorruptShardError, NoSafetensorsError, UnsupportedDtypeError, UnsupportedModelError
@@ -234,12 +235,11 @@ def _stage_config(
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
 _HEADER_BYTES_PER_TENSOR = 160  # safetensors JSON entry, generously
-_QUANT_STATE_JSON = 220
 
 
 def expected_output_size(shard: ShardPlan, plan: Plan) -> int:
     """The output shard's size in bytes, from shapes alone (exact data, header estimated)."""
-    settings = plan.settings
+    converter = converter_for(plan.settings)
     total = 8
     for key in shard.keys:
         rule, info = plan.rules[key], plan.tensor_info[key]
@@ -252,10 +252,5 @@ def expected_output_size(shard: ShardPlan, plan: Plan) -> int:
             itemsize = _ITEMSIZE.get(rule.dtype or "", TORCH_DTYPES[info.dtype].itemsize if info.dtype in TORCH_DTYPES else 4)
             total += numel * itemsize + _HEADER_BYTES_PER_TENSOR
             continue
-        blocks = -(-numel // settings.blocksize)
-        total += -(-numel // 2) + 64 + _QUANT_STATE_JSON + 4 * _HEADER_BYTES_PER_TENSOR
-        if settings.double_quant:
-            total += blocks + 4 * -(-blocks // 256) + 1024 + 2 * _HEADER_BYTES_PER_TENSOR
-        else:
-            total += 4 * blocks
+        total += converter.expected_size(info.shape[::-1] if rule.transpose else info.shape)
     return total

@@ -1,16 +1,16 @@
-"""Quantize one shard's tensors exactly as transformers + bitsandbytes would when loading in 4 bit."""
+"""Quantize one shard's tensors exactly as the output format's reference tool would (see `converters`)."""
 
 from __future__ import annotations
 
 import logging
-import os
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import torch
 
 from .arrival import Arrival, Restarted
-from .bnb import bitsandbytes_functional
+from .converters import Stats, converter_for
 from .plan import Plan, ShardPlan
 from .read import ShardReader
 from .settings import QuantSettings
@@ -19,8 +19,9 @@ from .targets import FLOAT_CODES, TensorRule
 logger = logging.getLogger(__name__)
 
 
-def quantize_shard(arrival: Arrival, shard: ShardPlan, plan: Plan, device: str) -> dict[str, torch.Tensor]:
-    """Return the output tensors of one shard, keyed by the names transformers would save.
+def quantize_shard(arrival: Arrival, shard: ShardPlan, plan: Plan, device: str, stats: Stats | None = None) -> dict[str, torch.Tensor]:
+    """Return the output tensors of one shard, keyed by the names transformers would save; the
+    converter adds what it counts (e.g. grid-exact groups) to `stats`.
 
     Tensors are quantized in file order as their bytes arrive, so the work ends soon after the
     download does; memory holds the output shard and one input tensor, never the input shard. A
@@ -28,12 +29,16 @@ def quantize_shard(arrival: Arrival, shard: ShardPlan, plan: Plan, device: str) 
     """
     while True:
         try:
-            return _quantize_tensors(ShardReader(arrival, shard.name, shard.size, plan.stored_info), shard.keys, plan, device)
+            counted: Stats = Counter()
+            out = _quantize_tensors(ShardReader(arrival, shard.name, shard.size, plan.stored_info), shard.keys, plan, device, counted)
+            if stats is not None:
+                stats.update(counted)
+            return out
         except Restarted:
             logger.info("%s: its download started over; quantizing it again from the start", shard.name)
 
 
-def _quantize_tensors(reader: ShardReader, keys: tuple[str, ...], plan: Plan, device: str) -> dict[str, torch.Tensor]:
+def _quantize_tensors(reader: ShardReader, keys: tuple[str, ...], plan: Plan, device: str, stats: Stats) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key in reader.in_file_order(keys, {k: t.parts for k, t in plan.logical.items()}):
         rule = plan.rules[key]
@@ -46,7 +51,7 @@ def _quantize_tensors(reader: ShardReader, keys: tuple[str, ...], plan: Plan, de
         with _weight(reader, key, plan) as tensor:  # nothing below keeps a view of it
             weight = _converted(tensor, rule)
             weight = weight.T if rule.transpose else weight
-            for suffix, value in quantize_weight(weight.contiguous(), plan.settings, device).items():
+            for suffix, value in quantize_weight(weight.contiguous(), plan.settings, device, stats).items():
                 out[f"{rule.out_key}{suffix}"] = value
             del tensor, weight
     return out
@@ -83,38 +88,11 @@ def warm_up(plan: Plan, device: str) -> None:
         rule.dtype or FLOAT_CODES.get(plan.tensor_info[key].dtype)
         for key, rule in plan.rules.items() if rule.action == "quantize" and key in plan.tensor_info
     }
+    converter = converter_for(plan.settings)
     for dtype in sorted(d for d in dtypes if d is not None):
-        quantize_weight(torch.ones(16, 4 * plan.settings.blocksize, dtype=getattr(torch, dtype)), plan.settings, device)
+        quantize_weight(converter.warm_up_weight(getattr(torch, dtype)), plan.settings, device)
 
 
-def quantize_weight(weight: torch.Tensor, settings: QuantSettings, device: str) -> dict[str, torch.Tensor]:
-    """The tensors `Linear4bit` saves for one weight: packed data plus its quant state, keyed by suffix."""
-    F = bitsandbytes_functional()
-    if device == "cpu" and _kernel_supports(weight, settings):
-        from .kernels import cpu
-
-        packed, state = cpu.quantize_4bit(
-            weight, quant_type=settings.quant_type, blocksize=settings.blocksize, compress_statistics=settings.double_quant
-        )
-    else:
-        packed, state = F.quantize_4bit(
-            weight.to(device),
-            blocksize=settings.blocksize,
-            compress_statistics=settings.double_quant,
-            quant_type=settings.quant_type,
-            quant_storage=torch.uint8,
-        )
-    tensors = {"": packed}
-    tensors.update({f".{k}": v for k, v in state.as_dict(packed=True).items()})
-    return {k: v.cpu().contiguous() for k, v in tensors.items()}
-
-
-def _kernel_supports(weight: torch.Tensor, settings: QuantSettings) -> bool:
-    """Use streamq's fast CPU kernel unless it cannot run here (or STREAMQ_CPU_KERNEL=0 asks for bitsandbytes)."""
-    if os.environ.get("STREAMQ_CPU_KERNEL", "1") == "0":
-        return False
-    try:
-        from .kernels import cpu
-    except ImportError:
-        return False
-    return cpu.supports(weight, settings.quant_type, settings.blocksize)
+def quantize_weight(weight: torch.Tensor, settings: QuantSettings, device: str, stats: Stats | None = None) -> dict[str, torch.Tensor]:
+    """The tensors written for one weight, keyed by suffix, by the output format's converter."""
+    return converter_for(settings).quantize_weight(weight, device, stats)

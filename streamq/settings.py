@@ -1,12 +1,19 @@
-"""Quantization settings, and their translation into what transformers writes."""
+"""Quantization settings: the one record of everything that decides the output bytes."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-QUANT_TYPES = ("nf4", "fp4")
+BNB_TYPES = ("nf4", "fp4")  # bitsandbytes 4-bit (converters/bitsandbytes.py)
+INT4_TYPES = ("int4",)  # compressed-tensors pack-quantized W4A16 (converters/int4.py)
+QUANT_TYPES = BNB_TYPES + INT4_TYPES
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+INT4_GROUP_SIZES = (32, 64, 128)
+# int4's default group size is llm-compressor's W4A16 preset (128); a QAT checkpoint trained on
+# Q4_0-style groups of 32 needs blocksize=32 to stay exact (the summary and card say how many were).
+DEFAULT_BLOCKSIZE = {"nf4": 64, "fp4": 64, "int4": 128}
 
 
 @dataclass(frozen=True)
@@ -15,7 +22,7 @@ class QuantSettings:
 
     quant_type: str = "nf4"
     double_quant: bool = True
-    blocksize: int = 64
+    blocksize: int | None = None  # None: the quant type's default (DEFAULT_BLOCKSIZE)
     compute_dtype: str = "bfloat16"
     skip_modules: tuple[str, ...] | None = field(default=None)
 
@@ -24,27 +31,23 @@ class QuantSettings:
             raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
-        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        if self.blocksize is None:
+            object.__setattr__(self, "blocksize", DEFAULT_BLOCKSIZE[self.quant_type])
+        if self.quant_type in INT4_TYPES:
+            self._check_int4()
+        elif self.blocksize not in BNB_BLOCKSIZES:
             raise ValueError(f"blocksize must be a power of two between 32 and 4096, got {self.blocksize}")
         if self.skip_modules is not None:
             object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
 
-    def bnb_config(self) -> Any:
-        """The `BitsAndBytesConfig` a user would pass to `from_pretrained` for the same result."""
-        import torch
-        from transformers import BitsAndBytesConfig
-
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=self.quant_type,
-            bnb_4bit_use_double_quant=self.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype),
-            llm_int8_skip_modules=list(self.skip_modules) if self.skip_modules is not None else None,
-        )
-
-    def quantization_config(self) -> dict[str, Any]:
-        """The `quantization_config` block transformers writes into config.json."""
-        return self.bnb_config().to_dict()
+    def _check_int4(self) -> None:
+        if self.blocksize not in INT4_GROUP_SIZES:
+            raise ValueError(f"blocksize (the int4 group size) must be one of {INT4_GROUP_SIZES}, got {self.blocksize}")
+        if not self.double_quant or self.compute_dtype != "bfloat16":
+            raise ValueError(
+                "double_quant and compute_dtype are bitsandbytes settings; int4 has neither "
+                "(drop --no-double-quant / --compute-dtype, or choose quant_type nf4/fp4)"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -1,8 +1,9 @@
-"""Decide, tensor by tensor, what transformers would do with a checkpoint when it quantizes to 4 bit.
+"""Decide, tensor by tensor, what the reference tool would do with a checkpoint when it quantizes to 4 bit.
 
 The answer comes from transformers itself: the model is built on the meta device from config.json
-(no memory), transformers' own bitsandbytes quantizer replaces its Linear layers, and transformers'
-own key-renaming rules map checkpoint keys to model parameters and back to the names it saves.
+(no memory), the output format's converter marks the layers its reference quantizes (for
+bitsandbytes, transformers' own quantizer replaces its Linear layers), and transformers' own
+key-renaming rules map checkpoint keys to model parameters and back to the names it saves.
 Only when transformers cannot build the model does a name/shape rule take over, with a warning.
 """
 
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from .bnb import bitsandbytes_functional
+from .converters import Converter, converter_for
 from .errors import UnsupportedModelError
 from .settings import QuantSettings
 
@@ -97,7 +98,8 @@ def plan_tensors(
     """
     dtype = resolve_dtype(config, first_shard, index_metadata)
     try:
-        model, quantizer = _build_meta_model(config, settings, dtype, trust_remote_code, model_dir)
+        converter = converter_for(settings)
+        model, quantizer = _build_meta_model(config, converter, dtype, trust_remote_code, model_dir)
     except UnsupportedModelError:
         raise
     except Exception as exc:  # transformers cannot build it: fall back, loudly
@@ -110,7 +112,7 @@ def plan_tensors(
         rules = _fallback_rules(tensors, settings, dtype)
         count = sum(_numel(tensors[k].shape) for k, r in rules.items() if r.action != "drop" and r.dtype)
         return TensorPlan(rules, dtype, count, [message])
-    rules = _rules_from_model(model, quantizer, tensors, dtype, read_tensors)
+    rules = _rules_from_model(model, converter, quantizer, tensors, dtype, read_tensors)
     return TensorPlan(rules, dtype, model.num_parameters(), [])  # counted once tied, as save_pretrained does
 
 
@@ -123,7 +125,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _build_meta_model(
     config_dict: dict[str, Any],
-    settings: QuantSettings,
+    converter: Converter,
     dtype: str,
     trust_remote_code: bool,
     model_dir: str | None,
@@ -131,7 +133,6 @@ def _build_meta_model(
     import torch
     import transformers
     from transformers import AutoConfig
-    from transformers.quantizers import AutoHfQuantizer
     from transformers.utils import ContextManagers
 
     if config_dict.get("auto_map") and not trust_remote_code:
@@ -145,15 +146,14 @@ def _build_meta_model(
         config_dict = {k: v for k, v in config_dict.items() if k not in ("transformers_version",)}
         config = AutoConfig.for_model(**config_dict)
     model_class = _model_class(config, transformers, trust_remote_code)
-    bitsandbytes_functional()  # before transformers' bitsandbytes integration imports it
-    quantizer = AutoHfQuantizer.from_config(settings.bnb_config(), pre_quantized=False)
+    quantizer = converter.make_quantizer()
     torch_dtype = getattr(torch, dtype)
     # The same init context from_pretrained uses (meta device, default dtype), around the same two steps.
     contexts = model_class.get_init_context(torch_dtype, True, False, None)
     with ContextManagers(contexts), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = model_class(copy.deepcopy(config))
-        quantizer.preprocess_model(model=model, dtype=torch_dtype, device_map={"": "cpu"}, checkpoint_files=None)
+        converter.prepare_meta_model(model, quantizer, torch_dtype)
     return model, quantizer
 
 
@@ -175,7 +175,7 @@ def _model_class(config: Any, transformers: Any, trust_remote_code: bool) -> Any
 
 
 def _rules_from_model(
-    model: Any, quantizer: Any, tensors: dict[str, TensorInfo], dtype: str, read_tensors: TensorReader
+    model: Any, output: Converter, quantizer: Any, tensors: dict[str, TensorInfo], dtype: str, read_tensors: TensorReader
 ) -> dict[str, TensorRule]:
     """Mirror transformers' loading loop (core_model_loading) and save (`save_pretrained`) for each key."""
     import torch
@@ -213,7 +213,7 @@ def _rules_from_model(
         if renamed not in meta_state:
             rules[key] = TensorRule("drop", key, None, reason="not a parameter or saved buffer of the model")
             continue
-        quantize = quantizer.param_needs_quantization(model, renamed)
+        quantize = output.needs_quantization(model, quantizer, renamed)
         if pattern is None:
             loads[key] = renamed
             filled.add(renamed)
@@ -223,7 +223,7 @@ def _rules_from_model(
             converter = pattern_to_converter[pattern]
             targets = [t for t in (renamed.replace(converter.target_patterns[0], p) for p in converter.target_patterns) if t in meta_state]
             filled.update(targets)
-            quantized = [t for t in targets if quantizer.param_needs_quantization(model, t)]
+            quantized = [t for t in targets if output.needs_quantization(model, quantizer, t)]
             if quantized:
                 merged[key] = quantized
         target = dtype_plan[dtype_by_group[dtype_alt.search(renamed).lastgroup]] if dtype_plan and dtype_alt.search(renamed) else None
@@ -234,7 +234,7 @@ def _rules_from_model(
         if quantize:
             module = model.get_submodule(renamed.rsplit(".", 1)[0])
             transpose = issubclass(getattr(module, "source_cls", type(None)), Conv1D)
-            rules[key] = TensorRule("quantize", renamed, cast, transpose, "nn.Linear replaced by Linear4bit")
+            rules[key] = TensorRule("quantize", renamed, cast, transpose, output.quantize_reason)
         else:
             rules[key] = TensorRule("keep", key if pattern else renamed, cast, reason=_keep_reason(model, renamed))
     _refuse_merged_quantized(merged)

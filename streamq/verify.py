@@ -7,12 +7,14 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .converters import converter_for
 from .errors import CorruptShardError, StreamqError
 from .fetch import Source, file_sha256, open_source
 from .hub import make_api
 from .location import source_location
 from .manifest import MANIFEST_NAME, Manifest
 from .plan import INDEX_NAME
+from .settings import QuantSettings
 
 
 @dataclass
@@ -83,17 +85,8 @@ def _check_config(output: Source, manifest: Manifest, problems: list[str]) -> No
     if config is None:
         problems.append("config.json is missing")
         return
-    quant = config.get("quantization_config") or {}
-    settings = manifest.settings
-    expected = {
-        "quant_method": "bitsandbytes",
-        "load_in_4bit": True,
-        "bnb_4bit_quant_type": settings["quant_type"],
-        "bnb_4bit_use_double_quant": settings["double_quant"],
-    }
-    for key, value in expected.items():
-        if quant.get(key) != value:
-            problems.append(f"config.json quantization_config[{key!r}] is {quant.get(key)!r}, expected {value!r}")
+    settings = QuantSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest.settings.items()})
+    problems.extend(converter_for(settings).check_config(config.get("quantization_config"), manifest.settings))
 
 
 def _check_index(output: Source, manifest: Manifest, problems: list[str]) -> None:
