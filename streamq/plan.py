@@ -94,6 +94,8 @@ def build_plan(
     dequantizer = dequantizer_for(source.name, config)  # refuses quantized sources it cannot dequantize exactly
     if dequantizer is not None:
         config = without_quantization(config)
+    elif settings.quant_type == "bf16":
+        raise UnsupportedModelError(f"{source.name} is not quantized; quant_type bf16 writes a quantized (FP8, MXFP4) source dequantized")
     shard_names, index, single = _weight_files(source, files)
     on_weight_files(shard_names)
     weight_map = index["weight_map"] if index is not None else None
@@ -116,7 +118,10 @@ def build_plan(
     physical_info, logical = None, {}
     if dequantizer is not None:
         physical_info = tensor_info
-        headers, logical = logical_checkpoint(dequantizer, headers, _dequantized_dtype(source.name, config))
+        dtype = _dequantized_dtype(source.name, config)
+        if settings.quant_type == "bf16" and dtype != "bfloat16":
+            raise UnsupportedModelError(f"{source.name} dequantizes to {dtype}, not bfloat16; choose quant_type nf4, fp4 or int4")
+        headers, logical = logical_checkpoint(dequantizer, headers, dtype)
         tensor_info = {key: info for header in headers.values() for key, info in header.items()}
         shards = [ShardPlan(s.name, s.size, s.sha256, tuple(headers[s.name])) for s in shards]
     _check_tensors(tensor_info, headers, scales_allowed=dequantizer is not None)

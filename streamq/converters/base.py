@@ -90,4 +90,8 @@ def converter_for(settings: QuantSettings) -> Converter:
         from .bitsandbytes import BitsAndBytesConverter
 
         return BitsAndBytesConverter(settings)
+    if settings.quant_type == "bf16":
+        from .bf16 import Bf16Converter
+
+        return Bf16Converter(settings)
     raise ValueError(f"no output converter for quant_type {settings.quant_type!r}")

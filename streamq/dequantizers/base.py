@@ -118,7 +118,8 @@ def logical_checkpoint(
         if leftover:
             raise UnsupportedDtypeError(
                 f"{name}: tensor {leftover[0]} is {shard[leftover[0]].dtype} but is not part of a {dequantizer.method} "
-                "weight streamq knows how to dequantize (its scales are missing or named otherwise)"
+                "weight streamq knows how to dequantize (its scales are missing from this shard, or named otherwise); streamq "
+                "dequantizes shard by shard and needs each weight and its scales in one file"
             )
         logical_headers[name] = shard
         logical.update(found)
