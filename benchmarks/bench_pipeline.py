@@ -26,6 +26,11 @@ once, so the recipe's wall time under a throttle is optimistic (its disk and RAM
     python benchmarks/bench_pipeline.py --layers 4 --repeat 2 --no-unthrottled --json /tmp/small.json
     python benchmarks/bench_pipeline.py --child-cpus 2 --device cpu --scenarios raw,overlap   # a 2-core VM, on a bigger box
     python benchmarks/bench_pipeline.py --layers 6 --shard-mb 100 --scenarios raw,overlap --timeline   # when each stage ran
+    python benchmarks/bench_pipeline.py --source fp8-moe --scenarios raw,strict,overlap   # a DeepSeek-shaped FP8 MoE source
+
+`--source fp8-moe` builds a DeepSeek-V3-shaped block-FP8 MoE checkpoint instead (fp8_source.py: `--layers`,
+`--hidden`, `--experts`, `--moe-intermediate`, `--shard-mb` size it), which streamq dequantizes in the stream.
+The recipe scenario does not run on it: transformers 5.25 cannot dequantize DeepSeek's partial FP8 blocks.
 
 `--child-cpus N` pins every scenario to N cores and the emulator to the others, so that a machine with
 many cores measures what a small VM would see from a Hub elsewhere (on the 2-core machine itself the
@@ -55,6 +60,7 @@ from typing import Any
 
 import ablation  # beside this script
 import timeline
+from fp8_source import MoESpec, build_fp8_model
 
 os.environ["HF_HUB_DISABLE_XET"] = "1"  # read at import: the emulator speaks git-LFS, not Xet
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
@@ -722,11 +728,14 @@ def git_commit() -> dict[str, Any]:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=ModelSpec.hidden)
-    parser.add_argument("--intermediate", type=int, default=ModelSpec.intermediate)
-    parser.add_argument("--layers", type=int, default=ModelSpec.layers)
+    parser.add_argument("--hidden", type=int, default=None, help="default: 2048 (bf16), 1024 (fp8-moe)")
+    parser.add_argument("--intermediate", type=int, default=None, help="default: 5632 (bf16), 2816 (fp8-moe)")
+    parser.add_argument("--layers", type=int, default=None, help="default: 48 (bf16), 12 (fp8-moe)")
     parser.add_argument("--vocab", type=int, default=ModelSpec.vocab)
-    parser.add_argument("--shard-mb", type=int, default=ModelSpec.shard_bytes // MB)
+    parser.add_argument("--shard-mb", type=int, default=None, help="default: 500 (bf16), 300 (fp8-moe)")
+    parser.add_argument("--source", choices=("bf16", "fp8-moe"), default="bf16", help="the synthetic source model")
+    parser.add_argument("--experts", type=int, default=MoESpec.experts, help="fp8-moe: routed experts per MoE layer")
+    parser.add_argument("--moe-intermediate", type=int, default=MoESpec.moe_intermediate, help="fp8-moe: each expert's MLP width")
     parser.add_argument("--bandwidth-mbps", type=lambda v: [float(x) for x in v.split(",")], default=[200.0],
                         help="MB/s per transfer, each direction; several, comma-separated, run one after the other")
     parser.add_argument("--unthrottled", action=argparse.BooleanOptionalAction, default=True,
@@ -745,18 +754,31 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def publish_model(hub: Any, spec: ModelSpec, seed: int, scratch: Path) -> Shapes:
+def model_spec(args: argparse.Namespace) -> ModelSpec | MoESpec:
+    """The synthetic source the options describe; unset sizes take that source's defaults."""
+    base = MoESpec if args.source == "fp8-moe" else ModelSpec
+    sizes = {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "vocab": args.vocab}
+    sizes = {k: v for k, v in sizes.items() if v is not None}
+    if args.shard_mb is not None:
+        sizes["shard_bytes"] = args.shard_mb * MB
+    if base is MoESpec:
+        sizes.update(experts=args.experts, moe_intermediate=args.moe_intermediate)
+    return base(**sizes)
+
+
+def publish_model(hub: Any, spec: ModelSpec | MoESpec, seed: int, scratch: Path) -> Shapes:
     """Build the model, push it to the emulator unthrottled, and keep only the Hub's copy."""
     from huggingface_hub import HfApi
 
     started = time.monotonic()
-    build_model(spec, scratch / "src", seed)
+    (build_fp8_model if isinstance(spec, MoESpec) else build_model)(spec, scratch / "src", seed)
     api = HfApi(endpoint=hub.endpoint, token=TOKEN)
     api.create_repo(SOURCE)
     api.upload_folder(repo_id=SOURCE, folder_path=scratch / "src")
     shutil.rmtree(scratch / "src")
     shapes = shard_shapes(hub.endpoint)
-    print(f"model: {len(shapes.inputs)} shards, {sum(s for _, s in shapes.inputs) / GB:.2f} GB bf16 -> "
+    print(f"model: {len(shapes.inputs)} shards, {sum(s for _, s in shapes.inputs) / GB:.2f} GB "
+          f"{'fp8' if isinstance(spec, MoESpec) else 'bf16'} -> "
           f"{sum(s for _, s in shapes.outputs) / GB:.2f} GB nf4 (built and pushed in {time.monotonic() - started:.0f} s)")
     return shapes
 
@@ -804,14 +826,16 @@ def main() -> None:
     if "raw" not in args.scenarios or not set(args.scenarios) <= set(SCENARIOS + ABLATIONS):
         raise SystemExit(f"--scenarios: a subset of {','.join(SCENARIOS + ABLATIONS)} that includes raw (the baseline)")
     setup = replace(pin(args.child_cpus, args.device), timeline=args.timeline)  # pinned before the emulator starts
-    spec = ModelSpec(args.hidden, args.intermediate, args.layers, args.vocab, shard_bytes=args.shard_mb * MB)
+    spec = model_spec(args)
+    if isinstance(spec, MoESpec) and "recipe" in args.scenarios:
+        raise SystemExit("--source fp8-moe: leave out the recipe scenario (transformers 5.25 cannot dequantize partial FP8 blocks)")
     scratch = Path(tempfile.mkdtemp(prefix="streamq-bench-", dir=args.scratch))
     load_before, git_before = os.getloadavg(), git_commit()
 
     def save(results: list[dict[str, Any]]) -> None:
         report = {
             "git": {**git_before, "changed_during_run": git_commit() != git_before}, "machine": {**machine_facts(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-            "model": asdict(spec), "shards": asdict(shapes), "repeat": args.repeat,
+            "model": {"source": args.source, **asdict(spec)}, "shards": asdict(shapes), "repeat": args.repeat,
             "setup": {"child_cpus": sorted(setup.cpus) if setup.cpus else None, "device": setup.device}, "networks": results,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

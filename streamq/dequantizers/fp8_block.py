@@ -13,6 +13,7 @@ own dequantization does; streamq follows it there.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +76,7 @@ class BlockFP8Dequantizer:
         return dequantizer.process({key: parts[key], scale_key: parts[scale_key]})[key]
 
 
+@functools.cache
 def _ct_block_dequantizer(block: tuple[int, int], dtype: torch.dtype) -> Any:
     try:
         from compressed_tensors.entrypoints.convert.converters.fp8block_dequantizer import FP8BlockDequantizer
