@@ -178,7 +178,7 @@ def test_bf16_output_is_transformers_dequantized_save(tmp_path: Path, kind: str)
     ours_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in ours_cfg
     assert ours_cfg == json.loads((ref / "config.json").read_text())
-    assert torch.equal(logits_of(tmp_path / "out"), logits_of(ref))
+    assert torch.equal(logits_of(tmp_path / "out"), logits_of(src, quantization_config=config, device_map="cpu"))
 
 
 def test_bf16_output_of_an_unquantized_source_is_refused(tmp_path: Path) -> None:
@@ -187,3 +187,14 @@ def test_bf16_output_of_an_unquantized_source_is_refused(tmp_path: Path) -> None
     src = make_model(tmp_path / "src")
     with pytest.raises(streamq.UnsupportedModelError, match="is not quantized; quant_type bf16"):
         stream_requantize(src, tmp_path / "out", quant_type="bf16", progress=False)
+
+
+def test_cli_bf16_output_and_verify(tmp_path: Path, capsys) -> None:
+    from streamq.cli import main
+
+    src = make_mxfp4(tmp_path / "src")
+    assert main(["requantize", str(src), str(tmp_path / "out"), "--quant-type", "bf16", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tensors_quantized"] == 0
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert main(["verify", str(tmp_path / "out")]) == 0
