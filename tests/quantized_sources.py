@@ -110,12 +110,13 @@ def make_block_fp8(path: Path, family: str = "llama", seed: int = 0, max_shard_s
     return _rewrite(path, convert, dict(BLOCK_FP8))
 
 
-def make_compressed_fp8(path: Path, seed: int = 0, max_shard_size: str = "300KB") -> Path:
-    """A compressed-tensors FP8_DYNAMIC checkpoint (per-channel weight scales), as llm-compressor writes it."""
+def make_compressed_fp8(path: Path, family: str = "llama", seed: int = 0, max_shard_size: str = "300KB") -> Path:
+    """A compressed-tensors FP8_DYNAMIC checkpoint (per-channel weight scales), as llm-compressor writes it;
+    for "deepseek" the MoE experts too (transformers dequantizes those through its fused-experts path)."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, preset_name_to_scheme
 
-    _save_random(llama_config(), path, seed, max_shard_size)
+    _save_random(llama_config() if family == "llama" else deepseek_config(), path, seed, max_shard_size)
     scheme = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
     config = QuantizationConfig(
         config_groups={"group_0": scheme}, format="float-quantized", ignore=["lm_head"],

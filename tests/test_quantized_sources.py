@@ -43,10 +43,11 @@ def test_block_fp8_llama_matches_transformers_dequantized_then_4bit(tmp_path: Pa
     _check_against(src, dequantized, tmp_path, quant_type, double_quant)
 
 
-def test_compressed_tensors_fp8_matches_transformers_dequantized_then_4bit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["llama", "deepseek"])
+def test_compressed_tensors_fp8_matches_transformers_dequantized_then_4bit(tmp_path: Path, family: str) -> None:
     from transformers import CompressedTensorsConfig
 
-    src = make_compressed_fp8(tmp_path / "src")
+    src = make_compressed_fp8(tmp_path / "src", family)
     keys = {k for f in src.glob("*.safetensors") for k in load_file(f)}
     assert any(k.endswith(".weight_scale") for k in keys)
     dequantized = transformers_dequantized(src, tmp_path / "deq", CompressedTensorsConfig(dequantize=True))

@@ -5,7 +5,9 @@ dequantized model does not have, so planning drops it).
 This is what transformers' `CompressedTensorsDequantize` does for a dense layer, step for step: the
 weight's serialized names (`CompressedTensorsHfQuantizer.serialized_names`) that the checkpoint holds,
 the dense config group (`get_dense_scheme`), that group's compressor from compressed-tensors' registry,
-its `decompress`, then a cast to the model dtype.
+its `decompress`, then a cast to the model dtype. For MoE experts transformers multiplies weight and
+scale in float32 itself instead; that is the same product, rounded once to the model dtype, and the
+DeepSeek-shaped test checks the bytes agree.
 """
 
 from __future__ import annotations
