@@ -779,7 +779,7 @@ def publish_model(hub: Any, spec: ModelSpec | MoESpec, seed: int, scratch: Path)
     shapes = shard_shapes(hub.endpoint)
     print(f"model: {len(shapes.inputs)} shards, {sum(s for _, s in shapes.inputs) / GB:.2f} GB "
           f"{'fp8' if isinstance(spec, MoESpec) else 'bf16'} -> "
-          f"{sum(s for _, s in shapes.outputs) / GB:.2f} GB nf4 (built and pushed in {time.monotonic() - started:.0f} s)")
+          f"{sum(s for _, s in shapes.outputs) / GB:.2f} GB nf4 output (built and pushed in {time.monotonic() - started:.0f} s)")
     return shapes
 
 

@@ -218,7 +218,7 @@ def _check_tensors(tensor_info: dict[str, TensorInfo], headers: dict[str, dict[s
     for name, tensors in headers.items():
         for key, info in tensors.items():
             if info.dtype not in TORCH_DTYPES:
-                hint = " (an FP8 checkpoint is already quantized)" if info.dtype.startswith("F8") else ""
+                hint = " but config.json has no quantization_config saying how to dequantize it" if info.dtype.startswith("F8") else ""
                 raise UnsupportedDtypeError(
                     f"{name}: tensor {key} has dtype {info.dtype}{hint}; streamq converts F16, BF16, F32 and F64 weights"
                 )
