@@ -105,6 +105,11 @@ def test_dry_run_plans_the_dequantized_checkpoint(tmp_path: Path) -> None:
     for tensor in plan.logical.values():
         assert len({shard_of[part] for part in tensor.parts}) == 1
     assert "quantization_config" not in plan.config
+    from streamq.report import format_plan, plan_summary
+
+    summary = plan_summary(plan, downloads=False)
+    assert summary["source_quantization"] == "fp8" and summary["dequantized_tensors"] == len(plan.logical) > 0
+    assert "source quantized (fp8)" in format_plan(summary)
 
 
 def _edit(src: Path, change) -> None:
@@ -199,3 +204,69 @@ def test_cli_bf16_output_and_verify(tmp_path: Path, capsys) -> None:
     assert summary["tensors_quantized"] == 0
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
     assert main(["verify", str(tmp_path / "out")]) == 0
+
+
+FP8_RSS_PROBE = """
+import json, sys
+from pathlib import Path
+from types import SimpleNamespace
+from streamq.arrival import Arrival
+from streamq.dequantizers import LogicalTensor
+from streamq.dequantizers.fp8_block import BlockFP8Dequantizer
+from streamq.plan import ShardPlan
+from streamq.quantize import quantize_shard
+from streamq.settings import QuantSettings
+from streamq.targets import TensorInfo, TensorRule
+
+def rss(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+def arrived(path):
+    arrival = Arrival()
+    arrival.begin_file(path)
+    arrival.finish()
+    return arrival
+
+path, keys = Path(sys.argv[1]), tuple(json.loads(sys.argv[2]))
+shape = (2048, 4096)
+stored = {k: TensorInfo("F8_E4M3", shape) for k in keys} | {k + "_scale_inv": TensorInfo("F32", (16, 32)) for k in keys}
+plan = SimpleNamespace(
+    rules={k: TensorRule("quantize", k, None, False) for k in keys},
+    tensor_info={k: TensorInfo("BF16", shape) for k in keys},
+    stored_info=stored,
+    logical={k: LogicalTensor(k, (k, k + "_scale_inv"), TensorInfo("BF16", shape)) for k in keys},
+    dequantizer=BlockFP8Dequantizer((128, 128)),
+    settings=QuantSettings("nf4", True, 64, "bfloat16", None),
+)
+size = path.stat().st_size
+quantize_shard(arrived(path), ShardPlan(path.name, size, None, keys[:1]), plan, "cpu")  # imports and kernel first
+before = rss("VmRSS")
+out = quantize_shard(arrived(path), ShardPlan(path.name, size, None, keys), plan, "cpu")
+print(json.dumps({"growth": rss("VmHWM") - before, "output": sum(t.numel() * t.element_size() for t in out.values())}))
+"""
+
+
+def test_an_fp8_shard_is_dequantized_one_weight_at_a_time(tmp_path: Path) -> None:
+    """Resident memory while a 200 MB FP8 shard (24 weights, 400 MB once dequantized) is converted grows by
+    its output and about one weight's working copies, not by the shard nor by its dequantized form."""
+    import subprocess
+    import sys
+
+    from quantized_sources import block_fp8_quantize
+
+    tensors = {}
+    for i in range(24):
+        q, scale = block_fp8_quantize(torch.full((2048, 4096), 0.01 * (i + 1), dtype=torch.bfloat16))
+        tensors[f"layer.{i}.weight"], tensors[f"layer.{i}.weight_scale_inv"] = q, scale
+    shard = tmp_path / "model.safetensors"
+    save_file(tensors, shard)
+    del tensors
+    keys = [f"layer.{i}.weight" for i in range(24)]
+    probe = subprocess.run([sys.executable, "-c", FP8_RSS_PROBE, str(shard), json.dumps(keys)], capture_output=True, text=True, check=True)
+    measured = json.loads(probe.stdout.strip().splitlines()[-1])
+    dequantized_bytes = 24 * 2048 * 4096 * 2
+    assert measured["output"] < dequantized_bytes / 3
+    assert measured["growth"] < measured["output"] + 192 * 2**20, measured  # output + one weight's fp32 copies + slack
+    assert measured["growth"] < measured["output"] + dequantized_bytes / 2, measured

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import AlreadyQuantizedError, UnsupportedDtypeError
+from ..errors import AlreadyQuantizedError, StreamqError, UnsupportedDtypeError
 from ..targets import FLOAT_CODES, TensorInfo
 
 if TYPE_CHECKING:
@@ -88,6 +88,20 @@ def dequantizer_for(name: str, config: dict[str, Any]) -> Dequantizer | None:
         f"{name} is already quantized ({method}) according to {field_name} in config.json; {detail}. "
         "Start from the full-precision model instead"
     )
+
+
+def serialized_names(quantizer_cls: type, method: str) -> dict[str, list[str]]:
+    """transformers' table of the checkpoint names one parameter is stored under for `method`
+    (`HfQuantizer.serialized_names`, transformers 5.25 and later)."""
+    names = getattr(quantizer_cls, "serialized_names", None)
+    if not names:
+        import transformers
+
+        raise StreamqError(
+            f"dequantizing a {method} source needs transformers >= 5.25 (this is {transformers.__version__}): "
+            "pip install -U 'transformers>=5.25,<6'"
+        )
+    return {param: list(stored) for param, stored in names.items()}
 
 
 def without_quantization(config: dict[str, Any]) -> dict[str, Any]:

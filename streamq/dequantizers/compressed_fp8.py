@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import StreamqError
 from ..targets import TensorInfo
-from .base import LogicalTensor, NotDequantizable, model_dtype_code
+from .base import LogicalTensor, NotDequantizable, model_dtype_code, serialized_names
 
 if TYPE_CHECKING:
     import torch
@@ -29,12 +29,13 @@ class CompressedFP8Dequantizer:
     scale_suffixes = (".weight_scale",)
 
     def __init__(self, ct_config: Any) -> None:
-        from transformers.integrations.compressed_tensors import get_dense_scheme
         from transformers.quantizers.quantizer_compressed_tensors import CompressedTensorsHfQuantizer
+
+        self.names = serialized_names(CompressedTensorsHfQuantizer, self.method)["weight"]
+        from transformers.integrations.compressed_tensors import get_dense_scheme  # also 5.25 and later
 
         self.scheme = get_dense_scheme(ct_config)
         self.format = self.scheme.format or ct_config.format
-        self.names = CompressedTensorsHfQuantizer.serialized_names["weight"]
 
     @classmethod
     def from_config(cls, quant: dict[str, Any]) -> CompressedFP8Dequantizer:

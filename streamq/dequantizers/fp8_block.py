@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import StreamqError, UnsupportedDtypeError
 from ..targets import TensorInfo
-from .base import LogicalTensor, NotDequantizable, model_dtype_code
+from .base import LogicalTensor, NotDequantizable, model_dtype_code, serialized_names
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +31,7 @@ def _serialized_names() -> list[str]:
     """["weight", "weight_scale_inv", "activation_scale"]: the names transformers loads for one FP8 weight."""
     from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
 
-    return FineGrainedFP8HfQuantizer.serialized_names["weight"]
+    return serialized_names(FineGrainedFP8HfQuantizer, "fp8")["weight"]
 
 
 class BlockFP8Dequantizer:

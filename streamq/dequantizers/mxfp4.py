@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import UnsupportedDtypeError
 from ..targets import TensorInfo
-from .base import LogicalTensor, model_dtype_code
+from .base import LogicalTensor, model_dtype_code, serialized_names
 
 if TYPE_CHECKING:
     import torch
@@ -26,7 +26,7 @@ class MXFP4Dequantizer:
     def __init__(self) -> None:
         from transformers.quantizers.quantizer_mxfp4 import Mxfp4HfQuantizer
 
-        self.names = {param: tuple(names) for param, names in Mxfp4HfQuantizer.serialized_names.items()}
+        self.names = {param: tuple(names) for param, names in serialized_names(Mxfp4HfQuantizer, "mxfp4").items()}
 
     def logical_tensors(self, physical: dict[str, TensorInfo], dtype: str) -> dict[str, LogicalTensor]:
         found = {}
