@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from .converters import converter_for
 from .manifest import Manifest
 from .plan import Plan, expected_output_size
 
@@ -48,6 +49,7 @@ def plan_summary(plan: Plan, *, downloads: bool) -> dict[str, Any]:
         "disk_needed_bytes": largest_in + largest_out,
         "carried_files": [f for f in plan.extra_files],
         "warnings": warnings,
+        "note": converter_for(plan.settings).plan_note(),
     }
 
 
@@ -75,6 +77,7 @@ def format_plan(summary: dict[str, Any], *, verbose: bool = False, rules: dict |
         f"disk needed in work_dir: {human_size(summary['disk_needed_bytes'])} (largest input + largest output shard)",
         f"files carried over: {len(summary['carried_files'])}",
     ]
+    lines += [f"note: {summary['note']}"] if summary.get("note") else []
     lines += [f"warning: {w}" for w in summary["warnings"]]
     return "\n".join(lines)
 

@@ -231,7 +231,10 @@ def _rules_from_model(
             empty = meta_state[renamed]
             target = empty.dtype if (empty.dtype != torch_dtype and not quantize) else torch_dtype
         cast = str(target).removeprefix("torch.")
-        if quantize:
+        if pattern is not None and output.quantizes_fused_source(model, quantizer, renamed, tensors[key].shape):
+            reason = "expert weight transformers fuses on load, quantized under its checkpoint name"
+            rules[key] = TensorRule("quantize", key, cast, reason=reason)
+        elif quantize:
             module = model.get_submodule(renamed.rsplit(".", 1)[0])
             transpose = issubclass(getattr(module, "source_cls", type(None)), Conv1D)
             rules[key] = TensorRule("quantize", renamed, cast, transpose, output.quantize_reason)

@@ -54,6 +54,12 @@ class Converter(Protocol):
         """Whether the reference quantizes this parameter of the prepared meta model."""
         ...
 
+    def quantizes_fused_source(self, model: Any, quantizer: Any, param_name: str, shape: tuple[int, ...]) -> bool:
+        """Whether a checkpoint tensor of `shape` that transformers' conversion fuses into
+        `param_name` (e.g. one expert's weight of a 3-D experts parameter) is quantized on its own,
+        under its checkpoint name."""
+        ...
+
     def quantize_weight(self, weight: torch.Tensor, device: str, stats: Stats | None = None) -> dict[str, torch.Tensor]:
         """The tensors written for one weight ([out, in], in the model dtype), keyed by the suffix
         appended to the weight's output key ("" is the key itself); contiguous CPU tensors."""
@@ -76,6 +82,10 @@ class Converter(Protocol):
         """Problems with a finished output's `quantization_config`, given the manifest's settings."""
         ...
 
+    def plan_note(self) -> str | None:
+        """A line for the plan about what only the run can tell (None: nothing to say)."""
+        ...
+
     def card(self, stats: Stats) -> CardText:
         """The model card's format-specific parts, given the run's totals of `stats`."""
         ...
@@ -90,6 +100,10 @@ def converter_for(settings: QuantSettings) -> Converter:
         from .bitsandbytes import BitsAndBytesConverter
 
         return BitsAndBytesConverter(settings)
+    if settings.quant_type == "int4":
+        from .int4 import Int4Converter
+
+        return Int4Converter(settings)
     if settings.quant_type == "bf16":
         from .bf16 import Bf16Converter
 

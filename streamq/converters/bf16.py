@@ -31,6 +31,9 @@ class Bf16Converter:
     def needs_quantization(self, model: Any, quantizer: Any, param_name: str) -> bool:
         return False
 
+    def quantizes_fused_source(self, model: Any, quantizer: Any, param_name: str, shape: tuple[int, ...]) -> bool:
+        return False
+
     def quantize_weight(self, weight: torch.Tensor, device: str, stats: Stats | None = None) -> dict[str, torch.Tensor]:
         raise AssertionError("the bf16 output quantizes nothing; the plan keeps every tensor")
 
@@ -45,6 +48,9 @@ class Bf16Converter:
 
     def check_config(self, quantization_config: dict[str, Any] | None, settings: dict[str, Any]) -> list[str]:
         return [] if not quantization_config else [f"config.json has a quantization_config ({quantization_config.get('quant_method')!r}); the bf16 output should have none"]
+
+    def plan_note(self) -> str | None:
+        return None
 
     def card(self, stats: Stats) -> CardText:
         return CardText(

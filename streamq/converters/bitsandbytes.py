@@ -50,6 +50,9 @@ class BitsAndBytesConverter:
     def needs_quantization(self, model: Any, quantizer: Any, param_name: str) -> bool:
         return bool(quantizer.param_needs_quantization(model, param_name))
 
+    def quantizes_fused_source(self, model: Any, quantizer: Any, param_name: str, shape: tuple[int, ...]) -> bool:
+        return False  # transformers never converts fused expert parameters to Linear4bit
+
     def quantize_weight(self, weight: torch.Tensor, device: str, stats: Stats | None = None) -> dict[str, torch.Tensor]:
         """The tensors `Linear4bit` saves for one weight: packed data plus its quant state, keyed by suffix."""
         s = self.settings
@@ -96,6 +99,9 @@ class BitsAndBytesConverter:
             f"config.json quantization_config[{key!r}] is {quant.get(key)!r}, expected {value!r}"
             for key, value in expected.items() if quant.get(key) != value
         ]
+
+    def plan_note(self) -> str | None:
+        return None
 
     def card(self, stats: Stats) -> CardText:
         s = self.settings
