@@ -270,3 +270,23 @@ def test_an_fp8_shard_is_dequantized_one_weight_at_a_time(tmp_path: Path) -> Non
     assert measured["output"] < dequantized_bytes / 3
     assert measured["growth"] < measured["output"] + 192 * 2**20, measured  # output + one weight's fp32 copies + slack
     assert measured["growth"] < measured["output"] + dequantized_bytes / 2, measured
+
+
+@pytest.mark.parametrize("family", ["llama", "deepseek"])
+def test_int4_output_from_fp8_equals_int4_from_the_dequantized_checkpoint(tmp_path: Path, family: str) -> None:
+    """An FP8 source into int4 (compressed-tensors pack-quantized) gives what the dequantized bf16 checkpoint
+    gives; that one's parity with llm-compressor is tests/test_int4.py's."""
+    from transformers import FineGrainedFP8Config
+
+    src = make_block_fp8(tmp_path / "src", family)
+    if family == "llama":
+        dequantized = transformers_dequantized(src, tmp_path / "deq", FineGrainedFP8Config(dequantize=True))
+    else:
+        dequantized = _ct_dequantized(src, tmp_path / "deq")
+    from_fp8 = stream_requantize(src, tmp_path / "a", quant_type="int4", progress=False)
+    from_bf16 = stream_requantize(dequantized, tmp_path / "b", quant_type="int4", progress=False)
+    assert from_fp8.tensors_quantized == from_bf16.tensors_quantized > 0
+    ours, ref = load_tensors(tmp_path / "a"), load_tensors(tmp_path / "b")
+    assert any(k.endswith("weight_packed") for k in ours)
+    assert byte_mismatches(ours, ref) == []
+    assert json.loads((tmp_path / "a" / "config.json").read_text()) == json.loads((tmp_path / "b" / "config.json").read_text())
