@@ -250,7 +250,13 @@ print(json.dumps({"growth": rss("VmHWM") - before, "output": sum(t.numel() * t.e
 
 def test_an_fp8_shard_is_dequantized_one_weight_at_a_time(tmp_path: Path) -> None:
     """Resident memory while a 200 MB FP8 shard (24 weights, 400 MB once dequantized) is converted grows by
-    its output and about one weight's working copies, not by the shard nor by its dequantized form."""
+    its output and about one weight's working copies, not by the shard nor by its dequantized form.
+
+    The probe fixes glibc's mmap threshold: by default glibc raises it (up to 32 MB) as large blocks are
+    freed, and then keeps some freed float32 working copies in its arenas; on this shard that made the
+    growth vary from 182 to 444 MB between identical runs (one arena: 444 MB every time), which measures
+    the allocator, not what streamq holds."""
+    import os
     import subprocess
     import sys
 
@@ -264,12 +270,12 @@ def test_an_fp8_shard_is_dequantized_one_weight_at_a_time(tmp_path: Path) -> Non
     save_file(tensors, shard)
     del tensors
     keys = [f"layer.{i}.weight" for i in range(24)]
-    probe = subprocess.run([sys.executable, "-c", FP8_RSS_PROBE, str(shard), json.dumps(keys)], capture_output=True, text=True, check=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}
+    probe = subprocess.run([sys.executable, "-c", FP8_RSS_PROBE, str(shard), json.dumps(keys)], capture_output=True, text=True, check=True, env=env)
     measured = json.loads(probe.stdout.strip().splitlines()[-1])
     dequantized_bytes = 24 * 2048 * 4096 * 2
     assert measured["output"] < dequantized_bytes / 3
-    assert measured["growth"] < measured["output"] + 192 * 2**20, measured  # output + one weight's fp32 copies + slack
-    assert measured["growth"] < measured["output"] + dequantized_bytes / 2, measured
+    assert measured["growth"] < measured["output"] + 128 * 2**20, measured  # output + one weight's fp32 copies + slack
 
 
 @pytest.mark.parametrize("family", ["llama", "deepseek"])
