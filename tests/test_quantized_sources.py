@@ -296,3 +296,20 @@ def test_int4_output_from_fp8_equals_int4_from_the_dequantized_checkpoint(tmp_pa
     assert any(k.endswith("weight_packed") for k in ours)
     assert byte_mismatches(ours, ref) == []
     assert json.loads((tmp_path / "a" / "config.json").read_text()) == json.loads((tmp_path / "b" / "config.json").read_text())
+
+
+def test_an_interrupted_fp8_run_resumes_where_it_stopped(tmp_path: Path, monkeypatch) -> None:
+    from tiny_models import fail_on_nth_shard
+
+    src = make_mxfp4(tmp_path / "src")
+    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    assert len(shards) >= 3
+    stream_requantize(src, tmp_path / "clean", quant_type="bf16", progress=False)
+    calls = fail_on_nth_shard(monkeypatch, 2)
+    with pytest.raises(OSError, match="injected"):
+        stream_requantize(src, tmp_path / "out", quant_type="bf16", progress=False)
+    assert not (tmp_path / "out" / "config.json").exists()
+    calls.clear()
+    result = stream_requantize(src, tmp_path / "out", quant_type="bf16", progress=False)
+    assert calls == shards[1:] and result.shards_skipped == 1
+    assert byte_mismatches(load_tensors(tmp_path / "out"), load_tensors(tmp_path / "clean")) == []
