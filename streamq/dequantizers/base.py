@@ -38,8 +38,8 @@ class Dequantizer(Protocol):
 
     def logical_tensors(self, physical: dict[str, TensorInfo], dtype: str) -> dict[str, LogicalTensor]:
         """The quantized weights among `physical` (one shard's or the whole checkpoint's header), keyed by
-        logical name; `dtype` is the model dtype they dequantize to. Raises for a weight whose companions
-        are missing or of an unexpected dtype."""
+        logical name; `dtype` is the model dtype they dequantize to. Raises for companions of an unexpected
+        dtype or shape; a quantized tensor without its companions is left out (`logical_checkpoint` names it)."""
         ...
 
     def dequantize(self, tensor: LogicalTensor, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
