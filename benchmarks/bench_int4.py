@@ -11,6 +11,7 @@ import json
 import platform
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -63,10 +64,7 @@ def main() -> None:
     results = {}
     for name, w in weights.items():
         w = w.to(args.device)
-        stats: dict = {}
-        from collections import Counter
-
-        counted = Counter()
+        counted: Counter = Counter()
         converter.quantize_weight(w, args.device, counted)  # warm up, and count
         rtn = _best(lambda: rtn_only(w), args.repeat, args.device)
         ours = _best(lambda: converter.quantize_weight(w, args.device), args.repeat, args.device)
@@ -76,7 +74,6 @@ def main() -> None:
             "rtn_only_mparams_per_s": params / rtn / 1e6, "streamq_mparams_per_s": params / ours / 1e6,
             "groups": counted["groups"], "groups_exact": counted["groups_exact"],
         }
-        stats.update(results[name])
     report = {
         "shape": [args.rows, args.cols], "group": args.group, "device": args.device, "repeat": args.repeat,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),

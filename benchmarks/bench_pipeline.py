@@ -28,11 +28,22 @@ once, so the recipe's wall time under a throttle is optimistic (its disk and RAM
     python benchmarks/bench_pipeline.py --layers 4 --repeat 2 --no-unthrottled --json /tmp/small.json
     python benchmarks/bench_pipeline.py --child-cpus 2 --device cpu --scenarios raw,overlap   # a 2-core VM, on a bigger box
     python benchmarks/bench_pipeline.py --layers 6 --shard-mb 100 --scenarios raw,overlap --timeline   # when each stage ran
-    python benchmarks/bench_pipeline.py --source fp8-moe --scenarios raw,strict,overlap   # a DeepSeek-shaped FP8 MoE source
+    python benchmarks/bench_pipeline.py --fp8-moe --hidden 1024 --intermediate 2816 --layers 12 --heads 8 \
+        --shard-mb 300 --scenarios raw,strict,overlap                 # a DeepSeek-shaped FP8 MoE source, ~1.3 GB
 
-`--source fp8-moe` builds a DeepSeek-V3-shaped block-FP8 MoE checkpoint instead (fp8_source.py: `--layers`,
-`--hidden`, `--experts`, `--moe-intermediate`, `--shard-mb` size it), which streamq dequantizes in the stream.
-The recipe scenario does not run on it: transformers 5.25 cannot dequantize DeepSeek's partial FP8 blocks.
+`--fp8-moe` builds a DeepSeek-V3-shaped block-FP8 MoE checkpoint instead (fp8_source.py; sized by --hidden,
+--intermediate, --layers, --heads, --vocab, --shard-mb, --experts, --moe-intermediate), which streamq dequantizes
+in the stream. The recipe scenario does not run on it: transformers 5.25 cannot dequantize DeepSeek's partial
+FP8 blocks.
+
+At the seed's scale (a Gemma-4-31B-shaped model, 60.4 GB bf16 in 13 shards of 5 GB, Llama tensor names
+with Gemma's sizes and tied embedding), the emulator's repos held in a RAM-backed tmpfs and the source
+written straight into its storage; the quantizing scenarios run on both devices against one raw run:
+
+    python benchmarks/bench_pipeline.py --hidden 5376 --layers 60 --intermediate 21504 --vocab 262144 \
+        --heads 32 --kv-heads 16 --head-dim 256 --tie-embeddings --shard-mb 5000 \
+        --hub-dir /dev/shm/bench-hub --source-direct --bandwidth-mbps 1000 --no-unthrottled \
+        --scenarios raw,strict@cuda,overlap@cuda,strict@cpu,overlap@cpu
 
 `--child-cpus N` pins every scenario to N cores and the emulator to the others, so that a machine with
 many cores measures what a small VM would see from a Hub elsewhere (on the 2-core machine itself the
@@ -42,6 +53,7 @@ emulator and the scenario share the cores).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -53,6 +65,7 @@ import tempfile
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from concurrent.futures import ThreadPoolExecutor
@@ -71,11 +84,13 @@ os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SOURCE = "org/model"
 TOKEN = "hf_bench"
+OUTPUT_NAMESPACE = "me"  # every scenario's output repo, deleted after its run
 MB = 1_000_000
 GB = 1_000_000_000
 POLL_SECONDS = 0.02
 SCENARIOS = ("raw", "strict", "overlap", "recipe", "int4")
 ABLATIONS = ("unchecked",)  # run only when asked for
+DEVICES = ("auto", "cpu", "cuda")
 METADATA_ALLOWANCE = 65_536  # config.json and huggingface_hub metadata beside the shards, 4 KiB blocks each
 
 
@@ -91,24 +106,27 @@ class ModelSpec:
     heads: int = 32
     kv_heads: int = 4
     shard_bytes: int = 500 * MB
+    head_dim: int | None = None  # None: hidden / heads, as LlamaConfig derives it
+    tie_embeddings: bool = False  # True: no lm_head tensor stored (Gemma-like)
 
     def tensors(self) -> Iterator[tuple[str, tuple[int, ...]]]:
-        """Names and shapes in transformers' Llama checkpoint order (untied lm_head, like TinyLlama)."""
-        head_dim = self.hidden // self.heads
+        """Names and shapes in transformers' Llama checkpoint order (untied lm_head by default, like TinyLlama)."""
+        head_dim = self.head_dim or self.hidden // self.heads
         yield "model.embed_tokens.weight", (self.vocab, self.hidden)
         for i in range(self.layers):
             p = f"model.layers.{i}"
-            yield f"{p}.self_attn.q_proj.weight", (self.hidden, self.hidden)
+            yield f"{p}.self_attn.q_proj.weight", (self.heads * head_dim, self.hidden)
             yield f"{p}.self_attn.k_proj.weight", (self.kv_heads * head_dim, self.hidden)
             yield f"{p}.self_attn.v_proj.weight", (self.kv_heads * head_dim, self.hidden)
-            yield f"{p}.self_attn.o_proj.weight", (self.hidden, self.hidden)
+            yield f"{p}.self_attn.o_proj.weight", (self.hidden, self.heads * head_dim)
             yield f"{p}.mlp.gate_proj.weight", (self.intermediate, self.hidden)
             yield f"{p}.mlp.up_proj.weight", (self.intermediate, self.hidden)
             yield f"{p}.mlp.down_proj.weight", (self.hidden, self.intermediate)
             yield f"{p}.input_layernorm.weight", (self.hidden,)
             yield f"{p}.post_attention_layernorm.weight", (self.hidden,)
         yield "model.norm.weight", (self.hidden,)
-        yield "lm_head.weight", (self.vocab, self.hidden)
+        if not self.tie_embeddings:
+            yield "lm_head.weight", (self.vocab, self.hidden)
 
     def shards(self) -> list[list[tuple[str, tuple[int, ...]]]]:
         """Tensors grouped greedily into shards of at most `shard_bytes` (bf16), as save_pretrained does."""
@@ -133,7 +151,6 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def build_model(spec: ModelSpec, dest: Path, seed: int) -> None:
     """Write config.json, the shards and the index; one shard's tensors in memory at a time."""
-    import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
@@ -141,31 +158,49 @@ def build_model(spec: ModelSpec, dest: Path, seed: int) -> None:
     config = LlamaConfig(
         vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=2048, tie_word_embeddings=False, dtype="bfloat16",
+        head_dim=spec.head_dim or spec.hidden // spec.heads, max_position_embeddings=2048,
+        tie_word_embeddings=spec.tie_embeddings, dtype="bfloat16",
     )
     config.save_pretrained(dest)
-    generator = torch.Generator().manual_seed(seed)
     groups = spec.shards()
     weight_map: dict[str, str] = {}
     total = 0
-    for number, group in enumerate(groups, 1):
-        name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {key: _random_weight(key, shape, generator) for key, shape in group}
-        save_file(tensors, dest / name, metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map.update(dict.fromkeys(tensors, name))
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        for number, group in enumerate(groups, 1):
+            name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+            tensors = {key: _random_weight(key, shape, seed, pool) for key, shape in group}
+            save_file(tensors, dest / name, metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            weight_map.update(dict.fromkeys(tensors, name))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _random_weight(name: str, shape: tuple[int, ...], generator: Any) -> Any:
-    """Norm weights near 1, everything else small normal values, as in a trained checkpoint."""
+RANDOM_PIECE = 1 << 24  # values per generator: pieces are filled on all cores at once
+
+
+def _random_weight(name: str, shape: tuple[int, ...], seed: int, pool: ThreadPoolExecutor) -> Any:
+    """Norm weights near 1, everything else small normal values, as in a trained checkpoint.
+
+    One generator alone makes about 100-200 M values/s, minutes for a 61 GB model, so each piece of the
+    tensor has its own generator, seeded from (seed, name, offset): the same seed gives the same model
+    whatever the number of cores.
+    """
     import torch
 
-    values = torch.randn(shape, generator=generator, dtype=torch.float32).mul_(0.02)
-    if name.endswith("norm.weight"):
-        values.add_(1.0)
-    return values.to(torch.bfloat16)
+    weight = torch.empty(shape, dtype=torch.bfloat16)
+    flat = weight.view(-1)
+
+    def fill(start: int) -> None:
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}/{start}".encode()))
+        piece = flat[start:start + RANDOM_PIECE]
+        values = torch.randn(piece.numel(), generator=generator, dtype=torch.float32).mul_(0.02)
+        if name.endswith("norm.weight"):
+            values.add_(1.0)
+        piece.copy_(values)
+
+    list(pool.map(fill, range(0, flat.numel(), RANDOM_PIECE)))
+    return weight
 
 
 # ---------------------------------------------------------------- the emulated network
@@ -408,7 +443,8 @@ def raw_transfer(p: dict[str, Any], area: Path) -> Callable[[], dict[str, Any]]:
 
     api = HfApi(endpoint=p["endpoint"], token=TOKEN)
     staging = Path(p["staging"])
-    payloads = [_random_file(staging / name, size) for name, size in p["outputs"]]  # before the clock starts
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # before the clock starts; os.urandom releases the GIL
+        payloads = list(pool.map(lambda output: _random_file(staging / output[0], output[1]), p["outputs"]))
     api.create_repo(p["dst"])
 
     def upload(path: Path) -> tuple[CommitOperationAdd, float]:
@@ -516,7 +552,7 @@ def shard_shapes(endpoint: str) -> Shapes:
 
 
 def scenario_params(scenario: str, shapes: Shapes, endpoint: str, scratch: Path, device: str, timed: bool = False) -> dict[str, Any]:
-    params: dict[str, Any] = {"endpoint": endpoint, "dst": f"me/{scenario}-{uuid.uuid4().hex[:8]}", "device": device, "timeline": timed}
+    params: dict[str, Any] = {"endpoint": endpoint, "dst": f"{OUTPUT_NAMESPACE}/{scenario}-{uuid.uuid4().hex[:8]}", "device": device, "timeline": timed}
     if scenario == "probe":
         params.update(input=max(shapes.inputs, key=lambda s: s[1]), upload_bytes=shapes.largest_out)
     if scenario == "raw":
@@ -537,14 +573,21 @@ class Setup:
     timeline: bool = False
 
 
-def run_scenario(scenario: str, shapes: Shapes, endpoint: str, scratch: Path, setup: Setup = Setup()) -> Measurement:
+def split_run(name: str, default_device: str) -> tuple[str, str]:
+    """A run's name is a scenario, or `scenario@device` to quantize on another device than --device."""
+    scenario, _, device = name.partition("@")
+    return scenario, device or default_device
+
+
+def run_scenario(name: str, shapes: Shapes, endpoint: str, scratch: Path, setup: Setup = Setup()) -> Measurement:
     """One child run; the output repo and every local file are removed afterwards to keep the disk free."""
     from huggingface_hub import HfApi
 
-    params = scenario_params(scenario, shapes, endpoint, scratch, setup.device, setup.timeline)
+    scenario, device = split_run(name, setup.device)
+    params = scenario_params(scenario, shapes, endpoint, scratch, device, setup.timeline)
     area = scratch / params["dst"].split("/")[1]
     try:
-        measured = run_child(scenario, params, area, setup.cpus)
+        measured = replace(run_child(scenario, params, area, setup.cpus), scenario=name)
         measured.details["output_shard_bytes"] = _output_shards(endpoint, params["dst"])
         return measured
     finally:
@@ -607,7 +650,7 @@ def run_network(
             measured = run_scenario(scenario, shapes, hub.endpoint, scratch, setup)
             runs[scenario].append(measured)
             save({"label": label, "partial": True, "runs": as_json()})
-            print(f"  [{label} {round_ + 1}/{repeat}] {scenario:<8} wall {measured.wall_s:6.1f} s  "
+            print(f"  [{label} {round_ + 1}/{repeat}] {scenario:<12} wall {measured.wall_s:6.1f} s  "
                   f"disk {measured.peak_disk / GB:5.2f} GB  rss {measured.peak_rss / GB:5.2f} GB  cpu by thread "
                   f"{measured.details['thread_cpu_s']}", flush=True)
             if "timeline" in measured.details:
@@ -643,6 +686,16 @@ def measured_rates(raw_runs: list[Measurement], shapes: Shapes) -> dict[str, flo
 
 
 def targets(best: dict[str, dict[str, float]], shapes: Shapes) -> dict[str, dict[str, Any]]:
+    """The targets below for each device named in the runs (`strict@cpu`...), against the same raw run."""
+    found = {}
+    for device in sorted({split_run(name, "")[1] for name in best}):
+        view = {scenario: row for name, row in best.items() for scenario, d in [split_run(name, "")] if d == device or scenario == "raw"}
+        tag = f" [{device}]" if device else ""
+        found.update({f"{name}{tag}": t for name, t in device_targets(view, shapes).items()})
+    return found
+
+
+def device_targets(best: dict[str, dict[str, float]], shapes: Shapes) -> dict[str, dict[str, Any]]:
     """The issue's targets that the scenarios run can show, each with the measured value and whether it holds."""
     overlap_budget = 2 * shapes.largest_in + shapes.largest_out
     disk_limit = shapes.largest_in + shapes.largest_out + METADATA_ALLOWANCE
@@ -681,10 +734,10 @@ def print_network(result: dict[str, Any]) -> None:
     print(f"\n== {result['label']}: measured per transfer in the raw run: download "
           f"{rates['download_bytes_per_s'] / MB:.0f} MB/s, upload {rates['upload_bytes_per_s'] / MB:.0f} MB/s")
     raw = result["best"]["raw"]
-    print(f"{'scenario':<9} {'wall s':>7} {'x raw':>6} {'disk GB':>8} {'x raw':>6} {'RSS GB':>7} {'x raw':>6} "
+    print(f"{'scenario':<13} {'wall s':>7} {'x raw':>6} {'disk GB':>8} {'x raw':>6} {'RSS GB':>7} {'x raw':>6} "
           f"{'RSS-imports':>11} {'CPU s':>7}")
     for name, row in result["best"].items():
-        print(f"{name:<9} {row['wall_s']:7.1f} {row['wall_s'] / raw['wall_s']:6.2f} {row['peak_disk'] / GB:8.2f} "
+        print(f"{name:<13} {row['wall_s']:7.1f} {row['wall_s'] / raw['wall_s']:6.2f} {row['peak_disk'] / GB:8.2f} "
               f"{row['peak_disk'] / raw['peak_disk']:6.2f} {row['peak_rss'] / GB:7.2f} "
               f"{row['peak_rss'] / raw['peak_rss']:6.2f} {row['rss_above_setup'] / GB:11.2f} {row['cpu_s']:7.1f}")
     if result["network"]:
@@ -733,25 +786,37 @@ def git_commit() -> dict[str, Any]:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=None, help="default: 2048 (bf16), 1024 (fp8-moe)")
-    parser.add_argument("--intermediate", type=int, default=None, help="default: 5632 (bf16), 2816 (fp8-moe)")
-    parser.add_argument("--layers", type=int, default=None, help="default: 48 (bf16), 12 (fp8-moe)")
+    parser.add_argument("--hidden", type=int, default=ModelSpec.hidden)
+    parser.add_argument("--intermediate", type=int, default=ModelSpec.intermediate)
+    parser.add_argument("--layers", type=int, default=ModelSpec.layers)
     parser.add_argument("--vocab", type=int, default=ModelSpec.vocab)
-    parser.add_argument("--shard-mb", type=int, default=None, help="default: 500 (bf16), 300 (fp8-moe)")
-    parser.add_argument("--source", choices=("bf16", "fp8-moe"), default="bf16", help="the synthetic source model")
-    parser.add_argument("--experts", type=int, default=MoESpec.experts, help="fp8-moe: routed experts per MoE layer")
-    parser.add_argument("--moe-intermediate", type=int, default=MoESpec.moe_intermediate, help="fp8-moe: each expert's MLP width")
+    parser.add_argument("--heads", type=int, default=ModelSpec.heads)
+    parser.add_argument("--kv-heads", type=int, default=ModelSpec.kv_heads)
+    parser.add_argument("--head-dim", type=int, default=None, help="default: hidden / heads")
+    parser.add_argument("--tie-embeddings", action="store_true", help="store no lm_head (tied to the embedding, as Gemma does)")
+    parser.add_argument("--shard-mb", type=int, default=ModelSpec.shard_bytes // MB)
+    parser.add_argument("--fp8-moe", action="store_true", help="a DeepSeek-shaped block-FP8 MoE source (fp8_source.py) instead of bf16 Llama")
+    parser.add_argument("--experts", type=int, default=MoESpec.experts, help="--fp8-moe: routed experts per MoE layer")
+    parser.add_argument("--moe-intermediate", type=int, default=MoESpec.moe_intermediate, help="--fp8-moe: each expert's MLP width")
     parser.add_argument("--bandwidth-mbps", type=lambda v: [float(x) for x in v.split(",")], default=[200.0],
                         help="MB/s per transfer, each direction; several, comma-separated, run one after the other")
+    parser.add_argument("--calibration-rounds", type=int, default=3,
+                        help="throttle calibration rounds at most (two probes each, every probe one largest shard each way)")
     parser.add_argument("--unthrottled", action=argparse.BooleanOptionalAction, default=True,
                         help="also run every scenario on the unthrottled loopback")
     parser.add_argument("--repeat", type=int, default=1, help="runs per scenario and network; best wall time counts")
     parser.add_argument("--scenarios", type=lambda v: v.split(","), default=list(SCENARIOS),
-                        help=f"comma-separated subset of {','.join(SCENARIOS + ABLATIONS)}")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="streamq's device option")
+                        help=f"comma-separated subset of {','.join(SCENARIOS + ABLATIONS)}; a quantizing one may name its "
+                             f"device, overriding --device: strict@cuda,strict@cpu")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="streamq's device option")
     parser.add_argument("--child-cpus", type=int, default=None,
                         help="pin each scenario to this many cores and the emulator to the rest (a small VM on a big box)")
     parser.add_argument("--scratch", type=Path, default=None, help="where the hub and work areas live (default: /tmp)")
+    parser.add_argument("--hub-dir", type=Path, default=None,
+                        help="keep the emulator's repos here instead (a RAM-backed tmpfs, say), across invocations: "
+                             "a source built there from the same model and seed is used again")
+    parser.add_argument("--source-direct", action="store_true",
+                        help="write the source straight into the emulator's storage instead of uploading it through the emulator")
     parser.add_argument("--timeline", action="store_true", help="print when each stage of each run started and ended, by thread")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "pipeline.json")
@@ -759,33 +824,77 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def model_spec(args: argparse.Namespace) -> ModelSpec | MoESpec:
-    """The synthetic source the options describe; unset sizes take that source's defaults."""
-    base = MoESpec if args.source == "fp8-moe" else ModelSpec
-    sizes = {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "vocab": args.vocab}
-    sizes = {k: v for k, v in sizes.items() if v is not None}
-    if args.shard_mb is not None:
-        sizes["shard_bytes"] = args.shard_mb * MB
-    if base is MoESpec:
-        sizes.update(experts=args.experts, moe_intermediate=args.moe_intermediate)
-    return base(**sizes)
+SOURCE_MARK = "bench-source.json"  # in the hub's root: the model and seed its source repo was built from
 
 
-def publish_model(hub: Any, spec: ModelSpec | MoESpec, seed: int, scratch: Path) -> Shapes:
-    """Build the model, push it to the emulator unthrottled, and keep only the Hub's copy."""
+def publish_model(hub: Any, spec: ModelSpec | MoESpec, seed: int, scratch: Path, direct: bool) -> tuple[Shapes, dict[str, Any]]:
+    """Put the source model on the emulator, unthrottled, keeping no other copy of it; a source already
+    there from the same model and seed (a kept --hub-dir) is used as it is."""
     from huggingface_hub import HfApi
 
     started = time.monotonic()
-    (build_fp8_model if isinstance(spec, MoESpec) else build_model)(spec, scratch / "src", seed)
-    api = HfApi(endpoint=hub.endpoint, token=TOKEN)
-    api.create_repo(SOURCE)
-    api.upload_folder(repo_id=SOURCE, folder_path=scratch / "src")
-    shutil.rmtree(scratch / "src")
+    mark, wanted = hub.root / SOURCE_MARK, {"model": asdict(spec), "seed": seed}
+    if mark.is_file() and json.loads(mark.read_text()) == wanted:
+        how = "reused"
+    else:
+        mark.unlink(missing_ok=True)
+        api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+        api.delete_repo(SOURCE, missing_ok=True)
+        if direct:
+            write_source_direct(hub.root, spec, seed)
+            how = "written into the emulator's storage"
+        else:
+            _builder(spec)(spec, scratch / "src", seed)
+            api.create_repo(SOURCE)
+            api.upload_folder(repo_id=SOURCE, folder_path=scratch / "src")
+            shutil.rmtree(scratch / "src")
+            how = "uploaded"
+        mark.write_text(json.dumps(wanted))  # only once the source is whole
     shapes = shard_shapes(hub.endpoint)
+    seconds = time.monotonic() - started
     print(f"model: {len(shapes.inputs)} shards, {sum(s for _, s in shapes.inputs) / GB:.2f} GB "
           f"{'fp8' if isinstance(spec, MoESpec) else 'bf16'} -> "
-          f"{sum(s for _, s in shapes.outputs) / GB:.2f} GB nf4 output (built and pushed in {time.monotonic() - started:.0f} s)")
-    return shapes
+          f"{sum(s for _, s in shapes.outputs) / GB:.2f} GB nf4 output (source {how} in {seconds:.0f} s)", flush=True)
+    return shapes, {"source": how, "seconds": round(seconds, 1)}
+
+
+def _builder(spec: ModelSpec | MoESpec) -> Callable[[Any, Path, int], None]:
+    return build_fp8_model if isinstance(spec, MoESpec) else build_model
+
+
+def write_source_direct(root: Path, spec: ModelSpec | MoESpec, seed: int) -> None:
+    """Build the model inside the emulator's storage and commit it there, as upload_folder would have:
+    pushing 61 GB through the emulator's HTTP uploads takes minutes, a rename takes nothing."""
+    from streamq.testing.auth import DEFAULT_USER
+    from streamq.testing.storage import Entry, Put, RepoStore
+
+    repo = RepoStore(root).create("model", SOURCE, private=False)
+    assert repo is not None, "publish_model deleted the source repo first"
+    staging = repo.tmp_file()  # on the objects' file system: a shard enters the store by a rename
+
+    def stored(path: Path) -> Put:
+        if path.suffix != ".safetensors":  # config.json and the index: regular files
+            return Put(path.name, repo.add_bytes(path.read_bytes()))
+        with path.open("rb") as f:  # LFS under the default .gitattributes, as preupload would answer
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        entry = Entry.large(sha256, path.stat().st_size)
+        repo.adopt(path, sha256)
+        return Put(path.name, entry)
+
+    _builder(spec)(spec, staging, seed)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # hashing releases the GIL
+        operations = list(pool.map(stored, sorted(staging.iterdir())))
+    repo.commit_changes("main", operations, title="Upload folder using huggingface_hub", message="", author=DEFAULT_USER)
+    shutil.rmtree(staging)
+
+
+def remove_outputs(root: Path) -> None:
+    """Output repos a killed run left in a kept --hub-dir: they would hold tmpfs space the next run needs."""
+    from streamq.testing.storage import RepoStore
+
+    store = RepoStore(root)
+    for repo in sorted((root / "repos" / "models" / OUTPUT_NAMESPACE).glob("*")):
+        store.delete("model", f"{OUTPUT_NAMESPACE}/{repo.name}")
 
 
 def run_all(
@@ -794,17 +903,20 @@ def run_all(
     """Each throttled bandwidth (calibrated first), then the bare loopback if asked; `save` gets the
     results after every run (the one in progress marked partial), so a run cut off keeps what it measured."""
     results: list[dict[str, Any]] = []
+    network: Network | None = None  # the setting in progress, for the partial saves
+    calibration: list[dict[str, Any]] | None = None
 
     def save_partial(partial: dict[str, Any]) -> None:
-        save([*results, partial])
+        save([*results, {**partial, "network": asdict(network) if network else None, "calibration": calibration}])
 
     for mbps in args.bandwidth_mbps:
-        network, calibration = calibrate(hub, mbps * MB, shapes, scratch, setup)
+        network, calibration = calibrate(hub, mbps * MB, shapes, scratch, setup, args.calibration_rounds)
         print_calibration(mbps * MB, calibration)
         label = f"throttled {mbps:g} MB/s"
         measured = run_network(label, network, hub, shapes, scratch, args.repeat, args.scenarios, setup, save_partial)
         results.append({**measured, "calibration": calibration})
     if args.unthrottled:
+        network, calibration = None, None
         results.append(run_network("unthrottled loopback", None, hub, shapes, scratch, args.repeat, args.scenarios, setup, save_partial))
     save(results)
     return results
@@ -828,27 +940,40 @@ def main() -> None:
         return
     from streamq.testing import LocalHub
 
-    if "raw" not in args.scenarios or not set(args.scenarios) <= set(SCENARIOS + ABLATIONS):
-        raise SystemExit(f"--scenarios: a subset of {','.join(SCENARIOS + ABLATIONS)} that includes raw (the baseline)")
+    runs = [split_run(name, args.device) for name in args.scenarios]
+    if "raw" not in args.scenarios or any(s not in SCENARIOS + ABLATIONS or d not in DEVICES for s, d in runs):
+        raise SystemExit(f"--scenarios: a subset of {','.join(SCENARIOS + ABLATIONS)} that includes raw (the baseline), "
+                         f"each but raw optionally @{'/@'.join(DEVICES)}")
     setup = replace(pin(args.child_cpus, args.device), timeline=args.timeline)  # pinned before the emulator starts
-    spec = model_spec(args)
-    if isinstance(spec, MoESpec) and "recipe" in args.scenarios:
-        raise SystemExit("--source fp8-moe: leave out the recipe scenario (transformers 5.25 cannot dequantize partial FP8 blocks)")
+    spec: ModelSpec | MoESpec = ModelSpec(
+        args.hidden, args.intermediate, args.layers, args.vocab, args.heads, args.kv_heads, args.shard_mb * MB,
+        args.head_dim, args.tie_embeddings,
+    )
+    if args.fp8_moe:
+        if any(s == "recipe" for s, _ in runs):
+            raise SystemExit("--fp8-moe: leave out the recipe scenario (transformers 5.25 cannot dequantize partial FP8 blocks)")
+        spec = MoESpec(
+            hidden=args.hidden, intermediate=args.intermediate, moe_intermediate=args.moe_intermediate, experts=args.experts,
+            layers=args.layers, heads=args.heads, vocab=args.vocab, shard_bytes=args.shard_mb * MB,
+        )
     scratch = Path(tempfile.mkdtemp(prefix="streamq-bench-", dir=args.scratch))
+    hub_root = args.hub_dir or scratch / "hub"
+    if args.hub_dir:
+        remove_outputs(hub_root)
     load_before, git_before = os.getloadavg(), git_commit()
 
     def save(results: list[dict[str, Any]]) -> None:
         report = {
             "git": {**git_before, "changed_during_run": git_commit() != git_before}, "machine": {**machine_facts(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-            "model": {"source": args.source, **asdict(spec)}, "shards": asdict(shapes), "repeat": args.repeat,
+            "model": {"kind": "fp8-moe" if args.fp8_moe else "bf16", **asdict(spec)}, "shards": asdict(shapes), "source": source, "repeat": args.repeat,
             "setup": {"child_cpus": sorted(setup.cpus) if setup.cpus else None, "device": setup.device}, "networks": results,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
 
     try:
-        with LocalHub(scratch / "hub") as hub:
-            shapes = publish_model(hub, spec, args.seed, scratch)
+        with LocalHub(hub_root) as hub:
+            shapes, source = publish_model(hub, spec, args.seed, scratch, args.source_direct)
             results = run_all(hub, shapes, scratch, args, setup, save)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

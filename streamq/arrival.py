@@ -126,7 +126,7 @@ class Arrival:
     @contextmanager
     def mapped(self, offset: int, size: int, generation: int) -> Iterator[memoryview]:
         """Bytes [offset, offset + size) of generation `generation`, once they are in, mapped rather
-        than copied (a copy costs 0.4-1.3 CPU-s per GB, as much as quantizing the bytes); use them inside
+        than copied (a copy costs about as much CPU as quantizing the bytes); use them inside
         the `with` only. The pages are unmapped when the last view of them goes.
 
         The mapping is read-only and shares the page cache: nothing is copied, and the file must not be

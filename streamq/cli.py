@@ -10,6 +10,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+from . import __version__
 from .errors import StreamqError
 from .settings import QUANT_TYPES
 
@@ -20,6 +21,7 @@ EXAMPLES = """examples:
   streamq plan mistralai/Mistral-7B-v0.3            # what would happen, without downloading weights
   streamq verify me/Llama-3.1-8B-Instruct-nf4 --load
   streamq status me/Llama-3.1-8B-Instruct-nf4
+  streamq app --port 7860                           # the web page (pip install "streamq[app]")
 
 Run the same requantize command again to resume an interrupted run.
 Environment: HF_TOKEN, HF_ENDPOINT, HF_HOME, HF_HUB_DISABLE_PROGRESS_BARS as in huggingface_hub.
@@ -55,8 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"streamq {__version__}")
+    # The global options are accepted after the subcommand too (`streamq requantize a b -v`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log detail (-vv for debug)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = commands.add_parser("requantize", help="convert IN into a 4-bit repo or directory OUT", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def command(name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, parents=[common], **kwargs)
+
+    run = command("requantize", "convert IN into a 4-bit repo or directory OUT", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _plan_options(run)
     run.add_argument("dst", metavar="OUT", help="Hub repo id or local directory for the 4-bit model")
     run.add_argument("--dry-run", action="store_true", help="print the plan (same as `streamq plan`) and stop")
@@ -70,21 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--disk-budget", type=float, metavar="GB", help="let work_dir hold this much, to download the next shard while one quantizes")
     run.add_argument("--min-commit-interval", type=float, default=36.0, help="seconds between Hub commits; shards in between are committed together")
 
-    plan = commands.add_parser("plan", help="show what requantize would do, reading only headers")
+    plan = command("plan", "show what requantize would do, reading only headers")
     _plan_options(plan)
 
-    verify = commands.add_parser("verify", help="check a finished output against its manifest")
+    verify = command("verify", "check a finished output against its manifest")
     verify.add_argument("dst", metavar="OUT")
     verify.add_argument("--branch")
     verify.add_argument("--load", action="store_true", help="also load it with transformers on CPU and run one forward pass")
     verify.add_argument("--json", action="store_true")
     _hub_options(verify)
 
-    status = commands.add_parser("status", help="what the manifest of OUT says: done, pending, settings")
+    status = command("status", "what the manifest of OUT says: done, pending, settings")
     status.add_argument("dst", metavar="OUT")
     status.add_argument("--branch")
     status.add_argument("--json", action="store_true")
     _hub_options(status)
+
+    app = command("app", 'serve the web page (needs pip install "streamq[app]")')
+    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    app.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
+    app.add_argument("--work-dir", help="where conversions keep partial downloads (default: STREAMQ_WORK_DIR, /data/streamq, or the temp dir)")
     return parser
 
 
@@ -170,7 +186,16 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"requantize": _requantize, "plan": _plan, "verify": _verify, "status": _status}
+def _app(args: argparse.Namespace) -> int:
+    try:
+        from .app import build_app, launch
+    except ImportError as exc:
+        raise StreamqError(f'the app needs its extra packages ({exc.name} is missing): pip install "streamq[app]"') from exc
+    launch(build_app(endpoint=args.endpoint, work_dir=args.work_dir), host=args.host, port=args.port)
+    return 0
+
+
+COMMANDS = {"requantize": _requantize, "plan": _plan, "verify": _verify, "status": _status, "app": _app}
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ class Converted:
 
     def output_sha256(self) -> str:
         """The output file's sha256, which its upload needs first. The scheduler takes it beside the
-        uploads while they run (on the quantizer's thread it cost a 2-core VM 0.25 CPU-seconds per GB
-        of input with the kernel idle, and on the publish thread, in line with the uploads, it made
-        publishing the slowest stage at 1 GB/s on 4 cores), at once when nothing uploads."""
+        uploads while they run (on the quantizer's thread it left the kernel idle; on the publish
+        thread, in line with the uploads, it made publishing the slowest stage), at once when nothing
+        uploads."""
         return file_sha256(self.written.path)
 
     def entry(self, output_sha256: str) -> ShardEntry:
@@ -90,8 +90,8 @@ def convert_arriving(
 
 def _return_freed_memory() -> None:
     """Give the freed output tensors' memory back to the OS. glibc keeps freed blocks below its mmap
-    threshold (which rises to 32 MB as large tensors are freed) in per-thread arenas: measured on the
-    benchmark model, the process kept ~100 MB more after each shard than it used, which a trim returns."""
+    threshold (which rises as large tensors are freed) in per-thread arenas, so without a trim the
+    process keeps more after each shard than it uses."""
     if _malloc_trim is not None:
         _malloc_trim(0)
 

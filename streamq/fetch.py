@@ -369,5 +369,6 @@ class HubSource:
 
 def open_source(location: HubRepo | LocalDir, api: HfApi) -> Source:
     if isinstance(location, HubRepo):
+        hub.require_online(location.repo_id)
         return HubSource(api, location.repo_id, location.revision)
     return LocalSource(location.path)

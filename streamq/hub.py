@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
+    OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -21,6 +22,17 @@ from .errors import AccessDeniedError, OutputNotWritableError, SourceNotFoundErr
 def make_api(token: str | bool | None, endpoint: str | None) -> HfApi:
     """One client for the whole run; `token`/`endpoint` default the way huggingface_hub resolves them."""
     return HfApi(endpoint=endpoint, token=token, library_name="streamq")
+
+
+def require_online(repo: str) -> None:
+    """Fail at once under HF_HUB_OFFLINE: huggingface_hub refuses every request then, which would
+    otherwise look like a network fault, be retried with backoff and end in "run again"."""
+    if constants.is_offline_mode():
+        raise StreamqError(_offline(repo))
+
+
+def _offline(repo: str) -> str:
+    return f"offline mode is on (HF_HUB_OFFLINE=1), so {repo} on the Hub cannot be reached; unset HF_HUB_OFFLINE, or use local directories"
 
 
 @contextmanager
@@ -46,6 +58,8 @@ def reading(repo: str) -> Iterator[None]:
         if status in (401, 403):
             raise AccessDeniedError(f"no read access to {repo} (HTTP {status}); use a token that can read it") from exc
         raise StreamqError(f"reading {repo} failed: {_short(exc)}; run again to resume") from exc
+    except OfflineModeIsEnabled as exc:
+        raise StreamqError(_offline(repo)) from exc
     except TRANSPORT_ERRORS as exc:
         raise StreamqError(f"network error reading {repo} ({_short(exc)}); run again to resume") from exc
 
@@ -62,6 +76,8 @@ def writing(repo: str) -> Iterator[None]:
                 f"cannot write to {repo} (HTTP {status}): use a token with write access to it (HF_TOKEN or token=)"
             ) from exc
         raise StreamqError(f"publishing to {repo} failed: {_short(exc)}; run again to resume") from exc
+    except OfflineModeIsEnabled as exc:
+        raise StreamqError(_offline(repo)) from exc
     except TRANSPORT_ERRORS as exc:
         raise StreamqError(f"network error publishing to {repo} ({_short(exc)}); run again to resume") from exc
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from huggingface_hub import ModelCard, ModelCardData
-
 from collections import Counter
+
+from huggingface_hub import ModelCard, ModelCardData
 
 from .converters import converter_for
 from .plan import Plan
@@ -54,6 +54,10 @@ model = AutoModelForCausalLM.from_pretrained("{repo_name}")  # config.json says 
 
 {card_text.loading}
 """
+    if plan.left_out:
+        text += "\n## Files of the source repo not in this one\n\n" + "".join(
+            f"- `{name}`: {reason}\n" for name, reason in plan.left_out.items()
+        )
     if body:
         text += f"\n## Original model card\n\n{body}\n"
     return text

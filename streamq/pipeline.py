@@ -10,9 +10,9 @@ import logging
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Generator, Sequence
 from contextlib import ExitStack
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from .budget import DiskBudget
 from .errors import InsufficientDiskError, OutputNotWritableError, StreamqError
 from .fetch import HubSource, Source, open_source
 from .finish import output_config, output_index
-from .hub import make_api
+from .hub import make_api, require_online
 from .location import HubRepo, LocalDir, parse_location, source_location
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry
 from .modelcard import render_model_card
@@ -89,6 +89,7 @@ def iter_requantize(
     branch: str | None = None,
     disk_budget: int | None = None,
     create_pr: bool = False,
+    tqdm_class: type[tqdm] = tqdm,
 ) -> Generator[ShardRecord, None, RequantizeResult]:
     """Yield a `ShardRecord` per shard as it is published; the generator returns the `RequantizeResult`.
 
@@ -102,6 +103,9 @@ def iter_requantize(
     lets work_dir hold more than one input plus one output shard, so the next downloads run ahead
     while a shard is written and published; by default a shard is quantized while it downloads and
     the previous one uploads meanwhile, but the next download waits for this shard's input to go.
+    `tqdm_class` makes the run's one progress bar (as in huggingface_hub's `snapshot_download`): its
+    `desc` and `postfix` name the phase, `n` of `total` the input bytes published; a subclass can
+    show them elsewhere, as the web app (`streamq.app`) does.
     """
     started = time.monotonic()
     settings = _settings(quant_type, double_quant, blocksize, compute_dtype, skip_modules)
@@ -111,6 +115,8 @@ def iter_requantize(
         raise ValueError("create_pr needs a Hub repo as output, not a directory")
     if _same_location(src_loc, dst_loc):
         raise StreamqError(f"the output {dst} is the source itself; choose another output repo or directory")
+    if isinstance(dst_loc, HubRepo):
+        require_online(dst_loc.repo_id)
     device = _resolve_device(device)
 
     with ExitStack() as stack:
@@ -143,7 +149,7 @@ def iter_requantize(
             heads[0].cancel()
         budget = DiskBudget(_disk_limit(work, plan, todo, downloads, disk_budget))
 
-        bar = stack.enter_context(tqdm(total=plan.input_bytes, unit="B", unit_scale=True, disable=not progress, desc="streamq"))
+        bar = stack.enter_context(tqdm_class(total=plan.input_bytes, unit="B", unit_scale=True, disable=not progress, desc="streamq"))
         for number, shard in enumerate(plan.shards, 1):
             if shard not in todo:
                 bar.update(shard.size)
@@ -274,24 +280,26 @@ def _fresh_output(api: HfApi, dst: HubRepo | LocalDir, branch: str | None, creat
 
 def _clean_leftovers(work: Path) -> None:
     """Output shards from a dead run are never trusted: they are remade. Inputs are re-checked by sha256."""
-    shutil.rmtree(work / "out", ignore_errors=True)
-    shutil.rmtree(work / "extra", ignore_errors=True)
+    for leftover in ("out", "extra", "card"):
+        shutil.rmtree(work / leftover, ignore_errors=True)
 
 
 def _disk_limit(work: Path, plan: Plan, todo: list[ShardPlan], downloads: bool, disk_budget: int | None) -> int:
     """The bytes work_dir may hold: by default one input plus one output shard (the largest pair)."""
-    if not todo:
-        return 0
-    pair = max((s.size if downloads else 0) + expected_output_size(s, plan) for s in todo)
-    if disk_budget is not None and disk_budget < pair:
+    pair = max(((s.size if downloads else 0) + expected_output_size(s, plan) for s in todo), default=0)
+    if todo and disk_budget is not None and disk_budget < pair:
         raise InsufficientDiskError(
             f"disk_budget {_gb(disk_budget)} is below the {_gb(pair)} one input plus one output shard need; raise it"
         )
-    limit = pair if disk_budget is None else disk_budget
+    limit = pair if disk_budget is None or not todo else disk_budget
+    carried = plan.carried_bytes if downloads else 0  # fetched for the final commit, once the shards are done
     free = shutil.disk_usage(work).free + _bytes_in(work / "in")  # inputs under way count in the budget
-    if limit > free:
+    if max(limit, carried) > free:
+        what = "the disk budget" if disk_budget and todo else "largest input plus output shard"
+        if carried > limit:
+            what = "the files carried over unchanged"
         raise InsufficientDiskError(
-            f"work_dir {work} needs {_gb(limit)} ({'the disk budget' if disk_budget else 'largest input plus output shard'}) "
+            f"work_dir {work} needs {_gb(max(limit, carried))} ({what}) "
             f"but has {_gb(free)} free; free some space, lower disk_budget or pass work_dir= on a larger disk"
         )
     return limit
@@ -321,16 +329,10 @@ def _still_valid(entry: ShardEntry, shard: ShardPlan) -> bool:
 
 def _final_files(source: Source, plan: Plan, manifest: Manifest, work: Path, dst: HubRepo | LocalDir, trust_remote_code: bool) -> dict[str, Payload]:
     """Carried-over files first, then the model card, config.json and the index last."""
-    files: dict[str, Payload] = {}
+    files: dict[str, Payload] = {name: source.fetch(name, work / "extra").path for name in plan.extra_files}
     source_card = None
-    for name in plan.extra_files:
-        if name in ("config.json", MANIFEST_NAME):
-            continue
-        path = source.fetch(name, work / "extra").path
-        if name == "README.md":
-            source_card = path.read_text(encoding="utf-8", errors="replace")
-            continue
-        files[name] = path
+    if "README.md" in plan.files:
+        source_card = source.fetch("README.md", work / "card").path.read_text(encoding="utf-8", errors="replace")
     output_bytes = sum(e.output_size for e in manifest.shards.values())
     repo_name = dst.repo_id if isinstance(dst, HubRepo) else str(dst.path)
     files["README.md"] = render_model_card(plan, repo_name, source_card, output_bytes, run_stats(manifest)).encode()

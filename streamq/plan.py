@@ -22,6 +22,7 @@ from .dequantizers import Dequantizer, LogicalTensor, dequantizer_for, logical_c
 from .dequantizers.base import without_quantization
 from .errors import AlreadyQuantizedError, CorruptShardError, NoSafetensorsError, UnsupportedDtypeError, UnsupportedModelError
 from .fetch import Source, SourceFile
+from .inventory import WEIGHT_FILE, FileDecision, classify_files
 from .settings import QuantSettings
 from .targets import TensorInfo, TensorPlan, TensorRule, plan_tensors
 
@@ -34,8 +35,6 @@ TORCH_DTYPES = {  # the safetensors dtype codes streamq reads, and what they are
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
 STORED_DTYPES = TORCH_DTYPES | {"F8_E4M3": torch.float8_e4m3fn}  # what the shard reader reads: also a dequantized source's FP8
-# Weight files of any format: never carried into the 4-bit repo.
-WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.gguf|\.onnx|\.onnx_data|\.safetensors\.index\.json|\.bin\.index\.json)$")
 QUANTIZED_KEY = re.compile(r"\.(absmax|quant_map|quant_state\.[\w]+|qweight|qzeros|scales|g_idx|weight_scale|weight_scale_inv|input_scale|weight_packed|SCB)$")
 
 
@@ -56,7 +55,8 @@ class Plan:
     shards: list[ShardPlan]
     tensors: TensorPlan
     tensor_info: dict[str, TensorInfo]
-    extra_files: list[str]
+    sizes: dict[str, int]  # bytes of every file of the source repo
+    files: dict[str, FileDecision]  # every file of the source repo, and what becomes of it
     single_file: bool
     warnings: list[str] = field(default_factory=list)
     # A quantized source: tensor_info and the shards' keys describe the dequantized (logical) checkpoint;
@@ -73,6 +73,20 @@ class Plan:
     @property
     def rules(self) -> dict[str, TensorRule]:
         return self.tensors.rules
+
+    @property
+    def extra_files(self) -> list[str]:
+        """Files published as they are, after the shards."""
+        return [name for name, d in self.files.items() if d.action == "carry"]
+
+    @property
+    def left_out(self) -> dict[str, str]:
+        """Files not carried into the output, with the reason (said in the plan and the model card)."""
+        return {name: d.reason for name, d in self.files.items() if d.action == "leave_out"}
+
+    @property
+    def carried_bytes(self) -> int:
+        return sum(self.sizes[name] for name in self.extra_files)
 
     @property
     def input_bytes(self) -> int:
@@ -136,9 +150,10 @@ def build_plan(
         trust_remote_code=trust_remote_code,
         model_dir=str(config_dir),
     )
-    extra = [f for f in files if not WEIGHT_FILE.search(f) and f != ".gitattributes"]
+    decisions = classify_files(sorted(files), shard_names, source.read_text)
+    sizes = {name: f.size for name, f in files.items()}
     return Plan(
-        source.name, source.revision, settings, config, shards, tensors, tensor_info, extra, single, list(tensors.warnings),
+        source.name, source.revision, settings, config, shards, tensors, tensor_info, sizes, decisions, single, list(tensors.warnings),
         dequantizer, logical, physical_info,
     )
 

@@ -46,11 +46,23 @@ def plan_summary(plan: Plan, *, downloads: bool) -> dict[str, Any]:
         "input_bytes": plan.input_bytes,
         "expected_output_bytes": out_total,
         "compression_ratio": plan.input_bytes / out_total if out_total else 0.0,
-        "disk_needed_bytes": largest_in + largest_out,
-        "carried_files": [f for f in plan.extra_files],
+        "disk_needed_bytes": max(largest_in + largest_out, plan.carried_bytes if downloads else 0),
+        "disk_counted": _disk_counted(downloads, largest_in + largest_out, plan.carried_bytes),
+        "files": {name: {"action": d.action, "reason": d.reason} for name, d in plan.files.items()},
+        "carried_files": plan.extra_files,
+        "left_out_files": plan.left_out,
         "warnings": warnings,
         "note": converter_for(plan.settings).plan_note(),
     }
+
+
+def _disk_counted(downloads: bool, pair: int, carried: int) -> str:
+    """What the disk figure counts, in words: a local source is read in place, so no input is counted."""
+    if not downloads:
+        return "largest output shard; a local source is read in place"
+    if carried > pair:
+        return "the files carried over unchanged, fetched for the final commit"
+    return "largest input + largest output shard"
 
 
 def format_plan(summary: dict[str, Any], *, verbose: bool = False, rules: dict | None = None) -> str:
@@ -74,9 +86,11 @@ def format_plan(summary: dict[str, Any], *, verbose: bool = False, rules: dict |
         "",
         f"size: {human_size(summary['input_bytes'])} -> {human_size(summary['expected_output_bytes'])} "
         f"({summary['compression_ratio']:.2f}x smaller)",
-        f"disk needed in work_dir: {human_size(summary['disk_needed_bytes'])} (largest input + largest output shard)",
-        f"files carried over: {len(summary['carried_files'])}",
+        f"disk needed in work_dir: {human_size(summary['disk_needed_bytes'])} ({summary['disk_counted']})",
+        "",
+        "files:",
     ]
+    lines += [f"  {f['action']:<9} {name}  ({f['reason']})" for name, f in summary["files"].items()]
     lines += [f"note: {summary['note']}"] if summary.get("note") else []
     lines += [f"warning: {w}" for w in summary["warnings"]]
     return "\n".join(lines)
@@ -93,6 +107,12 @@ def format_status(manifest: Manifest, total_shards: int | None = None) -> str:
     ]
     for entry in sorted(done, key=lambda e: e.output_name):
         lines.append(f"  done  {entry.output_name}  {human_size(entry.input_size)} -> {human_size(entry.output_size)}  {entry.finished_at}")
+    totals: Counter = Counter()
+    for entry in done:
+        totals.update(entry.stats)
+    if totals.get("groups"):
+        lines.append(f"grid-exact groups: {totals['groups_exact']} of {totals['groups']} "
+                     f"({totals['weights_exact']} of {totals['weights']} weights entirely)")
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ TRANSPORT_ERRORS = _transport_errors()
 
 def transient_delay(exc: BaseException, attempt: int) -> float | None:
     """Seconds to wait before retrying `exc`, or None when it is not worth retrying."""
+    if isinstance(exc, OfflineModeIsEnabled):  # a setting, not a fault: every retry would be refused too
+        return None
     if isinstance(exc, HfHubHTTPError):
         response = exc.response
         if response is None or response.status_code not in TRANSIENT_STATUS:

@@ -61,7 +61,7 @@ def _fetch_reporting(source: Source, name: str, work: Path, arrival: Arrival) ->
 
 class HeadStart:
     """The first shard's download, begun while the run is still planned (reading headers and building
-    the model took as long as downloading half a shard at 500 MB/s), on a fresh output only: a run
+    the model take as long as a good part of a shard's download), on a fresh output only: a run
     that resumes may have that shard done already. The scheduler adopts it; if it is not adopted,
     `cancel` stops it and deletes what it wrote."""
 
@@ -206,8 +206,7 @@ class ShardScheduler:
         """The output's sha256, which its upload waits for. While earlier shards still upload, it is
         taken on the hasher thread, beside them; when nothing uploads (the first shard, or after a
         stall) the upload waits for the hash alone, so it is taken here, before the next shard's
-        quantization competes with it: on 4 cores at 1 GB/s the first shard's 225 MB took 0.6 s on the
-        hasher thread beside that quantization, which was 0.6 s more before the first upload."""
+        quantization competes with it and delays the first upload."""
         if any(not published.done() for published in self._published):
             return self._hasher.submit(converted.output_sha256)
         digest: Future[str] = Future()

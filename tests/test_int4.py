@@ -125,6 +125,8 @@ def test_cli_int4_resumes_and_verifies(tmp_path: Path, capsys) -> None:
     assert main(args) == 0  # a finished run resumes to nothing, with the same totals from the manifest
     again = json.loads(capsys.readouterr().out)
     assert again["shards_skipped"] == again["shards"] and again["stats"] == first["stats"]
+    assert main(["status", str(tmp_path / "out")]) == 0
+    assert f"grid-exact groups: {first['stats']['groups']} of {first['stats']['groups']}" in capsys.readouterr().out
     assert main(["verify", str(tmp_path / "out"), "--load"]) == 0
     assert main(["requantize", str(src), str(tmp_path / "out"), "--quant-type", "int4", "--blocksize", "64"]) == 1  # other settings
     assert main(["plan", str(src), "--quant-type", "int4", "--blocksize", "32"]) == 0
@@ -159,3 +161,35 @@ def test_exact_groups_are_what_compressed_tensors_round_trip_gives_back() -> Non
         assert torch.equal(same, exact)
         assert bool(exact[pick[..., 0]].all()) and exact[0, 0]
         assert not bool(exact[~pick[..., 0]][1:].any())
+
+
+def test_hub_to_hub_int4_resumes_after_a_failure(tmp_path: Path, monkeypatch) -> None:
+    """Hub source and output, a run that dies on its second shard, then the same call finishing it."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    from streamq import verify_output
+    from streamq.testing import LocalHub
+    from tiny_models import fail_on_nth_shard
+
+    src = make_model(tmp_path / "src", "llama", qat_group=32)
+    with LocalHub(tmp_path / "hub") as hub:
+        api = HfApi(endpoint=hub.endpoint, token="hf_test")
+        api.create_repo("org/qat")
+        api.upload_folder(repo_id="org/qat", folder_path=src)
+        options = dict(quant_type="int4", blocksize=32, endpoint=hub.endpoint, token="hf_test", progress=False, min_commit_interval=0)
+        calls = fail_on_nth_shard(monkeypatch, 2)
+        with pytest.raises(OSError, match="injected"):
+            stream_requantize("org/qat", "me/qat-int4", **options)
+        first_done = calls[0]
+        calls.clear()
+        result = stream_requantize("org/qat", "me/qat-int4", **options)
+        assert first_done not in calls and result.shards_skipped >= 1
+        assert result.stats["groups_exact"] == result.stats["groups"] > 0  # resumed shards' counts come from the manifest
+        assert verify_output("me/qat-int4", endpoint=hub.endpoint, token="hf_test").ok
+        out = Path(snapshot_download("me/qat-int4", local_dir=tmp_path / "out", endpoint=hub.endpoint, token="hf_test"))
+    from transformers import AutoModelForCausalLM
+
+    source = AutoModelForCausalLM.from_pretrained(src, device_map="cpu")
+    assert torch.equal(logits(load_dequantized(out)), logits(source))
+    card = (out / "README.md").read_text()
+    assert "base_model: org/qat" in card and "compressed-tensors" in card and "vLLM" in card

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from ..settings import QuantSettings
 
+
 @dataclass(frozen=True)
 class CardText:
     """The format-specific parts of the model card."""
@@ -89,8 +90,6 @@ class Converter(Protocol):
     def card(self, stats: Stats) -> CardText:
         """The model card's format-specific parts, given the run's totals of `stats`."""
         ...
-
-
 
 
 @functools.cache  # asked once per weight; settings are frozen

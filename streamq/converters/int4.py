@@ -190,13 +190,9 @@ class Int4Converter:
         return problems
 
     def plan_note(self) -> str | None:
-        return (
-            f"grid-exact groups (weights already on a 4-bit grid, as in QAT checkpoints) are counted while quantizing; "
-            f"the run's summary, manifest and model card report them. QAT checkpoints trained on groups of 32 need blocksize 32"
-            if self.group_size != 32 else
-            "grid-exact groups (weights already on a 4-bit grid, as in QAT checkpoints) are counted while quantizing; "
-            "the run's summary, manifest and model card report them"
-        )
+        note = ("grid-exact groups (weights already on a 4-bit grid, as in QAT checkpoints) are counted while "
+                "quantizing; the run's summary, manifest and model card report them")
+        return note if self.group_size == 32 else note + ". QAT checkpoints trained on groups of 32 need blocksize 32"
 
     def card(self, stats: Stats) -> CardText:
         groups, exact = stats.get("groups", 0), stats.get("groups_exact", 0)

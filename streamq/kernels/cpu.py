@@ -7,7 +7,7 @@ double quant, its native 8-bit blockwise op over the absmax (absmax per 256-bloc
 temporaries. Here the same arithmetic runs as one fused pass of C (`quant4.c`, over block ranges, on
 all cores) that reads bf16/fp16/fp32 directly. `quantize_4bit` checks itself against the installed
 bitsandbytes once per setting and falls back to it whenever it cannot promise identical bytes, or
-when the compiled library is missing (a build without a C compiler).
+when the compiled library is missing (its build failed: setup.py records why).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import bitsandbytes
 import bitsandbytes.functional as bnbf
@@ -27,6 +28,7 @@ import torch
 from bitsandbytes.functional import QuantState
 
 logger = logging.getLogger(__name__)
+BUILD_RECORD = "_quant4_build_error.txt"  # written by setup.py when the build fails
 
 
 def _load_library() -> ctypes.CDLL | None:
@@ -34,8 +36,8 @@ def _load_library() -> ctypes.CDLL | None:
     releases the GIL during each call), or None where it was not built."""
     spec = importlib.util.find_spec(f"{__package__}._quant4")
     if spec is None or spec.origin is None:
-        logger.warning("streamq's CPU kernel was not built (no C compiler when streamq was installed); "
-                       "bitsandbytes quantizes instead, 20-60x slower. Reinstall streamq where gcc or clang is present")
+        logger.warning("streamq's CPU kernel is not built: %s; bitsandbytes quantizes instead, much slower. "
+                       "Reinstall streamq (pip install) where a C compiler (gcc or clang) works", not_built_reason())
         return None
     try:
         lib = ctypes.CDLL(spec.origin)
@@ -53,6 +55,13 @@ def _load_library() -> ctypes.CDLL | None:
     return lib
 
 
+def not_built_reason(record: Path = Path(__file__).with_name(BUILD_RECORD)) -> str:
+    """Why the kernel is missing, as setup.py recorded it; no record means no build was attempted."""
+    if record.is_file():
+        return f"{record.read_text().strip()} when streamq was installed"
+    return "no build of it was attempted for this copy of streamq (imported from a source tree, as through PYTHONPATH, or from a wheel without it)"
+
+
 _KERNEL_NAMES = {  # (dtype, sorted code) -> kernel in quant4.c
     (dtype, sorted_code): f"quantize_{name}{'_sorted' if sorted_code else ''}"
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32"))
@@ -66,7 +75,7 @@ QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bnb.functional.quantize_4bit accepts
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _NESTED_BLOCKSIZE = 256  # bnb quantizes the absmax of double quant in blocks of 256
-_JOB_WEIGHTS = 1 << 20  # weights per job handed to a thread (~2 ms of one core)
+_JOB_WEIGHTS = 1 << 20  # weights per job handed to a thread: a few ms of one core
 
 
 def supports(weight: torch.Tensor, quant_type: str, blocksize: int) -> bool:
@@ -150,8 +159,8 @@ def _in_parallel(run: Callable[[int, int], None], blocks: int, step: int) -> Non
 
     Threads of our own (ctypes releases the GIL during each call) rather than OpenMP parallel loops:
     under OpenMP (an earlier numba kernel's `prange`), a core that finished its static share spun at
-    the barrier while the download and hashing threads needed it, and the kernel took 4x its CPU
-    time on a busy 2-core VM. Here an idle worker just takes the next range, and a waiting one sleeps.
+    the barrier while the download and hashing threads needed it, and the kernel took several times its
+    CPU time on a busy 2-core VM. Here an idle worker just takes the next range, and a waiting one sleeps.
     """
     ranges = [(first, min(first + step, blocks)) for first in range(0, blocks, step)]
     if len(ranges) == 1:
@@ -169,8 +178,8 @@ def _pool() -> ThreadPoolExecutor:
 def _mean(values: torch.Tensor) -> torch.Tensor:
     """`values.mean()` as bnb computes it (torch's parallel reduction, whose bits depend on the thread
     count), but on a thread that ends right after: the OpenMP workers of a thread that lives on spin
-    for ~10 ms after each parallel op, CPU that a 2-core VM's download and hashing threads need (4
-    CPU-seconds over a 4.5 GB model). A new thread runs with torch's thread count; same bits."""
+    for a while after each parallel op, CPU that a small VM's download and hashing threads need.
+    A new thread runs with torch's thread count; same bits."""
     with ThreadPoolExecutor(1, "streamq-mean") as thread:
         return thread.submit(values.mean).result()
 

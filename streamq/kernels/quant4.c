@@ -8,7 +8,7 @@
  *
  * On CPUs with AVX-512 (x86-64-v4) whole blocks go through a 16-lane path instead, chosen at run time:
  * the same loads and multiply, and the index found by a binary search over the 15 bounds (4 in-register
- * table lookups in place of 15 comparisons), 1.4-1.7x faster there. Elsewhere the 16-lane code would be
+ * table lookups in place of 15 comparisons), faster there. Elsewhere the 16-lane code would be
  * split into narrower registers and run slower than the loop it replaces, so it is only built for v4.
  */
 

@@ -1,0 +1,237 @@
+"""One conversion as the web app runs it: options, work directory, disk budget, and live progress.
+
+Nothing here imports gradio: the page (`page.py`) only renders what `RunProgress` reports. The run
+itself is `iter_requantize` on a thread of its own, because one step of it (a whole shard) can take
+minutes and the page wants to show the phase, the bytes and the speed meanwhile.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ..errors import StreamqError
+from ..location import HubRepo, parse_location
+from ..pipeline import RequantizeResult, ShardRecord, _bytes_in, iter_requantize, plan_requantize
+from ..report import plan_summary
+
+# The quant types the page offers, in order: name -> (label, whether bitsandbytes' double_quant and
+# compute_dtype apply). Another output format is one more entry, e.g. "int4": ("int4 (compressed-tensors W4A16)", False).
+QUANT_TYPES: dict[str, tuple[str, bool]] = {
+    "nf4": ("NF4 (bitsandbytes)", True),
+    "fp4": ("FP4 (bitsandbytes)", True),
+}
+
+# Disk rule: two input shards plus one output shard keep the download busy all the time (README,
+# Guarantees: Disk); the run never takes more than this share of the work disk's free space.
+FREE_DISK_SHARE = 0.8
+
+_one_run = threading.Lock()  # one conversion per process; the gradio queue also runs them one at a time
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What the page or the API asked for (`output` may be empty for a plan). `token` None: HF_TOKEN or the
+    saved login, as in huggingface_hub."""
+
+    source: str
+    output: str
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    private: bool = False
+    token: str | None = field(default=None, repr=False)  # never printed, logged or stored
+    endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        """Hub repos only: a page anyone may open must not read or write the server's own files."""
+        for what, value in (("source", self.source), ("output", self.output)):
+            if what == "output" and not value:
+                continue  # a plan needs no output
+            if not isinstance(parse_location(value, allow_revision=what == "source"), HubRepo):
+                raise ValueError(f"the {what} must be a Hub repo id (org/name), not a local path: {value!r}")
+
+    def options(self) -> dict[str, Any]:
+        """Keyword options for `plan_requantize`/`iter_requantize` (bitsandbytes' own only where they apply)."""
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant type must be one of {', '.join(QUANT_TYPES)}, got {self.quant_type!r}")
+        options: dict[str, Any] = {"quant_type": self.quant_type, "token": self.token, "endpoint": self.endpoint}
+        if QUANT_TYPES[self.quant_type][1]:
+            options |= {"double_quant": self.double_quant, "compute_dtype": self.compute_dtype}
+        return options
+
+
+def plan_conversion(conversion: Conversion) -> dict[str, Any]:
+    """`streamq plan` as data: shards, what is quantized, sizes, disk needed."""
+    plan = plan_requantize(conversion.source, **conversion.options())
+    return plan_summary(plan, downloads=True)
+
+
+def default_output(source: str, quant_type: str, user: str | None) -> str:
+    """`<user>/<model>-<quant type>`, the name bnb-my-repo and gguf-my-repo give too."""
+    name = source.split("@", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return f"{user}/{name}-{quant_type}" if user and name else ""
+
+
+def work_root(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Where conversions keep their partial downloads between restarts: the given directory, else
+    STREAMQ_WORK_DIR, else a Space's persistent storage (/data) when it is mounted, else the temp dir."""
+    chosen = explicit or os.environ.get("STREAMQ_WORK_DIR")
+    if chosen:
+        return Path(chosen).expanduser()
+    data = Path("/data")
+    if data.is_dir() and os.access(data, os.W_OK):
+        return data / "streamq"
+    return Path(tempfile.gettempdir()) / "streamq-app"
+
+
+def work_dir_for(root: Path, output: str) -> Path:
+    """One folder per output: the same conversion started again finds its partial download there."""
+    return root / re.sub(r"[^A-Za-z0-9._-]+", "--", output)
+
+
+def choose_disk_budget(summary: dict[str, Any], free: int) -> int | None:
+    """Two input shards plus one output shard, or FREE_DISK_SHARE of the free space if that is less;
+    None (the run's own minimum, one input plus one output shard, whose check names the shortfall)
+    when even that share is below the minimum."""
+    largest_in = max((s["input_bytes"] for s in summary["shards"]), default=0)
+    largest_out = max((s["expected_output_bytes"] for s in summary["shards"]), default=0)
+    wanted = 2 * largest_in + largest_out
+    cap = int(free * FREE_DISK_SHARE)
+    if wanted <= cap:
+        return wanted
+    return cap if cap >= largest_in + largest_out else None
+
+
+@dataclass
+class Snapshot:
+    """What the page shows while a run goes on, and after it ends."""
+
+    phase: str
+    shards_done: int
+    shards_total: int
+    shards_skipped: int
+    bytes_done: int
+    bytes_total: int
+    work_dir_bytes: int
+    disk_budget: int | None
+    elapsed: float
+    speed: float  # input bytes per second converted by this run (shards done earlier do not count)
+    finished: bool
+    result: RequantizeResult | None
+    error: str | None
+
+
+class RunProgress:
+    """Runs one conversion on a thread of its own; `snapshot()` tells where it is, at any time."""
+
+    def __init__(self, conversion: Conversion, root: Path) -> None:
+        self.conversion, self.root = conversion, root
+        self.work_dir = work_dir_for(root, conversion.output)
+        self.disk_budget: int | None = None
+        self.summary: dict[str, Any] | None = None  # the plan, once read
+        self.bar: tqdm | None = None
+        self.records: list[ShardRecord] = []
+        self.result: RequantizeResult | None = None
+        self.error: str | None = None
+        self.waiting = False  # for an earlier run of this process (its page was closed) to end
+        self._started = time.monotonic()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="streamq-app-run", daemon=True)
+
+    def start(self) -> RunProgress:
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the run has ended, waiting at most `timeout` seconds."""
+        return self._done.wait(timeout)
+
+    def _run(self) -> None:
+        try:
+            if not _one_run.acquire(blocking=False):
+                self.waiting = True
+                _one_run.acquire()
+            try:
+                self.waiting, self._started = False, time.monotonic()
+                self._plan()
+                run = iter_requantize(
+                    self.conversion.source, self.conversion.output, **self.conversion.options(),
+                    private=self.conversion.private, work_dir=self.work_dir, disk_budget=self.disk_budget,
+                    progress=True, tqdm_class=_bar_class(self),
+                )
+                while True:
+                    try:
+                        self.records.append(next(run))
+                    except StopIteration as done:
+                        self.result = done.value
+                        break
+            finally:
+                _one_run.release()
+            shutil.rmtree(self.work_dir, ignore_errors=True)  # kept after a failure, for the next try to reuse
+        except (StreamqError, ValueError) as exc:
+            self.error = str(exc)
+        except Exception as exc:  # an unexpected failure still ends as one line on the page, not a traceback
+            self.error = f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        finally:
+            self._done.set()
+
+    def _plan(self) -> None:
+        """The plan (headers only; the run reads them again) decides the disk budget."""
+        self.summary = plan_conversion(self.conversion)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.disk_budget = choose_disk_budget(self.summary, shutil.disk_usage(self.work_dir).free)
+
+    def snapshot(self) -> Snapshot:
+        bar, records = self.bar, list(self.records)
+        done = [r for r in records if not r.skipped]
+        elapsed = time.monotonic() - self._started
+        phase = "planning (reading the model's config and headers)"
+        if bar is not None:
+            phase = " - ".join(p for p in (bar.desc, bar.postfix) if p) or phase
+        if self.waiting:
+            phase = "waiting for the run before this one to end"
+        if self.error:
+            phase = "failed"
+        elif self.result is not None:
+            phase = "done"
+        total = records[0].total if records else 0
+        return Snapshot(
+            phase=phase,
+            shards_done=len(records),
+            shards_total=self.result.shards if self.result else total,
+            shards_skipped=sum(1 for r in records if r.skipped),
+            bytes_done=int(bar.n) if bar is not None else 0,
+            bytes_total=int(bar.total or 0) if bar is not None else 0,
+            work_dir_bytes=_bytes_in(self.work_dir),
+            disk_budget=self.disk_budget,
+            elapsed=elapsed,
+            speed=sum(r.input_bytes for r in done) / elapsed if elapsed > 0 else 0.0,
+            finished=self._done.is_set(),
+            result=self.result,
+            error=self.error,
+        )
+
+
+def _bar_class(progress: RunProgress) -> type[tqdm]:
+    """A tqdm that draws nothing and hands itself to `progress`, which reads its phase and counters."""
+
+    class PageBar(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "file": io.StringIO()})
+            progress.bar = self
+
+        def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+            return True
+
+    return PageBar

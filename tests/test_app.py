@@ -1,0 +1,360 @@
+"""The web app as a user meets it: `streamq app` started as a command, against the local Hub emulator,
+driven through `gradio_client` (the `/requantize` API) and through its page in headless Chromium.
+
+Needs the `app` extra and Debian's chromium + chromium-driver (`.ci/run` installs both); missing, the
+tests fail rather than skip, so CI never passes without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi, snapshot_download
+
+from streamq import stream_requantize
+from streamq.testing import Fault, LocalHub
+from tiny_models import make_model
+
+SENTINEL = "hf_SENTINELappToken0123456789abcdefXYZ"  # the app's HF_TOKEN: must never show up anywhere
+VISITOR = "hf_VISITORscriptToken9876543210zyxwvuTSR"  # a script's own token (gradio_client's oauth_token=)
+SCREENSHOT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "app_finished.png"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = (
+    "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking "
+    "--disable-component-update --disable-sync --window-size=1200,1400"
+).split()
+
+
+class App:
+    """A running `streamq app` subprocess and the Hub it talks to."""
+
+    def __init__(self, hub: LocalHub, url: str, log: Path) -> None:
+        self.hub, self.url, self.log = hub, url, log
+        self.api = HfApi(endpoint=hub.endpoint, token=SENTINEL)
+        self.seen: list[str] = []  # everything the page and the API showed, checked for the token at the end
+
+    def repos(self) -> dict[str, str]:
+        """Every repo of the emulator and its main commit: what a failed run must leave as it was."""
+        found = {}
+        for repo_id in ("me/model-nf4", "me/page-nf4", "me/exists", "me/new", "org/out", "me/missing-nf4", "me/private-nf4", "me/gated-nf4"):
+            if self.api.repo_exists(repo_id):
+                found[repo_id] = self.api.model_info(repo_id).sha
+        return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory) -> Iterator[App]:
+    root = tmp_path_factory.mktemp("app")
+    tokens = {
+        SENTINEL: {"user": "me", "write": ["me/*"], "read": ["org/*"]},
+        VISITOR: {"user": "you", "write": ["you/*"], "read": ["org/*"]},
+        "hf_owner": {"user": "org", "write": ["*"]},
+    }
+    with LocalHub(root / "hub", tokens=tokens) as hub:
+        owner = HfApi(endpoint=hub.endpoint, token="hf_owner")
+        for name, seed in (("org/model", 0), ("org/page", 1), ("other/private", 2), ("org/gated", 3)):
+            owner.create_repo(name, private=name == "other/private")
+            owner.upload_folder(repo_id=name, folder_path=make_model(root / name.replace("/", "_"), seed=seed))
+        hub.set_gated("org/gated")
+        # an output made earlier with other settings (fp4): converting into it with nf4 must be refused
+        stream_requantize("org/model", "me/exists", quant_type="fp4", endpoint=hub.endpoint, token=SENTINEL, progress=False, min_commit_interval=0)
+
+        port = _free_port()
+        env = {**os.environ, "HF_TOKEN": SENTINEL, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+               "STREAMQ_WORK_DIR": str(root / "work"), "HF_HOME": str(root / "hf_home")}
+        env.pop("GRADIO_ANALYTICS_ENABLED", None)  # the app itself must turn analytics off
+        log = root / "app.log"
+        with open(log, "wb") as out:
+            command = [sys.executable, "-m", "streamq", "-vv", "app", "--port", str(port), "--endpoint", hub.endpoint]
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            _wait_until_up(url, proc, log)
+            yield App(hub, url, log)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"streamq app exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"streamq app did not answer within {timeout} s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_importing_streamq_does_not_import_gradio() -> None:
+    code = (
+        "import sys, streamq, streamq.cli; streamq.cli.build_parser(); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('gradio', 'gradio_client', 'selenium') or m.startswith('streamq.app')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_gradio_client_converts_and_the_output_loads(app: App, tmp_path: Path) -> None:
+    from gradio_client import Client
+    from transformers import AutoModelForCausalLM
+
+    import torch
+
+    client = Client(app.url, verbose=False, analytics_enabled=False)
+    assert "/requantize" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    plan = client.predict("org/model", "nf4", True, "bfloat16", api_name="/plan")
+    assert "model-00001-of-00007.safetensors" in plan and "disk budget on this machine" in plan
+    progress, link, result = client.predict("org/model", "me/model-nf4", "nf4", True, "bfloat16", False, api_name="/requantize")
+    app.seen += [plan, progress, link, json.dumps(result)]
+    assert result["url"] == f"{app.hub.endpoint}/me/model-nf4" and result["url"] in link
+    assert result["shards"] == 7 and result["shards_skipped"] == 0 and result["tensors_quantized"] > 0
+    assert "Phase:** done" in progress and "7 of 7 published" in progress
+
+    out = Path(snapshot_download("me/model-nf4", endpoint=app.hub.endpoint, token=SENTINEL, local_dir=tmp_path / "dl"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    direct = tmp_path / "direct"  # the library itself, same source and options: the page passes them as given
+    stream_requantize("org/model", direct, endpoint=app.hub.endpoint, token=SENTINEL, progress=False)
+    shards = sorted(p.name for p in direct.glob("*.safetensors"))
+    assert len(shards) == 7 and all((out / name).read_bytes() == (direct / name).read_bytes() for name in shards)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+
+    # the same conversion again resumes: every shard is found done, nothing is converted or committed
+    commits = len(app.api.list_repo_commits("me/model-nf4"))
+    progress, _, again = client.predict("org/model", "me/model-nf4", "nf4", True, "bfloat16", False, api_name="/requantize")
+    assert again["shards_skipped"] == 7 and "7 done by an earlier run" in progress
+    assert len(app.api.list_repo_commits("me/model-nf4")) == commits
+
+
+def test_a_script_converts_with_its_own_token(app: App) -> None:
+    from gradio_client import Client
+
+    client = Client(app.url, verbose=False, analytics_enabled=False, oauth_token=VISITOR)
+    progress, link, result = client.predict("org/model", "", "nf4", True, "bfloat16", False, api_name="/requantize")
+    app.seen += [progress, link, json.dumps(result)]
+    assert result["url"] == f"{app.hub.endpoint}/you/model-nf4"  # the default name is the token's user's
+    assert HfApi(endpoint=app.hub.endpoint, token=VISITOR).file_exists("you/model-nf4", "config.json")
+
+
+def test_the_page_in_a_browser_plans_converts_shows_progress_and_links(app: App, browser) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    slow = app.hub.faults.add(Fault.throttle(2048, 0.02, method="GET", path=r"^/storage/", times=None))  # ~100 kB/s: progress is seen
+    try:
+        browser.get(app.url)
+        wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+        source = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#source textarea, #source input"))
+        output = browser.find_element(By.CSS_SELECTOR, "#output textarea, #output input")
+        source.send_keys("org/page")
+        output.click()  # leaving the source field suggests <user>/<model>-<quant type>
+        wait.until(lambda d: output.get_attribute("value") == "me/page-nf4")
+
+        browser.find_element(By.ID, "plan").click()
+        wait.until(lambda d: "disk budget on this machine" in d.find_element(By.ID, "plan-box").text)
+        plan = browser.find_element(By.ID, "plan-box").text
+        assert "model-00007-of-00007.safetensors" in plan and "quantize: nn.Linear replaced by Linear4bit" in plan
+
+        browser.find_element(By.ID, "convert").click()
+        seen: list[str] = []
+
+        def finished(driver) -> bool:
+            seen.append(driver.find_element(By.ID, "status").text)
+            return "Done:" in driver.find_element(By.ID, "result").text
+
+        wait.until(finished)
+    finally:
+        app.hub.faults.remove(slow)
+    during = [text for text in seen if "Phase: shard" in text]
+    assert during, f"no progress seen while converting: {seen[-3:]}"
+    assert any("Input converted:" in t and "MB/s" in t and "Work directory:" in t for t in during)
+    assert any("of 7 published" in t and "7 of 7" not in t for t in during)
+    link = browser.find_element(By.CSS_SELECTOR, "#result a")
+    assert link.get_attribute("href") == f"{app.hub.endpoint}/me/page-nf4"
+    assert "Phase: done" in browser.find_element(By.ID, "status").text
+    assert app.api.file_exists("me/page-nf4", "config.json")
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOT))
+    app.seen += [browser.page_source, "\n".join(seen)]
+
+    # offline: the page loaded nothing from outside this machine (no CDN, fonts or analytics)
+    hosts = set()
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            hosts.add(message["params"]["request"]["url"].split("/")[2])
+    assert hosts - {"", app.url.split("/")[2]} == set(), hosts
+
+
+BAD_INPUT = [
+    ("org/missing", "me/missing-nf4", "nf4", "repo org/missing not found"),
+    ("other/private", "me/private-nf4", "nf4", "repo other/private not found, or private"),
+    ("org/gated", "me/gated-nf4", "nf4", "org/gated is gated"),
+    ("org/model", "org/out", "nf4", "cannot write to org/out"),
+    ("org/model", "me/exists", "nf4", "the output already holds a run with settings"),
+    ("./model", "me/new", "nf4", "must be a Hub repo id"),
+]
+
+
+@pytest.mark.parametrize("source, output, quant, message", BAD_INPUT, ids=[c[3] for c in BAD_INPUT])
+def test_bad_input_on_the_page_shows_one_line_and_publishes_nothing(app: App, browser, source: str, output: str, quant: str, message: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    before = app.repos()
+    browser.get(app.url)
+    wait = WebDriverWait(browser, 60, poll_frequency=0.1)
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#source textarea, #source input")).send_keys(source)
+    field = browser.find_element(By.CSS_SELECTOR, "#output textarea, #output input")
+    field.click()
+    wait.until(lambda d: field.get_attribute("value"))  # the suggested name, replaced by the one under test
+    field.clear()
+    field.send_keys(output)
+    browser.find_element(By.ID, "convert").click()
+    wait.until(lambda d: message in d.find_element(By.ID, "result").text)
+    assert "Phase: failed" in browser.find_element(By.ID, "status").text
+    assert len(browser.find_element(By.ID, "result").text.strip().splitlines()) == 1  # one line
+    shown = browser.find_element(By.TAG_NAME, "body").text
+    assert "Traceback" not in shown and "File \"" not in shown
+    app.seen.append(browser.page_source)
+    assert app.repos() == before  # no new repo, no new commit
+    if output == "me/exists":
+        assert "fp4" in shown  # names the setting that differs
+
+
+def test_the_token_never_appears_in_pages_api_answers_or_logs(app: App) -> None:
+    assert len(app.seen) >= 5, "run the tests above first (they collect what the page showed)"
+    for path in ("config", "gradio_api/info"):
+        with urllib.request.urlopen(app.url + path, timeout=10) as response:
+            app.seen.append(response.read().decode())
+    log = app.log.read_text(errors="replace")
+    assert "Running on local URL" in log
+    for text in [*app.seen, log]:
+        for token in (SENTINEL, VISITOR):
+            assert token not in text and token[3:] not in text
+
+
+def test_one_conversion_at_a_time_the_next_waits_in_the_queue(app: App) -> None:
+    from gradio_client import Client
+    from gradio_client.utils import Status
+
+    client = Client(app.url, verbose=False, analytics_enabled=False)
+    slow = app.hub.faults.add(Fault.throttle(2048, 0.02, method="GET", path=r"^/storage/", times=None))
+    try:
+        first = client.submit("org/model", "me/queue-a", "nf4", True, "bfloat16", False, api_name="/requantize")
+        second = client.submit("org/model", "me/queue-b", "nf4", True, "bfloat16", False, api_name="/requantize")
+        states = []
+        while not (first.done() and second.done()):
+            state = (first.status().code, second.status().code)
+            if not states or states[-1] != state:
+                states.append(state)
+            time.sleep(0.05)
+    finally:
+        app.hub.faults.remove(slow)
+    # the client hears each job's state on its own stream, so at a hand-over it may still call the finished
+    # one running: what it must show is one job waiting in the queue while the other runs
+    running = (Status.PROCESSING, Status.ITERATING)
+    assert any(a in running and b == Status.IN_QUEUE or b in running and a == Status.IN_QUEUE for a, b in states), states
+    assert first.result()[2]["shards"] == 7 and second.result()[2]["shards"] == 7
+    # on the Hub: every commit of one output came before the first commit of the other
+    a, b = ([c.created_at for c in app.api.list_repo_commits(repo)] for repo in ("me/queue-a", "me/queue-b"))
+    assert max(a) < min(b) or max(b) < min(a), (a, b)
+
+
+def _handler(page, api_name: str):
+    return next(f.fn for f in page.fns.values() if f.api_name == api_name)
+
+
+def test_on_a_space_the_visitors_own_token_is_used_and_login_is_required(app: App, monkeypatch, tmp_path: Path) -> None:
+    import gradio as gr
+    import gradio.oauth
+
+    from streamq.app import build_app
+
+    # what a Space with `hf_oauth: true` provides (read by gradio at import); the provider is never contacted here
+    for name, value in (("OAUTH_CLIENT_ID", "id"), ("OAUTH_CLIENT_SECRET", "secret"), ("OAUTH_SCOPES", "openid profile"), ("OPENID_PROVIDER_URL", "http://127.0.0.1:9")):
+        monkeypatch.setattr(gradio.oauth, name, value)
+    monkeypatch.setenv("SYSTEM", "spaces")
+    monkeypatch.setenv("SPACE_ID", "me/streamq")
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # never the Space owner's token for a visitor
+    page = build_app(endpoint=app.hub.endpoint, work_dir=str(tmp_path))
+    assert any(isinstance(block, gr.LoginButton) for block in page.blocks.values())
+    requantize = _handler(page, "requantize")
+    with pytest.raises(gr.Error, match="Log in with the Hugging Face button first"):
+        next(requantize("org/model", "me/space-nf4", "nf4", True, "bfloat16", False, None, None))
+    token = gr.OAuthToken(token=SENTINEL, scope="openid profile read-repos write-repos manage-repos", expires_at=0)
+    profile = gr.OAuthProfile({"preferred_username": "me", "name": "me", "picture": "", "profile": "", "website": ""})
+    *_, (progress, link, result) = requantize("org/model", "", "fp4", False, "bfloat16", True, token, profile)
+    assert result["url"].endswith("/me/model-fp4") and "Done" in link  # default output from the profile's name
+    assert app.api.model_info("me/model-fp4").private
+    config = json.loads(Path(app.api.hf_hub_download("me/model-fp4", "config.json", local_dir=tmp_path / "dl")).read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "fp4"
+    assert config["quantization_config"]["bnb_4bit_use_double_quant"] is False
+    assert SENTINEL not in progress + link + json.dumps(result)
+
+
+def test_rules_default_output_disk_budget_and_hub_only() -> None:
+    from streamq.app.run import QUANT_TYPES, Conversion, choose_disk_budget, default_output
+
+    assert default_output("Qwen/Qwen3-8B@main", "nf4", "me") == "me/Qwen3-8B-nf4"
+    assert default_output("Qwen/Qwen3-8B", "fp4", None) == ""
+    summary = {"shards": [{"input_bytes": 10, "expected_output_bytes": 4}, {"input_bytes": 8, "expected_output_bytes": 3}]}
+    assert choose_disk_budget(summary, free=1000) == 24  # two inputs plus one output of the largest shard
+    assert choose_disk_budget(summary, free=20) == 16  # else 80 % of the free space, if that holds one pair
+    assert choose_disk_budget(summary, free=15) is None  # else the run's own minimum, which reports the shortfall
+    for source, output in (("./model", "me/x"), ("org/model", "/tmp/out"), ("org/model", "me/x@dev")):
+        with pytest.raises(ValueError):
+            Conversion(source, output)
+    assert Conversion("org/m", "me/x", "fp4", False).options()["double_quant"] is False
+    assert "token=" not in repr(Conversion("org/m", "me/x", token=SENTINEL)) and SENTINEL not in repr(Conversion("org/m", "me/x", token=SENTINEL))
+    with pytest.raises(ValueError, match="quant type must be one of"):
+        Conversion("org/m", "me/x", "int3").options()
+    assert set(QUANT_TYPES) >= {"nf4", "fp4"}
+
+
+def test_streamq_app_without_the_extra_says_how_to_install_it() -> None:
+    code = "import sys; sys.modules['gradio'] = None; from streamq.cli import main; sys.exit(main(['app']))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip() == 'streamq: error: the app needs its extra packages (gradio is missing): pip install "streamq[app]"'

@@ -1,0 +1,71 @@
+"""Command-line conventions: global options anywhere, --version, offline mode said at once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import streamq
+from streamq import stream_requantize
+from streamq.cli import build_parser, main
+from streamq.retry import transient_delay
+from tiny_models import make_model
+
+
+@pytest.mark.parametrize(
+    ("argv", "verbose"),
+    [
+        (["requantize", "a/b", "./c"], 0),
+        (["-v", "requantize", "a/b", "./c"], 1),
+        (["requantize", "a/b", "./c", "-v"], 1),
+        (["requantize", "a/b", "./c", "-vv"], 2),
+        (["plan", "a/b", "--verbose"], 1),
+        (["status", "a/b", "-v"], 1),
+        (["verify", "a/b", "-v"], 1),
+    ],
+)
+def test_verbose_is_accepted_before_and_after_the_subcommand(argv: list[str], verbose: int) -> None:
+    assert build_parser().parse_args(argv).verbose == verbose
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"streamq {streamq.__version__}"
+
+
+def test_offline_mode_fails_at_once_with_what_to_do(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    run = subprocess.run(
+        [sys.executable, "-m", "streamq", "requantize", "org/model", str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        "streamq: error: offline mode is on (HF_HUB_OFFLINE=1), so org/model on the Hub cannot be reached; "
+        "unset HF_HUB_OFFLINE, or use local directories"
+    )
+    assert "retrying" not in run.stderr
+
+
+def test_offline_mode_names_the_output_repo_and_local_runs_still_work(tmp_path: Path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    src = make_model(tmp_path / "src")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(streamq.StreamqError, match=r"offline mode is on \(HF_HUB_OFFLINE=1\), so me/out on the Hub"):
+        stream_requantize(src, "me/out", progress=False)
+    stream_requantize(src, tmp_path / "out", progress=False)  # local to local needs no Hub
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_offline_refusals_are_not_retried() -> None:
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    assert transient_delay(OfflineModeIsEnabled("offline"), 0) is None
+    assert transient_delay(ConnectionError("reset"), 0) is not None
