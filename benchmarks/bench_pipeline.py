@@ -28,6 +28,13 @@ once, so the recipe's wall time under a throttle is optimistic (its disk and RAM
     python benchmarks/bench_pipeline.py --layers 4 --repeat 2 --no-unthrottled --json /tmp/small.json
     python benchmarks/bench_pipeline.py --child-cpus 2 --device cpu --scenarios raw,overlap   # a 2-core VM, on a bigger box
     python benchmarks/bench_pipeline.py --layers 6 --shard-mb 100 --scenarios raw,overlap --timeline   # when each stage ran
+    python benchmarks/bench_pipeline.py --fp8-moe --hidden 1024 --intermediate 2816 --layers 12 --heads 8 \
+        --shard-mb 300 --scenarios raw,strict,overlap                 # a DeepSeek-shaped FP8 MoE source, ~1.3 GB
+
+`--fp8-moe` builds a DeepSeek-V3-shaped block-FP8 MoE checkpoint instead (fp8_source.py; sized by --hidden,
+--intermediate, --layers, --heads, --vocab, --shard-mb, --experts, --moe-intermediate), which streamq dequantizes
+in the stream. The recipe scenario does not run on it: transformers 5.25 cannot dequantize DeepSeek's partial
+FP8 blocks.
 
 At the seed's scale (a Gemma-4-31B-shaped model, 60.4 GB bf16 in 13 shards of 5 GB, Llama tensor names
 with Gemma's sizes and tied embedding), the emulator's repos held in a RAM-backed tmpfs and the source
@@ -68,6 +75,7 @@ from typing import Any
 
 import ablation  # beside this script
 import timeline
+from fp8_source import MoESpec, build_fp8_model
 
 os.environ["HF_HUB_DISABLE_XET"] = "1"  # read at import: the emulator speaks git-LFS, not Xet
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
@@ -787,6 +795,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--head-dim", type=int, default=None, help="default: hidden / heads")
     parser.add_argument("--tie-embeddings", action="store_true", help="store no lm_head (tied to the embedding, as Gemma does)")
     parser.add_argument("--shard-mb", type=int, default=ModelSpec.shard_bytes // MB)
+    parser.add_argument("--fp8-moe", action="store_true", help="a DeepSeek-shaped block-FP8 MoE source (fp8_source.py) instead of bf16 Llama")
+    parser.add_argument("--experts", type=int, default=MoESpec.experts, help="--fp8-moe: routed experts per MoE layer")
+    parser.add_argument("--moe-intermediate", type=int, default=MoESpec.moe_intermediate, help="--fp8-moe: each expert's MLP width")
     parser.add_argument("--bandwidth-mbps", type=lambda v: [float(x) for x in v.split(",")], default=[200.0],
                         help="MB/s per transfer, each direction; several, comma-separated, run one after the other")
     parser.add_argument("--calibration-rounds", type=int, default=3,
@@ -816,7 +827,7 @@ def parse_args() -> argparse.Namespace:
 SOURCE_MARK = "bench-source.json"  # in the hub's root: the model and seed its source repo was built from
 
 
-def publish_model(hub: Any, spec: ModelSpec, seed: int, scratch: Path, direct: bool) -> tuple[Shapes, dict[str, Any]]:
+def publish_model(hub: Any, spec: ModelSpec | MoESpec, seed: int, scratch: Path, direct: bool) -> tuple[Shapes, dict[str, Any]]:
     """Put the source model on the emulator, unthrottled, keeping no other copy of it; a source already
     there from the same model and seed (a kept --hub-dir) is used as it is."""
     from huggingface_hub import HfApi
@@ -833,7 +844,7 @@ def publish_model(hub: Any, spec: ModelSpec, seed: int, scratch: Path, direct: b
             write_source_direct(hub.root, spec, seed)
             how = "written into the emulator's storage"
         else:
-            build_model(spec, scratch / "src", seed)
+            _builder(spec)(spec, scratch / "src", seed)
             api.create_repo(SOURCE)
             api.upload_folder(repo_id=SOURCE, folder_path=scratch / "src")
             shutil.rmtree(scratch / "src")
@@ -841,12 +852,17 @@ def publish_model(hub: Any, spec: ModelSpec, seed: int, scratch: Path, direct: b
         mark.write_text(json.dumps(wanted))  # only once the source is whole
     shapes = shard_shapes(hub.endpoint)
     seconds = time.monotonic() - started
-    print(f"model: {len(shapes.inputs)} shards, {sum(s for _, s in shapes.inputs) / GB:.2f} GB bf16 -> "
-          f"{sum(s for _, s in shapes.outputs) / GB:.2f} GB nf4 (source {how} in {seconds:.0f} s)", flush=True)
+    print(f"model: {len(shapes.inputs)} shards, {sum(s for _, s in shapes.inputs) / GB:.2f} GB "
+          f"{'fp8' if isinstance(spec, MoESpec) else 'bf16'} -> "
+          f"{sum(s for _, s in shapes.outputs) / GB:.2f} GB nf4 output (source {how} in {seconds:.0f} s)", flush=True)
     return shapes, {"source": how, "seconds": round(seconds, 1)}
 
 
-def write_source_direct(root: Path, spec: ModelSpec, seed: int) -> None:
+def _builder(spec: ModelSpec | MoESpec) -> Callable[[Any, Path, int], None]:
+    return build_fp8_model if isinstance(spec, MoESpec) else build_model
+
+
+def write_source_direct(root: Path, spec: ModelSpec | MoESpec, seed: int) -> None:
     """Build the model inside the emulator's storage and commit it there, as upload_folder would have:
     pushing 61 GB through the emulator's HTTP uploads takes minutes, a rename takes nothing."""
     from streamq.testing.auth import DEFAULT_USER
@@ -865,7 +881,7 @@ def write_source_direct(root: Path, spec: ModelSpec, seed: int) -> None:
         repo.adopt(path, sha256)
         return Put(path.name, entry)
 
-    build_model(spec, staging, seed)
+    _builder(spec)(spec, staging, seed)
     with ThreadPoolExecutor(os.cpu_count()) as pool:  # hashing releases the GIL
         operations = list(pool.map(stored, sorted(staging.iterdir())))
     repo.commit_changes("main", operations, title="Upload folder using huggingface_hub", message="", author=DEFAULT_USER)
@@ -929,10 +945,17 @@ def main() -> None:
         raise SystemExit(f"--scenarios: a subset of {','.join(SCENARIOS + ABLATIONS)} that includes raw (the baseline), "
                          f"each but raw optionally @{'/@'.join(DEVICES)}")
     setup = replace(pin(args.child_cpus, args.device), timeline=args.timeline)  # pinned before the emulator starts
-    spec = ModelSpec(
+    spec: ModelSpec | MoESpec = ModelSpec(
         args.hidden, args.intermediate, args.layers, args.vocab, args.heads, args.kv_heads, args.shard_mb * MB,
         args.head_dim, args.tie_embeddings,
     )
+    if args.fp8_moe:
+        if any(s == "recipe" for s, _ in runs):
+            raise SystemExit("--fp8-moe: leave out the recipe scenario (transformers 5.25 cannot dequantize partial FP8 blocks)")
+        spec = MoESpec(
+            hidden=args.hidden, intermediate=args.intermediate, moe_intermediate=args.moe_intermediate, experts=args.experts,
+            layers=args.layers, heads=args.heads, vocab=args.vocab, shard_bytes=args.shard_mb * MB,
+        )
     scratch = Path(tempfile.mkdtemp(prefix="streamq-bench-", dir=args.scratch))
     hub_root = args.hub_dir or scratch / "hub"
     if args.hub_dir:
@@ -942,7 +965,7 @@ def main() -> None:
     def save(results: list[dict[str, Any]]) -> None:
         report = {
             "git": {**git_before, "changed_during_run": git_commit() != git_before}, "machine": {**machine_facts(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-            "model": asdict(spec), "shards": asdict(shapes), "source": source, "repeat": args.repeat,
+            "model": {"kind": "fp8-moe" if args.fp8_moe else "bf16", **asdict(spec)}, "shards": asdict(shapes), "source": source, "repeat": args.repeat,
             "setup": {"child_cpus": sorted(setup.cpus) if setup.cpus else None, "device": setup.device}, "networks": results,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,8 @@ def _plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="IN", help="Hub repo id (org/name[@revision]) or local directory (./dir, /dir, ~/dir)")
     parser.add_argument("--revision", help="source branch, tag or commit (same as IN@revision)")
     parser.add_argument("--quant-type", choices=list(QUANT_TYPES), default="nf4",
-                        help="nf4/fp4: bitsandbytes; int4: compressed-tensors pack-quantized W4A16 (transformers, vLLM)")
+                        help="nf4/fp4: bitsandbytes; int4: compressed-tensors pack-quantized W4A16 (transformers, vLLM); "
+                             "bf16: an FP8/MXFP4 source written dequantized")
     parser.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="do not quantize the absmax statistics")
     parser.add_argument("--blocksize", type=int, help="bitsandbytes block size (default 64), or the int4 group size: 32, 64 or 128 (default 128; 32 for Q4_0-style QAT checkpoints)")
     parser.add_argument("--compute-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")

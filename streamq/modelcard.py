@@ -37,19 +37,19 @@ def render_model_card(plan: Plan, repo_name: str, source_card: str | None, outpu
 
 # {card_text.title} version of {plan.source}
 
-Quantized from {origin} with [streamq](https://pypi.org/project/streamq/), shard by shard. {card_text.description}
+Converted from {origin} with [streamq](https://pypi.org/project/streamq/), shard by shard. {card_text.description}
 
 | setting | value |
 | --- | --- |
 {rows}| model dtype | `{plan.tensors.dtype}` |
-| size | {plan.input_bytes / 1e9:.2f} GB -> {output_bytes / 1e9:.2f} GB ({ratio:.2f}x smaller) |
+| size | {plan.input_bytes / 1e9:.2f} GB -> {output_bytes / 1e9:.2f} GB ({f"{ratio:.2f}x smaller" if ratio >= 1 or not ratio else f"{1 / ratio:.2f}x larger"}) |
 
 ## How to load
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{repo_name}")  # the 4-bit config is in config.json
+model = AutoModelForCausalLM.from_pretrained("{repo_name}")  # config.json says how it loads
 ```
 
 {card_text.loading}

@@ -18,6 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .converters import converter_for
+from .dequantizers import Dequantizer, LogicalTensor, dequantizer_for, logical_checkpoint
+from .dequantizers.base import without_quantization
 from .errors import AlreadyQuantizedError, CorruptShardError, NoSafetensorsError, UnsupportedDtypeError, UnsupportedModelError
 from .fetch import Source, SourceFile
 from .inventory import WEIGHT_FILE, FileDecision, classify_files
@@ -32,6 +34,7 @@ TORCH_DTYPES = {  # the safetensors dtype codes streamq reads, and what they are
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
+STORED_DTYPES = TORCH_DTYPES | {"F8_E4M3": torch.float8_e4m3fn}  # what the shard reader reads: also a dequantized source's FP8
 QUANTIZED_KEY = re.compile(r"\.(absmax|quant_map|quant_state\.[\w]+|qweight|qzeros|scales|g_idx|weight_scale|weight_scale_inv|input_scale|weight_packed|SCB)$")
 
 
@@ -56,6 +59,16 @@ class Plan:
     files: dict[str, FileDecision]  # every file of the source repo, and what becomes of it
     single_file: bool
     warnings: list[str] = field(default_factory=list)
+    # A quantized source: tensor_info and the shards' keys describe the dequantized (logical) checkpoint;
+    # `logical` says which physical tensors each dequantized one is made from, `physical_info` is the real headers.
+    dequantizer: Dequantizer | None = None
+    logical: dict[str, LogicalTensor] = field(default_factory=dict)
+    physical_info: dict[str, TensorInfo] | None = None
+
+    @property
+    def stored_info(self) -> dict[str, TensorInfo]:
+        """Every tensor as the source files store it (what the shard reader checks the headers against)."""
+        return self.physical_info if self.physical_info is not None else self.tensor_info
 
     @property
     def rules(self) -> dict[str, TensorRule]:
@@ -92,7 +105,11 @@ def build_plan(
     if "config.json" not in files:
         raise UnsupportedModelError(f"{source.name} has no config.json; streamq converts transformers model repos")
     config = json.loads(source.read_text("config.json"))
-    _refuse_quantized_config(source.name, config)
+    dequantizer = dequantizer_for(source.name, config)  # refuses quantized sources it cannot dequantize exactly
+    if dequantizer is not None:
+        config = without_quantization(config)
+    elif settings.quant_type == "bf16":
+        raise UnsupportedModelError(f"{source.name} is not quantized; quant_type bf16 writes a quantized (FP8, MXFP4) source dequantized")
     shard_names, index, single = _weight_files(source, files)
     on_weight_files(shard_names)
     weight_map = index["weight_map"] if index is not None else None
@@ -112,8 +129,17 @@ def build_plan(
         listed = set(weight_map) - set(tensor_info)
         if listed:
             raise CorruptShardError(f"{INDEX_NAME} names {len(listed)} tensor(s) no shard holds, e.g. {sorted(listed)[0]}")
-    _check_tensors(tensor_info, headers)
-    config_dir = _stage_config(source, files, meta_dir, trust_remote_code)
+    physical_info, logical = None, {}
+    if dequantizer is not None:
+        physical_info = tensor_info
+        dtype = _dequantized_dtype(source.name, config)
+        if settings.quant_type == "bf16" and dtype != "bfloat16":
+            raise UnsupportedModelError(f"{source.name} dequantizes to {dtype}, not bfloat16; choose quant_type nf4, fp4 or int4")
+        headers, logical = logical_checkpoint(dequantizer, headers, dtype)
+        tensor_info = {key: info for header in headers.values() for key, info in header.items()}
+        shards = [ShardPlan(s.name, s.size, s.sha256, tuple(headers[s.name])) for s in shards]
+    _check_tensors(tensor_info, headers, scales_allowed=dequantizer is not None)
+    config_dir = _stage_config(source, files, meta_dir, trust_remote_code, config if dequantizer is not None else None)
     tensors = plan_tensors(
         config,
         tensor_info,
@@ -126,7 +152,10 @@ def build_plan(
     )
     decisions = classify_files(sorted(files), shard_names, source.read_text)
     sizes = {name: f.size for name, f in files.items()}
-    return Plan(source.name, source.revision, settings, config, shards, tensors, tensor_info, sizes, decisions, single, list(tensors.warnings))
+    return Plan(
+        source.name, source.revision, settings, config, shards, tensors, tensor_info, sizes, decisions, single, list(tensors.warnings),
+        dequantizer, logical, physical_info,
+    )
 
 
 def _tensor_reader(source: Source, shards: list[ShardPlan], work: Path) -> Callable[[list[str]], dict[str, torch.Tensor]]:
@@ -151,22 +180,16 @@ def _tensor_reader(source: Source, shards: list[ShardPlan], work: Path) -> Calla
     return read
 
 
-def _refuse_quantized_config(name: str, config: dict[str, Any]) -> None:
-    """A config that declares a quantization (bitsandbytes, GPTQ, AWQ, FP8, compressed-tensors...) is refused, naming it."""
-    for field_name in ("quantization_config", "compression_config"):  # older compressed-tensors use the second
-        quant = config.get(field_name)
-        if not quant:
-            continue
-        if isinstance(quant, dict) and quant.get("quant_method"):
-            method = str(quant["quant_method"])
-        elif isinstance(quant, dict):
-            method = f"unknown method; its keys: {', '.join(sorted(quant)[:6])}"
-        else:
-            method = "unknown method"
-        raise AlreadyQuantizedError(
-            f"{name} is already quantized ({method}) according to {field_name} in config.json; "
-            "start from the full-precision model instead"
-        )
+def _dequantized_dtype(name: str, config: dict[str, Any]) -> str:
+    """The dtype transformers dequantizes a quantized source to: the model dtype config.json names."""
+    for key in ("dtype", "torch_dtype"):
+        value = config.get(key)
+        if value in ("float16", "bfloat16", "float32"):
+            return value
+    raise UnsupportedModelError(
+        f"{name} is quantized and its config.json names no dtype (float16, bfloat16 or float32), so the dtype "
+        "transformers would dequantize it to is not known; add \"dtype\": \"bfloat16\" to a copy of the repo"
+    )
 
 
 def _weight_files(source: Source, files: dict[str, SourceFile]) -> tuple[list[str], dict[str, Any] | None, bool]:
@@ -200,8 +223,9 @@ def _check_index(name: str, keys: tuple[str, ...], weight_map: dict[str, str]) -
             )
 
 
-def _check_tensors(tensor_info: dict[str, TensorInfo], headers: dict[str, dict[str, TensorInfo]]) -> None:
-    quantized = [k for k in tensor_info if QUANTIZED_KEY.search(k)]
+def _check_tensors(tensor_info: dict[str, TensorInfo], headers: dict[str, dict[str, TensorInfo]], scales_allowed: bool = False) -> None:
+    """`scales_allowed`: a dequantized source's leftover scales (activation or KV-cache) are dropped by planning."""
+    quantized = [] if scales_allowed else [k for k in tensor_info if QUANTIZED_KEY.search(k)]
     if quantized:
         raise AlreadyQuantizedError(
             f"the checkpoint already holds quantized tensors (e.g. {quantized[0]}); start from the full-precision model"
@@ -209,18 +233,23 @@ def _check_tensors(tensor_info: dict[str, TensorInfo], headers: dict[str, dict[s
     for name, tensors in headers.items():
         for key, info in tensors.items():
             if info.dtype not in TORCH_DTYPES:
-                hint = " (an FP8 checkpoint is already quantized)" if info.dtype.startswith("F8") else ""
+                hint = " but config.json has no quantization_config saying how to dequantize it" if info.dtype.startswith("F8") else ""
                 raise UnsupportedDtypeError(
                     f"{name}: tensor {key} has dtype {info.dtype}{hint}; streamq converts F16, BF16, F32 and F64 weights"
                 )
 
 
-def _stage_config(source: Source, files: dict[str, SourceFile], meta_dir: Path, trust_remote_code: bool) -> Path:
-    """Put config.json (and custom code, only if trusted) where transformers' AutoConfig can read it."""
+def _stage_config(
+    source: Source, files: dict[str, SourceFile], meta_dir: Path, trust_remote_code: bool, config: dict[str, Any] | None = None
+) -> Path:
+    """Put config.json (and custom code, only if trusted) where transformers' AutoConfig can read it;
+    `config`, when given, is written instead of the source's (a dequantized source's, without its quantization)."""
     meta_dir.mkdir(parents=True, exist_ok=True)
     wanted = ["config.json"] + ([f for f in files if f.endswith(".py")] if trust_remote_code else [])
     for name in wanted:
         source.copy_to(name, meta_dir / name)
+    if config is not None:
+        (meta_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return meta_dir
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -28,7 +30,7 @@ def quantize_shard(arrival: Arrival, shard: ShardPlan, plan: Plan, device: str, 
     while True:
         try:
             counted: Stats = Counter()
-            out = _quantize_tensors(ShardReader(arrival, shard.name, shard.size, plan.tensor_info), shard.keys, plan, device, counted)
+            out = _quantize_tensors(ShardReader(arrival, shard.name, shard.size, plan.stored_info), shard.keys, plan, device, counted)
             if stats is not None:
                 stats.update(counted)
             return out
@@ -38,20 +40,41 @@ def quantize_shard(arrival: Arrival, shard: ShardPlan, plan: Plan, device: str, 
 
 def _quantize_tensors(reader: ShardReader, keys: tuple[str, ...], plan: Plan, device: str, stats: Stats) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    for key in reader.in_file_order(keys):
+    for key in reader.in_file_order(keys, {k: t.parts for k, t in plan.logical.items()}):
         rule = plan.rules[key]
         if rule.action == "drop":
             continue
         if rule.action == "keep":
-            out[rule.out_key] = _converted(reader.get_tensor(key), rule).contiguous()
+            tensor = _dequantized(reader, key, plan) if key in plan.logical else reader.get_tensor(key)
+            out[rule.out_key] = _converted(tensor, rule).contiguous()
             continue
-        with reader.mapped_tensor(key) as tensor:  # nothing below keeps a view of it
+        with _weight(reader, key, plan) as tensor:  # nothing below keeps a view of it
             weight = _converted(tensor, rule)
             weight = weight.T if rule.transpose else weight
             for suffix, value in quantize_weight(weight.contiguous(), plan.settings, device, stats).items():
                 out[f"{rule.out_key}{suffix}"] = value
             del tensor, weight
     return out
+
+
+@contextmanager
+def _weight(reader: ShardReader, key: str, plan: Plan) -> Iterator[torch.Tensor]:
+    """A weight to quantize: dequantized if the source is quantized, else mapped from the file."""
+    if key in plan.logical:
+        yield _dequantized(reader, key, plan)
+        return
+    with reader.mapped_tensor(key) as tensor:
+        yield tensor
+
+
+def _dequantized(reader: ShardReader, key: str, plan: Plan) -> torch.Tensor:
+    """One logical tensor of a quantized source, from its stored parts (mapped only while it is computed):
+    memory holds the quantized weight's pages, its scales and the full-precision result, one tensor at a time."""
+    tensor = plan.logical[key]
+    assert plan.dequantizer is not None
+    with ExitStack() as stack:
+        parts = {part: stack.enter_context(reader.mapped_tensor(part)) for part in tensor.parts}
+        return plan.dequantizer.dequantize(tensor, parts, getattr(torch, FLOAT_CODES[tensor.info.dtype])).contiguous()
 
 
 def _converted(tensor: torch.Tensor, rule: TensorRule) -> torch.Tensor:

@@ -14,7 +14,7 @@ import json
 import math
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import NamedTuple
 
@@ -22,7 +22,7 @@ import torch
 
 from .arrival import Arrival
 from .errors import CorruptShardError
-from .plan import TORCH_DTYPES
+from .plan import STORED_DTYPES
 from .targets import TensorInfo
 
 
@@ -71,7 +71,7 @@ class ShardReader:
         if info is None:
             raise self._corrupt(f"tensor {key} was not in its header when the run was planned")
         start, end = _offsets(entry)
-        shape, dtype = tuple(info.shape), TORCH_DTYPES.get(info.dtype)
+        shape, dtype = tuple(info.shape), STORED_DTYPES.get(info.dtype)
         nbytes = math.prod(shape) * dtype.itemsize if dtype is not None else -1
         if not isinstance(entry, dict) or entry.get("dtype") != info.dtype or tuple(entry.get("shape", ())) != shape or end - start != nbytes:
             raise self._corrupt(f"tensor {key} is not the {info.dtype} {list(shape)} its header said when the run was planned")
@@ -87,9 +87,14 @@ class ShardReader:
         if self._data_start + at != self.size:
             raise self._corrupt(f"its tensors end at byte {self._data_start + at} of {self.size}")
 
-    def in_file_order(self, keys: tuple[str, ...]) -> list[str]:
-        """`keys` in the order their bytes arrive (a header lists tensors by name, not by position)."""
-        return sorted(keys, key=lambda key: self._entries[key].start if key in self._entries else 0)
+    def in_file_order(self, keys: tuple[str, ...], parts: Mapping[str, tuple[str, ...]] | None = None) -> list[str]:
+        """`keys` in the order their bytes arrive (a header lists tensors by name, not by position); a key
+        in `parts` is made from those stored tensors (a dequantized weight) and is ready when the last is in."""
+        def ready_at(key: str) -> int:
+            stored = parts.get(key, (key,)) if parts else (key,)
+            return max(self._entries[k].start if k in self._entries else 0 for k in stored)
+
+        return sorted(keys, key=ready_at)
 
     def get_tensor(self, key: str) -> torch.Tensor:
         """The tensor, read once its bytes have arrived (blocking until then)."""

@@ -35,6 +35,8 @@ def plan_summary(plan: Plan, *, downloads: bool) -> dict[str, Any]:
         "source": plan.source,
         "revision": plan.revision,
         "model_dtype": plan.tensors.dtype,
+        "source_quantization": plan.dequantizer.method if plan.dequantizer else None,  # dequantized as it streams
+        "dequantized_tensors": len(plan.logical),
         "settings": plan.settings.as_dict(),
         "shards": shards,
         "tensors": {
@@ -67,6 +69,8 @@ def format_plan(summary: dict[str, Any], *, verbose: bool = False, rules: dict |
     lines = [
         f"source: {summary['source']}" + (f" @ {summary['revision']}" if summary["revision"] else ""),
         f"model dtype: {summary['model_dtype']}   settings: {summary['settings']}",
+        *([f"source quantized ({summary['source_quantization']}): {summary['dequantized_tensors']} tensors dequantized as they arrive"]
+          if summary.get("source_quantization") else []),
         "",
         f"{'shard':<44} {'in':>10} {'out (est.)':>11} {'quant':>6} {'keep':>5} {'drop':>5}",
     ]

@@ -7,13 +7,14 @@ from typing import Any
 
 BNB_TYPES = ("nf4", "fp4")  # bitsandbytes 4-bit (converters/bitsandbytes.py)
 INT4_TYPES = ("int4",)  # compressed-tensors pack-quantized W4A16 (converters/int4.py)
-QUANT_TYPES = BNB_TYPES + INT4_TYPES
+DEQUANTIZED_TYPES = ("bf16",)  # a quantized source written dequantized (converters/bf16.py)
+QUANT_TYPES = BNB_TYPES + INT4_TYPES + DEQUANTIZED_TYPES
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 INT4_GROUP_SIZES = (32, 64, 128)
 # int4's default group size is llm-compressor's W4A16 preset (128); a QAT checkpoint trained on
 # Q4_0-style groups of 32 needs blocksize=32 to stay exact (the summary and card say how many were).
-DEFAULT_BLOCKSIZE = {"nf4": 64, "fp4": 64, "int4": 128}
+DEFAULT_BLOCKSIZE = {"nf4": 64, "fp4": 64, "int4": 128, "bf16": 64}  # bf16 has no blocks: 64 is unused
 
 
 @dataclass(frozen=True)

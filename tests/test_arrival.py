@@ -36,9 +36,12 @@ def make_shard(path: Path, scale: float = 1.0) -> dict[str, torch.Tensor]:
 
 
 def plan_for(tensors: dict[str, torch.Tensor]) -> SimpleNamespace:
+    info = {k: TensorInfo("BF16", tuple(t.shape)) for k, t in tensors.items()}
     return SimpleNamespace(
         settings=SETTINGS,
-        tensor_info={k: TensorInfo("BF16", tuple(t.shape)) for k, t in tensors.items()},
+        tensor_info=info,
+        stored_info=info,
+        logical={},  # an unquantized source: nothing to dequantize
         rules={k: TensorRule("keep" if k.startswith("norm") else "quantize", k, None, False) for k in tensors},
     )
 

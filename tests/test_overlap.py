@@ -208,9 +208,12 @@ def arrived(path):
 
 path = Path(sys.argv[1])
 keys = tuple(json.loads(sys.argv[2]))
+info = {k: TensorInfo("BF16", (2048, 4096)) for k in keys}
 plan = SimpleNamespace(
     rules={k: TensorRule("quantize", k, None, False) for k in keys},
-    tensor_info={k: TensorInfo("BF16", (2048, 4096)) for k in keys},
+    tensor_info=info,
+    stored_info=info,
+    logical={},
     settings=QuantSettings("nf4", True, 64, "bfloat16", None),
 )
 size = path.stat().st_size

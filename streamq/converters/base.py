@@ -103,4 +103,8 @@ def converter_for(settings: QuantSettings) -> Converter:
         from .int4 import Int4Converter
 
         return Int4Converter(settings)
+    if settings.quant_type == "bf16":
+        from .bf16 import Bf16Converter
+
+        return Bf16Converter(settings)
     raise ValueError(f"no output converter for quant_type {settings.quant_type!r}")
