@@ -94,7 +94,7 @@ def start_run(hub: LocalHub, dst: str, work: Path, log: Path) -> subprocess.Pope
     """The command a user runs, in a fresh interpreter, output to `log`."""
     command = [
         sys.executable, "-m", "streamq", "requantize", SOURCE, dst, "--endpoint", hub.endpoint,
-        "--work-dir", str(work), "--min-commit-interval", "0", "--no-progress",
+        "--work-dir", str(work), "--no-progress",
     ]
     env = {**os.environ, "HF_TOKEN": TOKEN, "PYTHONPATH": str(REPO_ROOT), "HF_HOME": str(work.parent / "hf_home")}
     with log.open("wb") as out:

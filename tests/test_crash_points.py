@@ -107,7 +107,7 @@ def test_kill_9_then_rerun_hub(tmp_path: Path, hub_model, point: str, nth: int) 
 
     hub, api, clean = hub_model
     repo = f"me/{point}"
-    args = ("requantize", "org/model", repo, "--endpoint", hub.endpoint, "--work-dir", str(tmp_path / "work"), "--min-commit-interval", "0")
+    args = ("requantize", "org/model", repo, "--endpoint", hub.endpoint, "--work-dir", str(tmp_path / "work"))
     killed = run_cli(*args, die_at=point, nth=nth, env={"HF_HUB_DISABLE_XET": "1"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     files = api.list_repo_files(repo) if api.repo_exists(repo) else []
