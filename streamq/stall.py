@@ -69,42 +69,46 @@ class SpeedHistory:
 
 
 class StallWatch:
-    """Watches one connection: call `update` with the bytes moved so far, after each read or write."""
+    """Watches one connection: call `update` with the bytes moved so far, after each read or write.
+
+    Time is cut into consecutive windows of at least `WINDOW_SECONDS`, each closed by the first update
+    after it is due, so each byte counts in exactly one window (a burst at the start included) and a
+    connection whose reads come far apart is judged over the whole gap."""
 
     def __init__(self, history: SpeedHistory, what: str, clock: Callable[[], float] = time.monotonic) -> None:
         self._history, self._what, self._clock = history, what, clock
-        self._samples: deque[tuple[float, int]] = deque()
+        self._window: tuple[float, int] | None = None  # (start, bytes moved at the start)
         self._slow_since: float | None = None
 
     def restart(self, moved: int) -> None:
         """A new connection starts, with `moved` bytes already done (its wait for a first byte counts)."""
-        self._samples.clear()
-        self._samples.append((self._clock(), moved))
+        self._window = (self._clock(), moved)
         self._slow_since = None
 
     def update(self, moved: int) -> None:
         now = self._clock()
-        if not self._samples:
-            self._samples.append((now, moved))
+        if self._window is None:
+            self._window = (now, moved)
             return
-        self._samples.append((now, moved))
-        while len(self._samples) > 2 and self._samples[1][0] <= now - WINDOW_SECONDS:
-            self._samples.popleft()  # keep the last sample at or before the window's start
-        start, start_bytes = self._samples[0]
-        span = now - start
-        if span < WINDOW_SECONDS:
+        start, start_bytes = self._window
+        if now - start < WINDOW_SECONDS:
             return
-        rate = (moved - start_bytes) / span
+        rate = (moved - start_bytes) / (now - start)
+        self._window = (now, moved)
         best = self._history.note(now, rate)
         if rate < SLOW_FRACTION * best and rate < FLOOR_BYTES_PER_S:
             self._slow_since = start if self._slow_since is None else self._slow_since
             if now - self._slow_since >= STALL_SECONDS:
                 raise TransferStalled(
-                    f"{self._what}: {rate / 1e3:.1f} kB/s for {now - self._slow_since:.0f} s against {best / 1e6:.1f} MB/s "
+                    f"{self._what}: {_speed(rate)} for {now - self._slow_since:.0f} s against {_speed(best)} "
                     "recently; giving up this connection"
                 )
         else:
             self._slow_since = None
+
+
+def _speed(rate: float) -> str:
+    return f"{rate / 1e6:.1f} MB/s" if rate >= 1e6 else f"{rate / 1e3:.1f} kB/s"
 
 
 class WatchedReader(io.BufferedReader):
