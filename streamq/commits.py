@@ -55,6 +55,19 @@ class CommitBudget:
             return None
         return max(1, math.ceil(uncommitted / spare))
 
+    def commit_now(self, pending: int, remaining: int, claimed: bool) -> bool:
+        """Whether to commit the `pending` uploaded shards now, with `remaining` shards still to come.
+
+        The last shard waits for the final files (one commit fewer at the end of a run). Until the output
+        holds a manifest (`claimed`), a shard is committed at once if one commit besides the final one is
+        left: from then on a resumed run can find what this one uploaded."""
+        if remaining == 0:
+            return False
+        if not claimed:
+            return self.left() > 1
+        batch = self.batch_size(pending + remaining - 1)
+        return batch is not None and pending >= batch
+
     def wait_for_one(self) -> None:
         """Block until a commit may be made (the final one, when the budget is spent: an hour at most)."""
         while self.left() < 1:

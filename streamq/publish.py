@@ -285,14 +285,9 @@ class HubSink:
             op.path_or_fileobj = str(local)
             self._delete_after_commit.append(local)
         self._pending = [o for o in self._pending if o.path_in_repo != name] + [op]  # a shard made again replaces its upload
-        if remaining == 0:
-            return False
-        if not self._claimed:  # the first commit claims the output: later uploads are found from then on
-            batch = 1 if self.budget.left() > 1 else None
-        else:  # what is uploaded now and what is still to come, but the last (it goes with the final files)
-            batch = self.budget.batch_size(len(self._pending) + remaining - 1)
-        if batch is None or len(self._pending) < batch:
-            logger.info("%s uploaded; committing it with a later shard, within %d commits per hour", name, self.budget.per_hour)
+        if not self.budget.commit_now(len(self._pending), remaining, self._claimed):
+            if remaining:
+                logger.info("%s uploaded; committing it with a later shard, within %d commits per hour", name, self.budget.per_hour)
             return False
         self._commit_pending(manifest, f"streamq: add {', '.join(o.path_in_repo for o in self._pending)}")
         return True
