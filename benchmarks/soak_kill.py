@@ -121,8 +121,8 @@ def start_run(hub: LocalHub, dst: str, work: Path, log: Path) -> subprocess.Pope
         "--work-dir", str(work), "--no-progress", *POLICY.options,
     ]
     env = {**os.environ, "HF_TOKEN": TOKEN, "PYTHONPATH": str(POLICY.root), "HF_HOME": str(work.parent / "hf_home")}
-    with log.open("wb") as out:
-        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    with log.open("wb") as out:  # run from the root: `python -m` puts the working directory first on sys.path
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=POLICY.root)
 
 
 @dataclass(frozen=True)
@@ -138,11 +138,14 @@ class Timing:
     fixed: float
     total: float
 
-    def kill_delay(self, rng: random.Random, shards_left: int) -> float:
+    def kill_delay(self, rng: random.Random, shards_left: int, anywhere: bool = False) -> float:
         """Between the first request and the expected commit of the WINDOW_SHARDS-th shard this run converts;
         with none left, the end of a run with nothing to do, give or take one shard's time (so such a run
-        may end by itself)."""
-        if shards_left:
+        may end by itself). `anywhere`: up to the expected end of the run instead (a kill at a random
+        moment of the whole run, as in issue 20)."""
+        if anywhere:
+            end = self.fixed + self.per_shard * shards_left
+        elif shards_left:
             end = self.first_commit + self.per_shard * (min(shards_left, WINDOW_SHARDS) - 1)
         else:
             end = self.fixed + self.per_shard
@@ -201,7 +204,7 @@ class Attempt:
     requests: list[RequestRecord] = field(default_factory=list)
 
 
-def soak(hub: LocalHub, scratch: Path, timing: Timing, shards: int, kills: int, seed: int) -> list[Attempt]:
+def soak(hub: LocalHub, scratch: Path, timing: Timing, shards: int, kills: int, seed: int, anywhere: bool) -> list[Attempt]:
     """Start and kill runs until one exits 0 by itself; after `kills` kills a run is left to finish."""
     api = HfApi(endpoint=hub.endpoint, token=TOKEN)
     rng = random.Random(seed)
@@ -209,7 +212,7 @@ def soak(hub: LocalHub, scratch: Path, timing: Timing, shards: int, kills: int, 
     while len(attempts) < kills + EXTRA_ATTEMPTS:
         published = shards_published(api)
         killing = sum(a.killed for a in attempts) < kills
-        delay = timing.kill_delay(rng, shards - len(published)) if killing else FINAL_RUN_TIMEOUT
+        delay = timing.kill_delay(rng, shards - len(published), anywhere) if killing else FINAL_RUN_TIMEOUT
         before = len(hub.requests)
         started = time.monotonic()
         work = scratch / (f"work-out-{len(attempts) + 1}" if POLICY.fresh_work_dir else "work-out")
@@ -357,6 +360,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--streamq-root", type=Path, default=REPO_ROOT, help="run the streamq package found here")
     parser.add_argument("--min-commit-interval", type=float, help="passed to an older streamq (--streamq-root)")
     parser.add_argument("--json", type=Path, help="write the counts, per kill, to this file")
+    parser.add_argument("--kill-anywhere", action="store_true", help="kill at any moment of a run, not within its first shards")
     return parser.parse_args()
 
 
@@ -380,7 +384,7 @@ def main() -> int:
                   f"committed after {timing.first_commit:.1f} s, then one every {timing.per_shard:.1f} s, "
                   f"done after {timing.total:.1f} s; "
                   f"a run with nothing left: {timing.fixed:.1f} s")
-            attempts = soak(hub, scratch, timing, shards, args.kills, args.seed)
+            attempts = soak(hub, scratch, timing, shards, args.kills, args.seed, args.kill_anywhere)
             return summarize(hub, scratch, attempts, shard_of, args, timing)
     finally:
         if args.keep:
@@ -418,7 +422,7 @@ def summarize(hub: LocalHub, scratch: Path, attempts: list[Attempt], shard_of: d
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "policy": POLICY.describe(), "seed": args.seed, "bandwidth_mbps": args.bandwidth_mbps, "shards": len(shard_of),
+            "policy": POLICY.describe(), "kill_anywhere": args.kill_anywhere, "seed": args.seed, "bandwidth_mbps": args.bandwidth_mbps, "shards": len(shard_of),
             "clean_run_s": timing.total, "kills": kills, "attempts": len(attempts), "finished": finished,
             "result_matched": not mismatches, "verify_ok": report.ok,
             "redone_per_kill": redone, "redone_mean": sum(redone) / max(1, len(redone)),

@@ -159,7 +159,6 @@ class HubSink:
     def __init__(
         self, api: HfApi, repo_id: str, *, private: bool, commits_per_hour: int = DEFAULT_COMMITS_PER_HOUR,
         branch: str | None = None, create_pr: bool = False, journal: Path | None = None,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self.api = api
         self.repo_id = repo_id
@@ -178,7 +177,7 @@ class HubSink:
                 retrying(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True), f"creating branch {branch}")
         # Every commit names this as its parent, so a concurrent writer makes it fail instead of mixing.
         self._head = self._current_head()
-        self.budget = CommitBudget(commits_per_hour, self._commit_times(clock()), clock=clock)
+        self.budget = CommitBudget(commits_per_hour, self._commit_times(time.time()))
         self.location = str(url) if branch is None else f"{url} (branch {branch})"
 
     def _commit_times(self, now: float) -> list[float]:
