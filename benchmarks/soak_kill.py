@@ -143,8 +143,8 @@ class Timing:
         with none left, the end of a run with nothing to do, give or take one shard's time (so such a run
         may end by itself). `anywhere`: up to the expected end of the run instead (a kill at a random
         moment of the whole run, as in issue 20)."""
-        if anywhere:
-            end = self.fixed + self.per_shard * shards_left
+        if anywhere:  # before the run can end by itself
+            end = 0.9 * min(self.total, self.fixed + self.per_shard * shards_left)
         elif shards_left:
             end = self.first_commit + self.per_shard * (min(shards_left, WINDOW_SHARDS) - 1)
         else:

@@ -170,6 +170,7 @@ class HubSink:
         self._delete_after_commit: list[Path] = []
         self._journal = UploadJournal(journal) if journal is not None else None
         self._claimed = False  # whether the output holds a manifest: until then, a shard is committed at once
+        self._taken_up: set[str] = set()  # shards committed from the journal, not uploaded by this run
         self._uploads = SpeedHistory()  # what this output's uploads have recently done, to see one trickle
         with hub.writing(repo_id):
             url = retrying(lambda: api.create_repo(repo_id, private=private, exist_ok=True), f"creating {repo_id}")
@@ -216,6 +217,7 @@ class HubSink:
         for name in sorted(found.keys() - missing):
             manifest.shards[name] = found[name]
             self._pending.append(_uploaded(name, found[name]))
+            self._taken_up.add(name)
         if missing:
             logger.warning("%d shard(s) an earlier run uploaded are no longer on the Hub; converting them again", len(missing))
             self._journal_call(self._journal.forget, ident, missing)
@@ -284,6 +286,7 @@ class HubSink:
             op.path_or_fileobj = str(local)
             self._delete_after_commit.append(local)
         self._pending = [o for o in self._pending if o.path_in_repo != name] + [op]  # a shard made again replaces its upload
+        self._taken_up.discard(name)
         if not self.budget.commit_now(len(self._pending), remaining, self._claimed):
             if remaining:
                 logger.info("%s uploaded; committing it with a later shard, within %d commits per hour", name, self.budget.per_hour)
@@ -366,6 +369,14 @@ class HubSink:
                 raise ConcurrentRunError(
                     f"{self.repo_id} changed while this run was writing it: another run (or person) is publishing "
                     "to it. Let that one finish, then run again to resume; nothing published is lost"
+                ) from cause
+            taken_up = [o.path_in_repo for o in ops if isinstance(o, CommitOperationAdd) and o.path_in_repo in self._taken_up]
+            if taken_up and isinstance(cause, HfHubHTTPError) and cause.response is not None and cause.response.status_code == 400:
+                if self._journal is not None:  # the Hub no longer has what it said it had: never try those again
+                    self._journal_call(self._journal.clear)
+                raise OutputNotWritableError(
+                    f"the Hub refused to commit {len(taken_up)} shard(s) an earlier run uploaded ({cause.server_message or exc}); "
+                    "run again: they will be converted again"
                 ) from cause
             raise
         finally:

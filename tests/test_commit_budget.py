@@ -226,3 +226,28 @@ def test_overwrite_discards_what_the_journal_took_up(tmp_path: Path, hub_and_mod
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["shards_skipped"] == 0
     assert verify_output("me/other", endpoint=hub.endpoint).ok
+
+
+def test_a_journaled_object_the_hub_lacks_is_refused_at_commit_even_if_the_check_is_fooled(
+    tmp_path: Path, hub_and_model, monkeypatch
+) -> None:
+    """The Hub itself refuses a commit whose LFS object is missing: even a check that wrongly says the
+    object is there (a race with a garbage collection) cannot publish a shard without its bytes."""
+    from streamq import StreamqError
+    from streamq.publish import HubSink
+
+    hub, api, n_shards, clean = hub_and_model
+    work = tmp_path / "work"
+    killed_between_upload_and_commit(hub, api, "me/raced", work)
+    journal = json.loads((work / "uploaded-not-committed.json").read_text())["shards"]
+    hub.drop_object("me/raced", journal[sorted(journal)[0]]["output_sha256"])
+    options = dict(endpoint=hub.endpoint, progress=False, work_dir=work, commits_per_hour=4)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(HubSink, "_objects_on_hub", lambda self, objects: {sha for sha, _ in objects})
+        with pytest.raises(StreamqError, match="refused to commit 5 shard"):
+            stream_requantize("org/model", "me/raced", **options)
+    assert not (work / "uploaded-not-committed.json").exists()  # never tried again
+    result = stream_requantize("org/model", "me/raced", **options)
+    assert result.shards_skipped == 1
+    assert files_of(api, "me/raced", tmp_path / "o") == clean
