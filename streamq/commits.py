@@ -34,6 +34,10 @@ class CommitBudget:
         self._clock, self._sleep = clock, sleep
         self._times = sorted(earlier)
 
+    def note_earlier(self, times: Iterable[float]) -> None:
+        """Count commits made before this run (the output repo's history)."""
+        self._times = sorted([*self._times, *times])
+
     def _recent(self) -> list[float]:
         cutoff = self._clock() - HOUR
         self._times = [t for t in self._times if t > cutoff]

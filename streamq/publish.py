@@ -160,6 +160,7 @@ class HubSink:
         self, api: HfApi, repo_id: str, *, private: bool, commits_per_hour: int = DEFAULT_COMMITS_PER_HOUR,
         branch: str | None = None, create_pr: bool = False, journal: Path | None = None,
     ) -> None:
+        self.budget = CommitBudget(commits_per_hour)  # checked before anything is created
         self.api = api
         self.repo_id = repo_id
         self.create_pr = create_pr
@@ -178,7 +179,7 @@ class HubSink:
                 retrying(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True), f"creating branch {branch}")
         # Every commit names this as its parent, so a concurrent writer makes it fail instead of mixing.
         self._head = self._current_head()
-        self.budget = CommitBudget(commits_per_hour, self._commit_times(time.time()))
+        self.budget.note_earlier(self._commit_times(time.time()))
         self.location = str(url) if branch is None else f"{url} (branch {branch})"
 
     def _commit_times(self, now: float) -> list[float]:

@@ -251,3 +251,10 @@ def test_a_journaled_object_the_hub_lacks_is_refused_at_commit_even_if_the_check
     result = stream_requantize("org/model", "me/raced", **options)
     assert result.shards_skipped == 1
     assert files_of(api, "me/raced", tmp_path / "o") == clean
+
+
+def test_a_budget_below_one_is_refused_before_the_output_is_created(hub_and_model) -> None:
+    hub, api, _, _ = hub_and_model
+    with pytest.raises(ValueError, match="commits_per_hour must be at least 1"):
+        stream_requantize("org/model", "me/never", endpoint=hub.endpoint, progress=False, commits_per_hour=0)
+    assert not api.repo_exists("me/never")
