@@ -15,6 +15,15 @@ again beyond the one in flight at each kill.
 
     python benchmarks/soak_kill.py                        # up to 20 kills, seed 0, 15 MB/s
     python benchmarks/soak_kill.py --kills 60 --seed 3 --bandwidth-mbps 0
+
+Issue 20 asks how many shards a kill costs under a commit policy: `--fresh-work-dir` gives every run a
+new work_dir (the upload journal and partial downloads of the killed run are gone, as on a fresh disk),
+and `--streamq-root DIR --min-commit-interval 36` runs an older streamq (a `git archive` of a commit
+before the commit budget) with its fixed commit spacing, for comparison under the same seed and kill
+delays. `--json FILE` writes the per-kill counts.
+
+    git archive 751d2f0 streamq | tar -x -C /tmp/streamq-old    # the fixed 36 s spacing
+    python benchmarks/soak_kill.py --kills 8 --streamq-root /tmp/streamq-old --min-commit-interval 36 --json out.json
 """
 
 from __future__ import annotations
@@ -90,15 +99,30 @@ def throttle_downloads(hub: LocalHub, mbps: float) -> None:
 # ---------------------------------------------------------------- runs
 
 
+@dataclass(frozen=True)
+class Policy:
+    """Which streamq runs (this checkout, or an older one) and with which commit option."""
+
+    root: Path = REPO_ROOT
+    options: tuple[str, ...] = ()
+    fresh_work_dir: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        return {"streamq_root": str(self.root), "options": list(self.options), "fresh_work_dir": self.fresh_work_dir}
+
+
+POLICY = Policy()
+
+
 def start_run(hub: LocalHub, dst: str, work: Path, log: Path) -> subprocess.Popen[bytes]:
     """The command a user runs, in a fresh interpreter, output to `log`."""
     command = [
         sys.executable, "-m", "streamq", "requantize", SOURCE, dst, "--endpoint", hub.endpoint,
-        "--work-dir", str(work), "--min-commit-interval", "0", "--no-progress",
+        "--work-dir", str(work), "--no-progress", *POLICY.options,
     ]
-    env = {**os.environ, "HF_TOKEN": TOKEN, "PYTHONPATH": str(REPO_ROOT), "HF_HOME": str(work.parent / "hf_home")}
-    with log.open("wb") as out:
-        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    env = {**os.environ, "HF_TOKEN": TOKEN, "PYTHONPATH": str(POLICY.root), "HF_HOME": str(work.parent / "hf_home")}
+    with log.open("wb") as out:  # run from the root: `python -m` puts the working directory first on sys.path
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=POLICY.root)
 
 
 @dataclass(frozen=True)
@@ -114,18 +138,21 @@ class Timing:
     fixed: float
     total: float
 
-    def kill_delay(self, rng: random.Random, shards_left: int) -> float:
+    def kill_delay(self, rng: random.Random, shards_left: int, anywhere: bool = False) -> float:
         """Between the first request and the expected commit of the WINDOW_SHARDS-th shard this run converts;
         with none left, the end of a run with nothing to do, give or take one shard's time (so such a run
-        may end by itself)."""
-        if shards_left:
+        may end by itself). `anywhere`: up to the expected end of the run instead (a kill at a random
+        moment of the whole run, as in issue 20)."""
+        if anywhere:  # before the run can end by itself
+            end = 0.9 * min(self.total, self.fixed + self.per_shard * shards_left)
+        elif shards_left:
             end = self.first_commit + self.per_shard * (min(shards_left, WINDOW_SHARDS) - 1)
         else:
             end = self.fixed + self.per_shard
         return rng.uniform(self.startup, end)
 
 
-def timed_run(hub: LocalHub, scratch: Path, name: str) -> dict[str, float]:
+def timed_run(hub: LocalHub, scratch: Path, name: str, shards: int) -> dict[str, float]:
     """One uninterrupted run to the reference repo, timed by watching the hub's request log."""
     seen = len(hub.requests)
     started = time.monotonic()
@@ -141,17 +168,18 @@ def timed_run(hub: LocalHub, scratch: Path, name: str) -> dict[str, float]:
         time.sleep(0.01)
     marks["total"] = time.monotonic() - started
     marks["first_commit"] = commits[0] if commits else marks["total"]
-    marks["per_shard"] = (commits[-1] - commits[0]) / (len(commits) - 1) if len(commits) > 1 else 0.0
+    # from the run's length, not from commit times, so that kills land alike whatever the commit policy
+    marks["per_shard"] = (marks["total"] - marks["first_commit"]) / max(1, shards - 1)
     if proc.returncode != 0:
         raise SystemExit(f"the {name} run failed (exit {proc.returncode}):\n{(scratch / f'{name}.log').read_text()[-3000:]}")
     return marks
 
 
-def clean_runs(hub: LocalHub, scratch: Path) -> Timing:
+def clean_runs(hub: LocalHub, scratch: Path, shards: int) -> Timing:
     """The reference output from one uninterrupted run, then a second run on it, which finds nothing to do:
     together they time the fixed part of a run and the part that grows with the shards left."""
-    reference = timed_run(hub, scratch, "reference")
-    noop = timed_run(hub, scratch, "no-op")
+    reference = timed_run(hub, scratch, "reference", shards)
+    noop = timed_run(hub, scratch, "no-op", shards)
     total = reference["total"]
     return Timing(reference["first_request"], reference["first_commit"], reference["per_shard"], min(noop["total"], total), total)
 
@@ -176,7 +204,7 @@ class Attempt:
     requests: list[RequestRecord] = field(default_factory=list)
 
 
-def soak(hub: LocalHub, scratch: Path, timing: Timing, shards: int, kills: int, seed: int) -> list[Attempt]:
+def soak(hub: LocalHub, scratch: Path, timing: Timing, shards: int, kills: int, seed: int, anywhere: bool) -> list[Attempt]:
     """Start and kill runs until one exits 0 by itself; after `kills` kills a run is left to finish."""
     api = HfApi(endpoint=hub.endpoint, token=TOKEN)
     rng = random.Random(seed)
@@ -184,10 +212,11 @@ def soak(hub: LocalHub, scratch: Path, timing: Timing, shards: int, kills: int, 
     while len(attempts) < kills + EXTRA_ATTEMPTS:
         published = shards_published(api)
         killing = sum(a.killed for a in attempts) < kills
-        delay = timing.kill_delay(rng, shards - len(published)) if killing else FINAL_RUN_TIMEOUT
+        delay = timing.kill_delay(rng, shards - len(published), anywhere) if killing else FINAL_RUN_TIMEOUT
         before = len(hub.requests)
         started = time.monotonic()
-        proc = start_run(hub, OUTPUT, scratch / "work-out", scratch / f"attempt-{len(attempts) + 1}.log")
+        work = scratch / (f"work-out-{len(attempts) + 1}" if POLICY.fresh_work_dir else "work-out")
+        proc = start_run(hub, OUTPUT, work, scratch / f"attempt-{len(attempts) + 1}.log")
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -326,24 +355,37 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shard-size", default="30MB", help="max_shard_size for save_pretrained (above 10 MB, "
                         "huggingface_hub's write size, so that a killed download leaves bytes to resume)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, downloads)")
+    parser.add_argument("--fresh-work-dir", action="store_true", help="a new work_dir for every run (a fresh disk)")
+    parser.add_argument("--commits-per-hour", type=int, help="passed to streamq (this checkout's commit budget)")
+    parser.add_argument("--streamq-root", type=Path, default=REPO_ROOT, help="run the streamq package found here")
+    parser.add_argument("--min-commit-interval", type=float, help="passed to an older streamq (--streamq-root)")
+    parser.add_argument("--json", type=Path, help="write the counts, per kill, to this file")
+    parser.add_argument("--kill-anywhere", action="store_true", help="kill at any moment of a run, not within its first shards")
     return parser.parse_args()
 
 
 def main() -> int:
+    global POLICY
     args = parse_args()
+    options: tuple[str, ...] = ()
+    if args.commits_per_hour is not None:
+        options += ("--commits-per-hour", str(args.commits_per_hour))
+    if args.min_commit_interval is not None:
+        options += ("--min-commit-interval", str(args.min_commit_interval))
+    POLICY = Policy(args.streamq_root.resolve(), options, args.fresh_work_dir)
     scratch = Path(tempfile.mkdtemp(prefix="streamq-soak-"))
     try:
         with LocalHub(scratch / "hub") as hub:
             shards = build_model(scratch / "src", args.seed, args.shard_size)
             shard_of = push(hub, scratch / "src")
             throttle_downloads(hub, args.bandwidth_mbps)
-            timing = clean_runs(hub, scratch)
+            timing = clean_runs(hub, scratch, shards)
             print(f"model: {shards} shards; clean run: first request after {timing.startup:.1f} s, first shard "
                   f"committed after {timing.first_commit:.1f} s, then one every {timing.per_shard:.1f} s, "
                   f"done after {timing.total:.1f} s; "
                   f"a run with nothing left: {timing.fixed:.1f} s")
-            attempts = soak(hub, scratch, timing, shards, args.kills, args.seed)
-            return summarize(hub, scratch, attempts, shard_of)
+            attempts = soak(hub, scratch, timing, shards, args.kills, args.seed, args.kill_anywhere)
+            return summarize(hub, scratch, attempts, shard_of, args, timing)
     finally:
         if args.keep:
             print(f"kept {scratch}")
@@ -351,7 +393,7 @@ def main() -> int:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def summarize(hub: LocalHub, scratch: Path, attempts: list[Attempt], shard_of: dict[str, str]) -> int:
+def summarize(hub: LocalHub, scratch: Path, attempts: list[Attempt], shard_of: dict[str, str], args: argparse.Namespace, timing: Timing) -> int:
     """Print the verdict; 0 only if a run finished and its output matches the reference and verifies."""
     finished = attempts[-1].exit_code == 0
     kills = sum(a.killed for a in attempts)
@@ -375,6 +417,19 @@ def summarize(hub: LocalHub, scratch: Path, attempts: list[Attempt], shard_of: d
           f"(already published: {downloads.of_published}; {downloads.full} downloads from byte 0 and "
           f"{downloads.resumed} resumed by Range, for {len(shard_of)} shards)")
     print("  downloaded again: " + "; ".join(f"attempt {n}: {', '.join(s)}" for n, s in downloads.repeats.items()))
+    redone = [len(downloads.repeats.get(a.number + 1, [])) for a in attempts if a.killed]
+    print(f"shards redone per kill: {redone} (mean {sum(redone) / max(1, len(redone)):.2f})")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "policy": POLICY.describe(), "kill_anywhere": args.kill_anywhere, "seed": args.seed, "bandwidth_mbps": args.bandwidth_mbps, "shards": len(shard_of),
+            "clean_run_s": timing.total, "kills": kills, "attempts": len(attempts), "finished": finished,
+            "result_matched": not mismatches, "verify_ok": report.ok,
+            "redone_per_kill": redone, "redone_mean": sum(redone) / max(1, len(redone)),
+            "published_before_each_attempt": [len(a.published_before) for a in attempts],
+            "kill_after_s": [round(a.seconds, 2) for a in attempts if a.killed],
+            "downloads_from_byte_0": downloads.full, "downloads_resumed_by_range": downloads.resumed,
+        }, indent=2) + "\n")
     return 0 if not mismatches and report.ok and not failures else 1
 
 

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from typing import Any
 
 from . import __version__
+from .commits import DEFAULT_COMMITS_PER_HOUR
 from .errors import StreamqError
 from .settings import QUANT_TYPES
 
@@ -78,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="discard an existing output made from another revision or with other settings")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to quantize (recorded in the manifest)")
     run.add_argument("--disk-budget", type=float, metavar="GB", help="let work_dir hold this much, to download the next shard while one quantizes")
-    run.add_argument("--min-commit-interval", type=float, default=36.0, help="seconds between Hub commits; shards in between are committed together")
+    run.add_argument(
+        "--commits-per-hour", type=int, default=DEFAULT_COMMITS_PER_HOUR, metavar="N",
+        help=f"most Hub commits in any hour, counting the output's recent ones (default {DEFAULT_COMMITS_PER_HOUR}); more shards are committed in batches",
+    )
 
     plan = command("plan", "show what requantize would do, reading only headers")
     _plan_options(plan)
@@ -142,7 +146,7 @@ def _requantize(args: argparse.Namespace) -> int:
     from .pipeline import stream_requantize
     from .report import human_size
 
-    options = _options(args, *PLAN_OPTIONS, "work_dir", "private", "branch", "create_pr", "progress", "overwrite", "device", "min_commit_interval")
+    options = _options(args, *PLAN_OPTIONS, "work_dir", "private", "branch", "create_pr", "progress", "overwrite", "device", "commits_per_hour")
     if args.disk_budget is not None:
         options["disk_budget"] = int(args.disk_budget * 1e9)
     if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1" or not sys.stderr.isatty():

@@ -32,6 +32,7 @@ from .arrival import Arrival, Cancelled
 from .errors import CorruptShardError, SourceNotFoundError
 from .location import HubRepo, LocalDir
 from .retry import retrying
+from .stall import SpeedHistory, StallWatch
 from .targets import TensorInfo
 
 logger = logging.getLogger(__name__)
@@ -187,16 +188,18 @@ def _read_sockets_in_larger_pieces() -> None:
             connection.READ_NUM_BYTES = _SOCKET_READ
 
 
-def _append_body(url: str, headers: dict[str, str], f: _PartialFile) -> None:
+def _append_body(url: str, headers: dict[str, str], f: _PartialFile, watch: StallWatch) -> None:
     """Append the body of `url` from byte `f.size` on (a Range request) to `f`.
 
     The same request as huggingface_hub's `http_get` (its session, headers, timeout and status
     retries), but each piece goes to `f` as it comes off the socket: `http_get` first re-chunks the
     body into 10 MiB pieces through a BytesIO, which cost 2.5x the CPU of the transfer itself (5.8
     against 2.3 CPU-seconds per GB on a 2-core VM, as much as quantizing it). A stream that breaks
-    is resumed by the caller's `retrying`, from what reached the file.
+    is resumed by the caller's `retrying`, from what reached the file; so is one that trickles
+    (`TransferStalled`, from `watch`), on a fresh connection: leaving the stream closes this one.
     """
     start = f.size
+    watch.restart(start)
     ranged = {**headers, "Range": f"bytes={start}-"} if start else headers
     with http_stream_backoff(
         "GET", url, headers=ranged, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT, retry_on_exceptions=(),
@@ -205,8 +208,10 @@ def _append_body(url: str, headers: dict[str, str], f: _PartialFile) -> None:
         hf_raise_for_status(response)
         if start and response.status_code == 200:  # the server ignored Range: this is the whole file
             f.restart()
+            watch.restart(0)
         for chunk in response.iter_bytes():
             f.append(chunk)
+            watch.update(f.size)
 
 
 def _size(path: Path) -> int:
@@ -260,6 +265,7 @@ class HubSource:
         self.api = api
         self.repo_id = repo_id
         self.name = repo_id
+        self._speeds = SpeedHistory()  # what this source's downloads have recently done, to see one trickle
         with hub.reading(repo_id if revision is None else f"{repo_id}@{revision}"):
             info = retrying(lambda: api.model_info(repo_id, revision=revision, files_metadata=True), f"info of {repo_id}")
         self.revision = info.sha
@@ -304,7 +310,7 @@ class HubSource:
                     raw.truncate(0)
                 with _PartialFile(raw, arrival) as f:
                     if f.size < (meta.size or 0):
-                        _append_body(meta.location, headers, f)
+                        _append_body(meta.location, headers, f, StallWatch(self._speeds, f"download of {path}"))
                     return f.hexdigest()
 
         try:

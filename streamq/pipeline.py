@@ -22,10 +22,12 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .budget import DiskBudget
+from .commits import DEFAULT_COMMITS_PER_HOUR
 from .errors import InsufficientDiskError, OutputNotWritableError, StreamqError
 from .fetch import HubSource, Source, open_source
 from .finish import output_config, output_index
 from .hub import make_api, require_online
+from .journal import JOURNAL_NAME
 from .location import HubRepo, LocalDir, parse_location, source_location
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry
 from .modelcard import render_model_card
@@ -85,7 +87,7 @@ def iter_requantize(
     overwrite: bool = False,
     device: str = "auto",
     trust_remote_code: bool = False,
-    min_commit_interval: float = 36.0,
+    commits_per_hour: int = DEFAULT_COMMITS_PER_HOUR,
     branch: str | None = None,
     disk_budget: int | None = None,
     create_pr: bool = False,
@@ -95,8 +97,10 @@ def iter_requantize(
 
     `src`/`dst`: a `Path` or a string starting with `/`, `.` or `~` is a local directory, any other string
     a Hub repo id (`src` may be `id@revision`). `work_dir` holds the one input and one output shard
-    (default: a temporary directory). `min_commit_interval` spaces Hub commits (the Hub limits them per
-    hour); shards uploaded in between are committed with the next one. `overwrite` discards an
+    (default: a temporary directory; a kept one also lets a resumed run commit the shards a killed run
+    uploaded without committing). `commits_per_hour` caps Hub commits in any rolling hour, counting
+    the output's own recent ones (the Hub limits them): each shard is committed when uploaded while the
+    budget allows, else shards are committed in even batches. `overwrite` discards an
     existing output made with other settings or from another revision. `branch` publishes to that
     branch of the output repo (created from main if missing) instead of main. `create_pr` stages the
     output on `branch` (default "streamq-4bit") and then opens it as a pull request. `disk_budget` (bytes)
@@ -136,7 +140,10 @@ def iter_requantize(
         for warning in plan.warnings:
             logger.warning(warning)
         sink: Sink = (
-            HubSink(api, dst_loc.repo_id, private=private, min_commit_interval=min_commit_interval, branch=branch, create_pr=create_pr)
+            HubSink(
+                api, dst_loc.repo_id, private=private, commits_per_hour=commits_per_hour, branch=branch, create_pr=create_pr,
+                journal=work / JOURNAL_NAME,
+            )
             if isinstance(dst_loc, HubRepo)
             else LocalSink(dst_loc.path)
         )

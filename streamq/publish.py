@@ -14,19 +14,24 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import quote
 
 from huggingface_hub import CommitOperationAdd, CommitOperationCopy, CommitOperationDelete, HfApi, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
 
 from . import hub
 from .budget import disk_full_is_clear
+from .commits import DEFAULT_COMMITS_PER_HOUR, HOUR, CommitBudget
 from .errors import ConcurrentRunError, OutputNotWritableError, StreamqError
-from .manifest import MANIFEST_NAME, Manifest
+from .journal import UploadJournal, identity
+from .manifest import MANIFEST_NAME, Manifest, ShardEntry
 from .retry import retrying, transient_delay
+from .stall import SpeedHistory, WatchedReader
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +53,9 @@ class Sink(Protocol):
 
     def clear(self) -> None: ...
 
-    def add_shard(self, local: Path, name: str, manifest: Manifest, last: bool = False) -> bool:
-        """Take ownership of `local` (moved or deleted); True when it is committed already. The `last`
-        shard may wait to be committed with the final files."""
+    def add_shard(self, local: Path, name: str, manifest: Manifest, remaining: int = 0) -> bool:
+        """Take ownership of `local` (moved or deleted); True when it is committed already. `remaining`:
+        shards of this run still to come; the last shard (0) may wait to be committed with the final files."""
         ...
 
     def finalize(self, files: dict[str, Payload], manifest: Manifest) -> None: ...
@@ -98,7 +103,7 @@ class LocalSink:
         for name in self.existing_files():
             (self.root / name).unlink()
 
-    def add_shard(self, local: Path, name: str, manifest: Manifest, last: bool = False) -> bool:
+    def add_shard(self, local: Path, name: str, manifest: Manifest, remaining: int = 0) -> bool:
         with disk_full_is_clear(self.root):
             if not (self.root / MANIFEST_NAME).exists():  # claim the output first: a shard is never found without one
                 before = dataclasses.replace(manifest, shards={k: v for k, v in manifest.shards.items() if k != name})
@@ -144,36 +149,96 @@ class LocalSink:
 
 class HubSink:
     """A Hub repo. Shard bytes are uploaded as soon as they exist (`preupload_lfs_files`); commits carry
-    the uploaded shards together with the manifest, at most one per `min_commit_interval` seconds,
-    because the Hub limits commits per hour."""
+    the uploaded shards together with the manifest, within a budget of `commits_per_hour` commits in any
+    rolling hour (the Hub limits them): one commit per shard when the budget allows, else even batches.
+
+    Shards uploaded but not yet committed are listed in `journal` (a file in work_dir), for a run that
+    resumes with the same work_dir to commit them instead of converting them again (see `journal.py`).
+    """
 
     def __init__(
-        self, api: HfApi, repo_id: str, *, private: bool, min_commit_interval: float, branch: str | None = None, create_pr: bool = False
+        self, api: HfApi, repo_id: str, *, private: bool, commits_per_hour: int = DEFAULT_COMMITS_PER_HOUR,
+        branch: str | None = None, create_pr: bool = False, journal: Path | None = None,
     ) -> None:
+        self.budget = CommitBudget(commits_per_hour)  # checked before anything is created
         self.api = api
         self.repo_id = repo_id
         self.create_pr = create_pr
         # A pull request is staged on a branch (which resumes like any output), then opened at the end.
         self.branch = output_branch(branch, create_pr)
         branch = self.branch
-        self.min_commit_interval = min_commit_interval
         self._pending: list[CommitOperationAdd] = []
         self._delete_after_commit: list[Path] = []
-        self._last_commit = float("-inf")
+        self._journal = UploadJournal(journal) if journal is not None else None
+        self._claimed = False  # whether the output holds a manifest: until then, a shard is committed at once
+        self._taken_up: set[str] = set()  # shards committed from the journal, not uploaded by this run
+        self._uploads = SpeedHistory()  # what this output's uploads have recently done, to see one trickle
         with hub.writing(repo_id):
             url = retrying(lambda: api.create_repo(repo_id, private=private, exist_ok=True), f"creating {repo_id}")
             if branch is not None:
                 retrying(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True), f"creating branch {branch}")
         # Every commit names this as its parent, so a concurrent writer makes it fail instead of mixing.
         self._head = self._current_head()
+        self.budget.note_earlier(self._commit_times(time.time()))
         self.location = str(url) if branch is None else f"{url} (branch {branch})"
 
+    def _commit_times(self, now: float) -> list[float]:
+        """When the output branch's commits of the last hour were made (they count against the budget)."""
+        with hub.reading(self.repo_id):
+            commits = retrying(lambda: self.api.list_repo_commits(self.repo_id, revision=self.branch), f"history of {self.repo_id}")
+        return [t for t in (c.created_at.timestamp() for c in commits) if t > now - HOUR]
+
     def read_manifest(self, scratch: Path) -> Manifest | None:
+        """The manifest of the head this run builds on, plus the shards an earlier run of the same job
+        uploaded without committing them (they are committed with this run's next commit)."""
         try:
             text = self._read_manifest_text(self._head, scratch)  # the commit this run's first commit builds on
         except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
             return None
-        return Manifest.from_json(text)
+        manifest = Manifest.from_json(text)
+        self._claimed = True
+        self._take_up_uploads(manifest)
+        return manifest
+
+    def _ident(self, manifest: Manifest) -> dict:
+        return identity(f"{self.repo_id}@{self.branch or 'main'}", manifest)
+
+    def _take_up_uploads(self, manifest: Manifest) -> None:
+        """Add to `manifest` (and to the next commit) the journal's shards whose LFS objects the Hub still
+        holds: those bytes were checked against their sha256 when they were uploaded, and the journal ties
+        that sha256 to this job's input shard. Shards whose object is gone are converted again."""
+        if self._journal is None:
+            return
+        ident = self._ident(manifest)
+        found = {n: e for n, e in self._journal.entries(ident).items() if n not in manifest.shards}
+        if not found:
+            return
+        stored = self._objects_on_hub([(e.output_sha256, e.output_size) for e in found.values()])
+        missing = {n for n, e in found.items() if e.output_sha256 not in stored}
+        for name in sorted(found.keys() - missing):
+            manifest.shards[name] = found[name]
+            self._pending.append(_uploaded(name, found[name]))
+            self._taken_up.add(name)
+        if missing:
+            logger.warning("%d shard(s) an earlier run uploaded are no longer on the Hub; converting them again", len(missing))
+            self._journal_call(self._journal.forget, ident, missing)
+        if len(found) > len(missing):
+            logger.info("%d shard(s) uploaded by an earlier run are committed instead of converted again", len(found) - len(missing))
+
+    def _objects_on_hub(self, objects: list[tuple[str, int]]) -> set[str]:
+        """The sha256s among `objects` that the Hub stores for this repo: the LFS batch API answers an
+        upload request for a stored object without an upload action (what preupload relies on too)."""
+        infos = [UploadInfo(sha256=bytes.fromhex(sha), size=size, sample=b"") for sha, size in objects]
+
+        def ask() -> set[str]:
+            answer = post_lfs_batch_info(
+                upload_infos=infos, token=self.api.token, repo_type="model", repo_id=self.repo_id,
+                revision=quote(self.branch or "main", safe=""), endpoint=self.api.endpoint,
+            )
+            return {obj["oid"] for obj in answer[0] if not obj.get("actions")}
+
+        with hub.writing(self.repo_id):
+            return retrying(ask, f"checking uploads to {self.repo_id}")
 
     def _read_manifest_text(self, revision: str | None, scratch: Path) -> str:
         def download() -> str:
@@ -194,29 +259,38 @@ class HubSink:
         return sorted(f for f in files if f != ".gitattributes")
 
     def clear(self) -> None:
+        self._pending.clear()  # uploads taken up from the journal belong to the output being discarded
+        if self._journal is not None:
+            self._journal_call(self._journal.clear)
         deletions = [CommitOperationDelete(path) for path in self.existing_files()]
         if deletions:
             self._commit(deletions, "streamq: start over")
 
-    def add_shard(self, local: Path, name: str, manifest: Manifest, last: bool = False) -> bool:
-        """Upload the shard's bytes now; commit it with the manifest now or with a later shard (the last
-        one with the final files: one commit fewer at the end of a run, where nothing overlaps it).
+    def add_shard(self, local: Path, name: str, manifest: Manifest, remaining: int = 0) -> bool:
+        """Upload the shard's bytes now; commit it with the manifest now or with a later shard, as the
+        commit budget allows (`remaining`: shards of this run still to come). The last one waits for the
+        final files: one commit fewer at the end of a run, where nothing overlaps it.
 
         The local file is deleted as soon as its bytes are on the Hub, so batching commits costs no disk.
         """
+        entry = manifest.shards[name]
         op = CommitOperationAdd(name, str(local))
-        op.upload_info.sha256 = bytes.fromhex(manifest.shards[name].output_sha256)  # hashed once, when written
-        with hub.writing(self.repo_id):
+        op.upload_info.sha256 = bytes.fromhex(entry.output_sha256)  # hashed once, when written
+        with hub.writing(self.repo_id), WatchedReader(local, self._uploads, f"upload of {name}") as reader:
+            op.path_or_fileobj = reader  # huggingface_hub sends the bytes it reads from here
             self.api.preupload_lfs_files(self.repo_id, [op], revision=self.branch)
         if getattr(op, "_is_uploaded", False):  # LFS: the commit only needs its sha256 from now on
             local.unlink()
+            if self._journal is not None:
+                self._journal_call(self._journal.record, self._ident(manifest), name, entry)
         else:  # a regular upload is read at commit time
+            op.path_or_fileobj = str(local)
             self._delete_after_commit.append(local)
-        self._pending.append(op)
-        if last:
-            return False
-        if time.monotonic() - self._last_commit < self.min_commit_interval:
-            logger.info("%s uploaded; committing it with a later shard to respect the Hub's commit rate", name)
+        self._pending = [o for o in self._pending if o.path_in_repo != name] + [op]  # a shard made again replaces its upload
+        self._taken_up.discard(name)
+        if not self.budget.commit_now(len(self._pending), remaining, self._claimed):
+            if remaining:
+                logger.info("%s uploaded; committing it with a later shard, within %d commits per hour", name, self.budget.per_hour)
             return False
         self._commit_pending(manifest, f"streamq: add {', '.join(o.path_in_repo for o in self._pending)}")
         return True
@@ -256,13 +330,24 @@ class HubSink:
         manifest_json = manifest.to_json().encode()
         ops = [*self._pending, CommitOperationAdd(MANIFEST_NAME, manifest_json)]
         self._commit(ops, message, manifest_json)
+        self._claimed = True
+        if self._journal is not None:
+            self._journal_call(self._journal.forget, self._ident(manifest), {o.path_in_repo for o in self._pending})
         for path in self._delete_after_commit:
             path.unlink(missing_ok=True)
         self._delete_after_commit.clear()
         self._pending.clear()
 
+    def _journal_call(self, call: Callable[..., None], *args: object) -> None:
+        """The journal saves work after a crash; failing to write it (a full disk) costs only that."""
+        try:
+            call(*args)
+        except OSError as exc:
+            logger.warning("cannot update the upload journal (%s); a resumed run may convert those shards again", exc)
+
     def _commit(self, ops: list, message: str, manifest_json: bytes | None = None) -> None:
-        """Commit on top of the head this run last saw; retried, and a lost response is recognised."""
+        """Commit on top of the head this run last saw; retried, and a lost response is recognised.
+        Waits while the commit budget is spent (only the final commits can find it so)."""
 
         def attempt() -> str:
             try:
@@ -275,6 +360,7 @@ class HubSink:
                     return landed
                 raise
 
+        self.budget.wait_for_one()
         try:
             with hub.writing(self.repo_id):
                 self._head = retrying(attempt, f"commit to {self.repo_id}")
@@ -285,8 +371,17 @@ class HubSink:
                     f"{self.repo_id} changed while this run was writing it: another run (or person) is publishing "
                     "to it. Let that one finish, then run again to resume; nothing published is lost"
                 ) from cause
+            taken_up = [o.path_in_repo for o in ops if isinstance(o, CommitOperationAdd) and o.path_in_repo in self._taken_up]
+            if taken_up and isinstance(cause, HfHubHTTPError) and cause.response is not None and cause.response.status_code == 400:
+                if self._journal is not None:  # the Hub no longer has what it said it had: never try those again
+                    self._journal_call(self._journal.clear)
+                raise OutputNotWritableError(
+                    f"the Hub refused to commit {len(taken_up)} shard(s) an earlier run uploaded ({cause.server_message or exc}); "
+                    "run again: they will be converted again"
+                ) from cause
             raise
-        self._last_commit = time.monotonic()
+        finally:
+            self.budget.record()  # a failed attempt may have landed: count it
 
     def _landed(self, manifest_json: bytes | None) -> str | None:
         """The new head if it is this very commit (its manifest is byte for byte ours), else None."""
@@ -295,3 +390,16 @@ class HubSink:
             return None
         with tempfile.TemporaryDirectory() as scratch:
             return head if self._read_manifest_text(head, Path(scratch)).encode() == manifest_json else None
+
+
+def _uploaded(name: str, entry: ShardEntry) -> CommitOperationAdd:
+    """A commit operation for an LFS object already on the Hub, without its bytes: the state that
+    huggingface_hub's own `preupload_lfs_files` leaves an operation in (it has no public way to make
+    one), so that `create_commit` sends only the pointer. The Hub refuses the commit if the object
+    is missing."""
+    op = CommitOperationAdd(name, b"")
+    op.upload_info = UploadInfo(sha256=bytes.fromhex(entry.output_sha256), size=entry.output_size, sample=b"")
+    op._upload_mode = "lfs"
+    op._should_ignore = False
+    op._is_uploaded = True
+    return op

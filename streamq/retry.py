@@ -3,7 +3,9 @@
 huggingface_hub retries its own transfers (LFS uploads, preupload, resolve), but not `model_info`,
 `create_repo`, commits, header reads, or a download stream that breaks. streamq wraps those calls
 here: the same schedule as `huggingface_hub.utils.http_backoff` (1, 2, 4, 8 s, honouring Retry-After),
-then the error goes up with the state on the Hub intact, for the next run to resume from.
+then the error goes up with the state on the Hub intact, for the next run to resume from. A
+connection given up because it trickles (`stall.TransferStalled`, a timeout of huggingface_hub's httpx)
+counts as a network error, and a download that moved forward before it starts the count again.
 """
 
 from __future__ import annotations

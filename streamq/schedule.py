@@ -130,13 +130,13 @@ class ShardScheduler:
         self._publish_failed = threading.Event()
         self._published: deque[Future[ShardRecord]] = deque()
         self._arrivals: list[Arrival] = []
-        self._last: ShardPlan | None = None
+        self._after: dict[str, int] = {}  # shard -> shards of this run after it
 
     def run(self, todo: list[ShardPlan], head: HeadStart | None = None) -> Iterator[ShardRecord]:
         """Yield a record per shard of `todo`, in order, as each is published; `head`, if given, is the
         download of `todo[0]` already under way."""
         outputs = {shard.name: expected_output_size(shard, self.plan) for shard in todo}
-        self._last = todo[-1] if todo else None
+        self._after = {shard.name: len(todo) - 1 - i for i, shard in enumerate(todo)}
         self._arrivals = [Arrival() for _ in todo]
         fetches = []
         if head is not None:  # the next download queues behind it, as behind any other
@@ -225,7 +225,7 @@ class ShardScheduler:
             entry = converted.entry(digest.result())
             self.manifest.shards[shard.name] = entry  # only this thread touches the manifest while shards run
             try:
-                committed = self.sink.add_shard(converted.path, shard.name, self.manifest, last=shard is self._last)
+                committed = self.sink.add_shard(converted.path, shard.name, self.manifest, remaining=self._after[shard.name])
             except BaseException:
                 del self.manifest.shards[shard.name]
                 self._publish_failed.set()

@@ -107,7 +107,7 @@ def test_kill_9_then_rerun_hub(tmp_path: Path, hub_model, point: str, nth: int) 
 
     hub, api, clean = hub_model
     repo = f"me/{point}"
-    args = ("requantize", "org/model", repo, "--endpoint", hub.endpoint, "--work-dir", str(tmp_path / "work"), "--min-commit-interval", "0")
+    args = ("requantize", "org/model", repo, "--endpoint", hub.endpoint, "--work-dir", str(tmp_path / "work"))
     killed = run_cli(*args, die_at=point, nth=nth, env={"HF_HUB_DISABLE_XET": "1"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     files = api.list_repo_files(repo) if api.repo_exists(repo) else []
@@ -117,15 +117,21 @@ def test_kill_9_then_rerun_hub(tmp_path: Path, hub_model, point: str, nth: int) 
         manifest = api.hf_hub_download(repo, "streamq_manifest.json", local_dir=tmp_path / "m")
         committed = set(json.loads(Path(manifest).read_text())["shards"])
 
+    journal = tmp_path / "work" / "uploaded-not-committed.json"  # uploaded, not committed: taken up, not redone
+    journaled = set(json.loads(journal.read_text())["shards"]) - committed if journal.exists() else set()
+
     hub.requests.clear()
     done = run_cli(*args, env={"HF_HUB_DISABLE_XET": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
-    # a shard whose commit landed is never downloaded again: one full GET per shard not yet committed,
-    # except the one whose download the kill interrupted (it is quantized as it arrives): its partial
-    # file is resumed by Range instead
+    # a shard whose commit landed (or whose upload the journal lists) is never downloaded again: one full
+    # GET per other shard, except the one whose download the kill interrupted (it is quantized as it
+    # arrives): its partial file is resumed by Range instead
     n_shards = sum(1 for name in clean if name.endswith(".safetensors"))
     full_downloads = hub.requests.count("GET", r"^/storage/", status=200)
-    assert n_shards - len(committed) - 1 <= full_downloads <= n_shards - len(committed)
+    to_do = n_shards - len(committed) - len(journaled)
+    assert to_do - 1 <= full_downloads <= to_do
     if point == "after-download":  # that shard was whole on disk: checked by sha256 again, not fetched again
-        assert full_downloads == n_shards - len(committed) - 1
+        assert full_downloads == to_do - 1
+    if point == "between-upload-and-commit":
+        assert journaled  # the shard whose commit the kill prevented
     assert download_files(api, repo, tmp_path / "out") == clean

@@ -69,7 +69,7 @@ def test_downloads_read_the_socket_in_pieces_of_1_mib(tmp_path: Path, hub: Local
 
 def test_index_and_config_land_in_the_last_commit(tmp_path: Path, hub: LocalHub) -> None:
     push(hub, make_model(tmp_path / "src"))
-    stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=0)
+    stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False)
     api = HfApi(endpoint=hub.endpoint)
     commits = api.list_repo_commits("me/out")
     shards = [f for f in api.list_repo_files("me/out") if f.endswith(".safetensors")]
@@ -154,13 +154,13 @@ def test_resume_after_failure_does_not_download_finished_shards(tmp_path: Path, 
 
     fail_on_nth_shard(monkeypatch, 4)
     with pytest.raises(OSError, match="injected"):
-        stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=0)
+        stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False)
     manifest = HfApi(endpoint=hub.endpoint).hf_hub_download("me/out", "streamq_manifest.json", local_dir=tmp_path / "m")
     committed = json.loads(Path(manifest).read_text())["shards"]
     assert len(committed) >= 2
 
     hub.requests.clear()
-    result = stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=0)
+    result = stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False)
     n_shards = len(list(src.glob("*.safetensors")))
     assert result.shards_skipped == len(committed)
     assert shard_downloads(hub) == n_shards - len(committed)  # finished shards are not downloaded again
@@ -171,21 +171,21 @@ def test_resume_after_failure_does_not_download_finished_shards(tmp_path: Path, 
 
 
 def test_batched_commits_and_uploaded_but_uncommitted_shards(tmp_path: Path, hub: LocalHub, monkeypatch) -> None:
-    """With a long commit interval shards are uploaded at once but committed together; a resumed run
-    does not upload again the bytes a dead run uploaded without committing."""
+    """With a commit budget smaller than the shards, shards are uploaded at once but committed together; a
+    resumed run without the killed run's work_dir does not upload again the bytes it uploaded without committing."""
     src = make_model(tmp_path / "src")
     push(hub, src)
     hub.requests.clear()
     fail_on_nth_shard(monkeypatch, 4)
     with pytest.raises(OSError):
-        stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=3600)
+        stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, commits_per_hour=4)
     api = HfApi(endpoint=hub.endpoint)
-    assert len(api.list_repo_commits("me/out")) == 2  # creation + the first shard; the next ones only uploaded
+    assert len(api.list_repo_commits("me/out")) == 2  # creation + the first shard; the next ones wait for a batch
     uploaded = hub.requests.count("PUT", r"")  # one PUT per shard: 2, or 3 if shard 3's upload had begun
     assert uploaded >= 2
 
     hub.requests.clear()
-    stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=3600)
+    stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, commits_per_hour=4)
     uploads = hub.requests.count("PUT", r"")
     n_shards = len(list(src.glob("*.safetensors")))
     assert uploads == n_shards - uploaded  # shards uploaded but not committed are on the Hub: not sent again
@@ -242,10 +242,10 @@ def test_concurrent_run_is_refused_and_repo_stays_consistent(tmp_path: Path, hub
     push(hub, make_model(tmp_path / "src"))
     """The first run is paused after its first shard (its publish thread may still commit the next one)
     while a second run writes the same repo: whichever commits on a head the other moved is refused."""
-    first = iter_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=0)
+    first = iter_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False)
     next(first)
     refused = []
-    for run in (lambda: stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=0),
+    for run in (lambda: stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False),
                 lambda: list(first)):
         try:
             run()
@@ -253,7 +253,7 @@ def test_concurrent_run_is_refused_and_repo_stays_consistent(tmp_path: Path, hub
             assert "changed while this run was writing" in str(exc)
             refused.append(exc)
     assert refused  # they did not both write
-    stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=0)  # resumes
+    stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False)  # resumes
     assert verify_output("me/out", endpoint=hub.endpoint).ok
 
 

@@ -36,7 +36,7 @@ def hub(tmp_path: Path, model: Path, monkeypatch):
 
 
 def run(hub: LocalHub, **kwargs) -> streamq.RequantizeResult:
-    return stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, min_commit_interval=0, **kwargs)
+    return stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, **kwargs)
 
 
 TRANSIENT = {

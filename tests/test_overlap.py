@@ -171,12 +171,12 @@ def test_strict_budget_waits_a_budget_of_two_inputs_reads_ahead(tmp_path: Path, 
     assert len(shards) >= 4
     events = timeline(monkeypatch)
 
-    stream_requantize("org/model", "me/strict", endpoint=hub.endpoint, progress=False, min_commit_interval=0)
+    stream_requantize("org/model", "me/strict", endpoint=hub.endpoint, progress=False)
     assert read_ahead(events) == 0  # one input at a time: the next waits for this one to go
 
     events.clear()
     budget = 3 * (shards[-1] + shards[-1])  # room for the next inputs beside this shard and its output
-    stream_requantize("org/model", "me/ahead", endpoint=hub.endpoint, progress=False, min_commit_interval=0, disk_budget=budget)
+    stream_requantize("org/model", "me/ahead", endpoint=hub.endpoint, progress=False, disk_budget=budget)
     assert read_ahead(events) == len(shards) - 1
 
     strict = snapshot_download("me/strict", local_dir=tmp_path / "s", endpoint=hub.endpoint)

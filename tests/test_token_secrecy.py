@@ -29,13 +29,13 @@ def test_sentinel_token_is_never_written_anywhere(tmp_path: Path, capsys, caplog
         hub.faults.add(Fault.status(503, method="POST", path=r"/commit/", times=2))  # retries log warnings
 
         # a successful run, through the CLI, with -vv logging
-        assert main(["-vv", "requantize", "org/model", "me/out", "--endpoint", hub.endpoint, "--token", SENTINEL, "--json", "--min-commit-interval", "0"]) == 0
+        assert main(["-vv", "requantize", "org/model", "me/out", "--endpoint", hub.endpoint, "--token", SENTINEL, "--json"]) == 0
         # failures: a permanent commit error, a missing repo, a write without rights
         hub.faults.add(Fault.status(500, method="POST", path=r"/commit/", times=None))
         errors = []
         for src, dst, token in (("org/model", "me/out2", SENTINEL), ("org/missing", "me/out3", SENTINEL), ("org/model", "me/x", "hf_other")):
             with pytest.raises(streamq.StreamqError) as info:
-                stream_requantize(src, dst, endpoint=hub.endpoint, token=token, progress=False, min_commit_interval=0)
+                stream_requantize(src, dst, endpoint=hub.endpoint, token=token, progress=False)
             errors.append(info.value)
         hub.faults.clear()
         assert main(["requantize", "org/model", "me/out2", "--endpoint", hub.endpoint, "--token", "hf_wrong_" + SENTINEL[3:]]) == 1

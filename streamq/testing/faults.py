@@ -11,6 +11,9 @@ When each kind acts:
 - while the response body is sent, so the request was applied: `reset` (a TCP reset after `after_bytes` of the
   body: a download cut, or a commit whose answer is lost), `truncate` (`Content-Length` promises the whole body,
   the connection closes cleanly after `after_bytes`) and `throttle` (`chunk_size` pieces, `seconds` apart).
+- while the body that carries the data moves (the request body of a PUT or POST, else the response body):
+  `trickle` (the first `after_bytes` at full speed, then `chunk_size` bytes every `seconds`: a connection that
+  never breaks, and never times out, but has all but stopped, as some proxies leave one).
 
 Large files are served from storage URLs (`/storage/...`), not from `/resolve/`, which only redirects to them:
 aim download faults at the path the bytes come from.
@@ -25,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-FaultKind = Literal["status", "delay", "reset_upload", "reset", "truncate", "throttle"]
+FaultKind = Literal["status", "delay", "reset_upload", "reset", "truncate", "throttle", "trickle"]
 
 
 @dataclass(eq=False)
@@ -93,6 +96,12 @@ class Fault:
     def throttle(cls, chunk_size: int, seconds: float, **where: Any) -> Fault:
         """Send the response body in `chunk_size` pieces with `seconds` between them."""
         return cls("throttle", chunk_size=chunk_size, seconds=seconds, **where)
+
+    @classmethod
+    def trickle(cls, after_bytes: int, chunk_size: int, seconds: float, **where: Any) -> Fault:
+        """After `after_bytes` at full speed, move `chunk_size` bytes every `seconds`: of the request body for a
+        PUT or POST (an upload), else of the response body (a download)."""
+        return cls("trickle", after_bytes=after_bytes, chunk_size=chunk_size, seconds=seconds, **where)
 
     def matches(self, method: str, path: str) -> bool:
         return (self.method is None or self.method == method) and self._pattern.search(path) is not None

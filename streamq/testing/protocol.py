@@ -38,8 +38,9 @@ class ConnectionDropped(Exception):
 class Body:
     """A request body, read once as it arrives (by Content-Length or chunked), cut short by a `limit` if set."""
 
-    def __init__(self, rfile: BinaryIO, headers: Message, limit: int | None = None) -> None:
+    def __init__(self, rfile: BinaryIO, headers: Message, limit: int | None = None, trickle: Fault | None = None) -> None:
         self._rfile = rfile
+        self._trickle = trickle
         self._chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
         try:
             self._remaining = 0 if self._chunked else int(headers.get("Content-Length") or 0)
@@ -61,6 +62,9 @@ class Body:
             want = min(want, self._limit - self.received)
             if want <= 0:
                 raise ConnectionDropped
+        if self._trickle is not None and self.received >= self._trickle.after_bytes:
+            time.sleep(self._trickle.seconds)
+            want = min(want, self._trickle.chunk_size)
         try:
             data = self._rfile.read(want)
         except OSError:
@@ -273,7 +277,8 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def _respond(self, path: str, query: str, fault: Fault | None) -> Response:
         limit = fault.after_bytes if fault is not None and fault.kind == "reset_upload" else None
-        body = Body(self.rfile, self.headers, limit)
+        trickle = fault if fault is not None and fault.kind == "trickle" and self.command in ("PUT", "POST") else None
+        body = Body(self.rfile, self.headers, limit, trickle)
         if fault is not None:
             if fault.kind == "delay":
                 time.sleep(fault.seconds)
@@ -320,7 +325,7 @@ class HubHandler(BaseHTTPRequestHandler):
         return status, headers, _file_chunks(response.file, first, last - first + 1, chunk_size)
 
     def _transmit(self, status: int, headers: dict[str, str], chunks: Iterator[bytes], fault: Fault | None) -> None:
-        """Send the answer; `reset`, `truncate` and `throttle` faults act on its body here."""
+        """Send the answer; `reset`, `truncate`, `throttle` and (for downloads) `trickle` faults act on its body here."""
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
@@ -335,13 +340,26 @@ class HubHandler(BaseHTTPRequestHandler):
                 break
             if fault is not None and fault.kind == "throttle" and sent:
                 time.sleep(fault.seconds)
-            self.wfile.write(chunk)
+            if fault is not None and fault.kind == "trickle" and self.command not in ("PUT", "POST"):
+                self._trickle(chunk, sent, fault)
+            else:
+                self.wfile.write(chunk)
             sent += len(chunk)
         if cut is None:
             return
         if fault is not None and fault.kind == "reset":
             raise ConnectionDropped
         self.close_connection = True  # truncate: a clean close, the body just ends early
+
+    def _trickle(self, chunk: bytes, sent: int, fault: Fault) -> None:
+        """Write `chunk` (at body offset `sent`): at full speed up to the fault's `after_bytes`, then in its
+        `chunk_size` pieces, `seconds` apart."""
+        fast = max(0, min(len(chunk), fault.after_bytes - sent))
+        self.wfile.write(chunk[:fast])
+        for i in range(fast, len(chunk), fault.chunk_size):
+            self.wfile.flush()
+            time.sleep(fault.seconds)
+            self.wfile.write(chunk[i : i + fault.chunk_size])
 
     def _reset(self) -> None:
         """Close with SO_LINGER 0, which sends a TCP RST: what a crashed proxy or a dropped link looks like."""

@@ -91,6 +91,10 @@ class LocalHub:
         """Keep the repo's files from tokens not granted its terms (enforced when `tokens` are configured)."""
         self._repo(repo_type, repo_id).update_meta(gated="manual" if gated else False)
 
+    def drop_object(self, repo_id: str, sha256: str, *, repo_type: str = "model") -> None:
+        """Delete a stored object, as the Hub may garbage-collect an upload that no commit references."""
+        self._repo(repo_type, repo_id).object_path(sha256).unlink()
+
     def _repo(self, repo_type: str, repo_id: str) -> Repo:
         repo = self._store.get(repo_type, repo_id)
         if repo is None:
