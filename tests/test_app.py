@@ -72,7 +72,7 @@ def app(tmp_path_factory) -> Iterator[App]:
             owner.upload_folder(repo_id=name, folder_path=make_model(root / name.replace("/", "_"), seed=seed))
         hub.set_gated("org/gated")
         # an output made earlier with other settings (fp4): converting into it with nf4 must be refused
-        stream_requantize("org/model", "me/exists", quant_type="fp4", endpoint=hub.endpoint, token=SENTINEL, progress=False, min_commit_interval=0)
+        stream_requantize("org/model", "me/exists", quant_type="fp4", endpoint=hub.endpoint, token=SENTINEL, progress=False)
 
         port = _free_port()
         env = {**os.environ, "HF_TOKEN": SENTINEL, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",

@@ -26,10 +26,12 @@ from ..pipeline import RequantizeResult, ShardRecord, _bytes_in, iter_requantize
 from ..report import plan_summary
 
 # The quant types the page offers, in order: name -> (label, whether bitsandbytes' double_quant and
-# compute_dtype apply). Another output format is one more entry, e.g. "int4": ("int4 (compressed-tensors W4A16)", False).
+# compute_dtype apply). Another output format is one more entry.
 QUANT_TYPES: dict[str, tuple[str, bool]] = {
     "nf4": ("NF4 (bitsandbytes)", True),
     "fp4": ("FP4 (bitsandbytes)", True),
+    "int4": ("int4 (compressed-tensors W4A16, groups of 128)", False),
+    "bf16": ("bf16 (dequantize an FP8 or MXFP4 model)", False),
 }
 
 # Disk rule: two input shards plus one output shard keep the download busy all the time (README,
