@@ -215,6 +215,7 @@ def test_the_page_in_a_browser_plans_converts_shows_progress_and_links(app: App,
     assert "Phase: done" in browser.find_element(By.ID, "status").text
     assert app.api.file_exists("me/page-nf4", "config.json")
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    browser.set_window_size(1200, browser.execute_script("return document.documentElement.scrollHeight") + 120)  # the whole page, link included
     browser.save_screenshot(str(SCREENSHOT))
     app.seen += [browser.page_source, "\n".join(seen)]
 
