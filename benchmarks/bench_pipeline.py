@@ -31,7 +31,9 @@ bitsandbytes for the quantizing scenarios), so start-up, the same for every run,
 The emulator only throttles response bodies, so uploads are slowed by a per-request delay growing with
 their size instead (see `Network.faults`); `calibrate` checks that both directions run near nominal. The
 throttle is per connection, and transformers downloads a checkpoint's shards over up to 8 connections at
-once, so the recipe's wall time under a throttle is optimistic (its disk and RAM are not affected).
+once, and upload_folder sends up to 5 files at once, so the recipe's wall time under a throttle is
+optimistic, and llmcompressor's upload part (its model_free_ptq fetches one file at a time); their disk
+and RAM are not affected.
 
     python benchmarks/bench_pipeline.py                          # ~4.5 GB model in 10 shards, 200 MB/s, then unthrottled
     python benchmarks/bench_pipeline.py --layers 4 --repeat 2 --no-unthrottled --json /tmp/small.json
@@ -810,8 +812,8 @@ def print_network(result: dict[str, Any]) -> None:
               f"{row['peak_disk'] / raw['peak_disk']:6.2f} {row['peak_rss'] / GB:7.2f} "
               f"{row['peak_rss'] / raw['peak_rss']:6.2f} {row['rss_above_setup'] / GB:11.2f} {row['cpu_s']:7.1f}")
     if result["network"]:
-        print("  (the throttle is per connection: transformers fetches the shards over up to 8 at once, "
-              "so the recipe's wall time here is optimistic)")
+        print("  (the throttle is per connection: transformers fetches the shards over up to 8 at once and upload_folder "
+              "sends up to 5, so recipe's and llmcompressor's wall times here are optimistic)")
     for name, t in result["targets"].items():
         value, limit = t["value"], t["limit"]
         shown = f"{value / MB:.1f} MB (limit {limit / MB:.1f} MB)" if limit > 100 else f"{value:.2f} (limit {limit:.2f})"
