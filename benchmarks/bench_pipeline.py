@@ -1,7 +1,7 @@
 """Issue 4, "the network is the bottleneck, never streamq": streamq Hub->Hub against a plain transfer.
 
 A synthetic Llama (bf16, safetensors shards) is served by streamq's loopback Hub emulator, throttled to a
-user-like bandwidth, and four scenarios run side by side, each in its own subprocess so that its peak RSS
+user-like bandwidth, and the scenarios below run side by side, each in its own subprocess so that its peak RSS
 (VmHWM) and CPU time are its own, while the parent polls the size of its working area every 20 ms:
 
 1. raw      download every shard (hf_hub_download, deleted at once) and upload random files of the output
@@ -12,7 +12,16 @@ user-like bandwidth, and four scenarios run side by side, each in its own subpro
             HfApi.upload_folder; on the device streamq quantizes on (device_map "cuda" when --device resolves to
             CUDA, as from_pretrained does by itself on a GPU machine, else "cpu");
 5. int4     streamq writing compressed-tensors int4 W4A16 (group size 32) instead of NF4, with overlap's
-            kind of disk budget (its output shards are ~9% larger than NF4's, so the budget allows for that).
+            kind of disk budget (its output shards are ~9% larger than NF4's, so the budget allows for that);
+6. llmcompressor  llm-compressor's own route to the same int4 (issue 21's comparison), as a user runs it:
+            model_free_ptq("org/model", <save dir>, scheme=W4A16 with int4's group size, ignore=<the modules
+            streamq keeps, from its int4 plan>, device="cpu"), which fetches the whole repo through the HF cache
+            (inside the measured area, so its disk counts), then HfApi.upload_folder of the result to a new repo.
+            llm-compressor pins its own transformers and compressed-tensors, so this child runs in the
+            reference virtualenv's python ($STREAMQ_INT4_REFERENCE, else .ref-venv/bin/python in the checkout,
+            as tests/int4_cases.py finds it; the scenario is refused without one); its code imports only what
+            that venv has (no streamq, no bitsandbytes). It quantizes on the CPU whatever --device says (the
+            reference venv holds a CPU torch), and --timeline records nothing for it.
 
 Only when named in --scenarios, an ablation: `unchecked` is overlap with the sha256 check of the downloaded
 input taken out (`ablation.py`), which measures what that check costs; streamq itself always checks.
@@ -22,7 +31,9 @@ bitsandbytes for the quantizing scenarios), so start-up, the same for every run,
 The emulator only throttles response bodies, so uploads are slowed by a per-request delay growing with
 their size instead (see `Network.faults`); `calibrate` checks that both directions run near nominal. The
 throttle is per connection, and transformers downloads a checkpoint's shards over up to 8 connections at
-once, so the recipe's wall time under a throttle is optimistic (its disk and RAM are not affected).
+once, and upload_folder sends up to 5 files at once, so the recipe's wall time under a throttle is
+optimistic, and llmcompressor's upload part (its model_free_ptq fetches one file at a time); their disk
+and RAM are not affected.
 
     python benchmarks/bench_pipeline.py                          # ~4.5 GB model in 10 shards, 200 MB/s, then unthrottled
     python benchmarks/bench_pipeline.py --layers 4 --repeat 2 --no-unthrottled --json /tmp/small.json
@@ -53,6 +64,7 @@ emulator and the scenario share the cores).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -88,7 +100,8 @@ OUTPUT_NAMESPACE = "me"  # every scenario's output repo, deleted after its run
 MB = 1_000_000
 GB = 1_000_000_000
 POLL_SECONDS = 0.02
-SCENARIOS = ("raw", "strict", "overlap", "recipe", "int4")
+SCENARIOS = ("raw", "strict", "overlap", "recipe", "int4", "llmcompressor")
+INT4_GROUP = 32  # int4's group size, for streamq and for llm-compressor's W4A16 alike
 ABLATIONS = ("unchecked",)  # run only when asked for
 DEVICES = ("auto", "cpu", "cuda")
 METADATA_ALLOWANCE = 65_536  # config.json and huggingface_hub metadata beside the shards, 4 KiB blocks each
@@ -291,6 +304,18 @@ class DiskPoller:
         self.peak = max(self.peak, directory_bytes(self.root))
 
 
+def child_python(scenario: str) -> str:
+    """This interpreter, or for llmcompressor the reference virtualenv's python: $STREAMQ_INT4_REFERENCE,
+    else .ref-venv in the checkout (as tests/int4_cases.py finds it)."""
+    if scenario != "llmcompressor":
+        return sys.executable
+    path = os.environ.get("STREAMQ_INT4_REFERENCE") or str(REPO_ROOT / ".ref-venv" / "bin" / "python")
+    if not Path(path).is_file():
+        raise SystemExit(f"the llmcompressor scenario runs in llm-compressor's virtualenv, and {path} is missing: "
+                         f"set STREAMQ_INT4_REFERENCE to its python (.ci/run shows how it is built)")
+    return path
+
+
 def run_child(scenario: str, params: dict[str, Any], area: Path, cpus: set[int] | None = None) -> Measurement:
     """Run one scenario in a fresh interpreter, polling its working area for the peak disk use.
 
@@ -300,13 +325,16 @@ def run_child(scenario: str, params: dict[str, Any], area: Path, cpus: set[int] 
     result_file = area.parent / f"{area.name}.result.json"
     area.mkdir(parents=True)
     payload = json.dumps({"scenario": scenario, "area": str(area), "result": str(result_file), **params})
+    python = child_python(scenario)
+    # the caller's PYTHONPATH (carried wheels) stays behind ours, and away from the reference venv's own packages
+    extra = os.environ.get("PYTHONPATH") if python == sys.executable else None
     env = {**os.environ, "HF_HOME": str(area / "hf_home"), "HF_ENDPOINT": params["endpoint"], "HF_TOKEN": TOKEN,
-           "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))}
-    # huggingface_hub reads HF_ENDPOINT at import; the caller's PYTHONPATH (carried wheels) stays behind ours
+           "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT), extra)))}
+    # huggingface_hub reads HF_ENDPOINT at import
     started = time.monotonic()
     with DiskPoller(area) as poller:
         proc = subprocess.Popen(
-            [sys.executable, __file__, "--child", payload], env=env,
+            [python, __file__, "--child", payload], env=env,
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         _, status, usage = os.wait4(proc.pid, 0)
@@ -331,7 +359,7 @@ def child_main(payload: dict[str, Any]) -> None:
     scenario = {
         "probe": probe, "raw": raw_transfer, "strict": streamq_run, "overlap": streamq_run, "unchecked": streamq_run,
         "int4": streamq_run,
-        "recipe": transformers_recipe,
+        "recipe": transformers_recipe, "llmcompressor": llmcompressor_route,
     }
     with ExitStack() as stack:
         if payload["scenario"] == "unchecked":
@@ -522,6 +550,33 @@ def transformers_recipe(p: dict[str, Any], area: Path) -> Callable[[], dict[str,
     return work
 
 
+def llmcompressor_route(p: dict[str, Any], area: Path) -> Callable[[], dict[str, Any]]:
+    """llm-compressor's way to int4, in its own virtualenv: model_free_ptq from the Hub id (the whole repo
+    into the HF cache first), saved, uploaded. Imports only what that venv has."""
+    import compressed_tensors
+    import llmcompressor
+    import torch
+    import transformers
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from huggingface_hub import HfApi
+    from llmcompressor import model_free_ptq
+
+    scheme = preset_name_to_scheme("W4A16", ["Linear"])
+    scheme.weights.group_size = p["group_size"]
+    versions = {m.__name__: m.__version__ for m in (llmcompressor, compressed_tensors, torch, transformers)}
+
+    def work() -> dict[str, Any]:
+        started = time.perf_counter()
+        model_free_ptq(SOURCE, area / "save", scheme=scheme, ignore=p["ignore"], device="cpu")
+        quantize_s = time.perf_counter() - started
+        api = HfApi(endpoint=p["endpoint"], token=TOKEN)
+        api.create_repo(p["dst"])
+        api.upload_folder(repo_id=p["dst"], folder_path=area / "save")
+        return {"saved_bytes": directory_bytes(area / "save"), "fetch_and_quantize_s": quantize_s, "ignore": p["ignore"], "versions": versions}
+
+    return work
+
+
 # ---------------------------------------------------------------- the benchmark (parent)
 
 
@@ -551,7 +606,18 @@ def shard_shapes(endpoint: str) -> Shapes:
     return Shapes([(s["name"], s["input_bytes"]) for s in shards], [(s["name"], s["expected_output_bytes"]) for s in shards])
 
 
+@functools.cache
+def int4_kept_modules(endpoint: str) -> list[str]:
+    """What streamq's int4 keeps, in model_free_ptq's terms: the module of every kept `*.weight` (it would
+    otherwise quantize every `.weight` not ending in "norm", embeddings included), as tests/int4_cases.py."""
+    from streamq import plan_requantize
+
+    plan = plan_requantize(SOURCE, endpoint=endpoint, token=TOKEN, quant_type="int4", blocksize=INT4_GROUP)
+    return sorted(k.removesuffix(".weight") for k, r in plan.rules.items() if r.action == "keep" and k.endswith(".weight"))
+
+
 def scenario_params(scenario: str, shapes: Shapes, endpoint: str, scratch: Path, device: str, timed: bool = False) -> dict[str, Any]:
+    timed = timed and scenario != "llmcompressor"  # the timeline patches streamq, which the reference venv lacks
     params: dict[str, Any] = {"endpoint": endpoint, "dst": f"{OUTPUT_NAMESPACE}/{scenario}-{uuid.uuid4().hex[:8]}", "device": device, "timeline": timed}
     if scenario == "probe":
         params.update(input=max(shapes.inputs, key=lambda s: s[1]), upload_bytes=shapes.largest_out)
@@ -560,7 +626,9 @@ def scenario_params(scenario: str, shapes: Shapes, endpoint: str, scratch: Path,
     if scenario in ("overlap", "unchecked"):
         params["disk_budget"] = 2 * shapes.largest_in + shapes.largest_out
     if scenario == "int4":  # shapes are NF4's outputs; int4's at group 32 take 0.5625 bytes a weight against ~0.52
-        params.update(disk_budget=2 * shapes.largest_in + int(1.2 * shapes.largest_out), quant={"quant_type": "int4", "blocksize": 32})
+        params.update(disk_budget=2 * shapes.largest_in + int(1.2 * shapes.largest_out), quant={"quant_type": "int4", "blocksize": INT4_GROUP})
+    if scenario == "llmcompressor":
+        params.update(group_size=INT4_GROUP, ignore=int4_kept_modules(endpoint))
     return params
 
 
@@ -721,6 +789,9 @@ def device_targets(best: dict[str, dict[str, float]], shapes: Shapes) -> dict[st
         found["recipe / strict peak disk >= 5"] = target(best["recipe"]["peak_disk"] / best["strict"]["peak_disk"], 5, False)
     if ran("recipe") and streamq_rss is not None:
         found["recipe / streamq peak RSS >= 5"] = target(best["recipe"]["peak_rss"] / streamq_rss, 5, False)
+    if ran("int4", "llmcompressor"):  # issue 21: keep streamq's lead over llm-compressor's route for int4
+        for what, key in (("wall", "wall_s"), ("peak disk", "peak_disk"), ("peak RSS", "peak_rss")):
+            found[f"llmcompressor / int4 {what} >= 1"] = target(best["llmcompressor"][key] / best["int4"][key], 1.0, False)
     if ran("overlap"):
         found["check: overlap peak disk <= its disk_budget"] = target(best["overlap"]["peak_disk"], overlap_budget + METADATA_ALLOWANCE, True)
     return found
@@ -741,8 +812,8 @@ def print_network(result: dict[str, Any]) -> None:
               f"{row['peak_disk'] / raw['peak_disk']:6.2f} {row['peak_rss'] / GB:7.2f} "
               f"{row['peak_rss'] / raw['peak_rss']:6.2f} {row['rss_above_setup'] / GB:11.2f} {row['cpu_s']:7.1f}")
     if result["network"]:
-        print("  (the throttle is per connection: transformers fetches the shards over up to 8 at once, "
-              "so the recipe's wall time here is optimistic)")
+        print("  (the throttle is per connection: transformers fetches the shards over up to 8 at once and upload_folder "
+              "sends up to 5, so recipe's and llmcompressor's wall times here are optimistic)")
     for name, t in result["targets"].items():
         value, limit = t["value"], t["limit"]
         shown = f"{value / MB:.1f} MB (limit {limit / MB:.1f} MB)" if limit > 100 else f"{value:.2f} (limit {limit:.2f})"
@@ -944,6 +1015,8 @@ def main() -> None:
     if "raw" not in args.scenarios or any(s not in SCENARIOS + ABLATIONS or d not in DEVICES for s, d in runs):
         raise SystemExit(f"--scenarios: a subset of {','.join(SCENARIOS + ABLATIONS)} that includes raw (the baseline), "
                          f"each but raw optionally @{'/@'.join(DEVICES)}")
+    for scenario, _ in runs:
+        child_python(scenario)  # refused now rather than after the source is built
     setup = replace(pin(args.child_cpus, args.device), timeline=args.timeline)  # pinned before the emulator starts
     spec: ModelSpec | MoESpec = ModelSpec(
         args.hidden, args.intermediate, args.layers, args.vocab, args.heads, args.kv_heads, args.shard_mb * MB,
