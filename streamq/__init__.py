@@ -1,4 +1,5 @@
-"""streamq: re-quantize a Hugging Face model repo to 4-bit bitsandbytes shard by shard, resumably."""
+"""streamq: re-quantize a Hugging Face model repo shard by shard, resumably: bitsandbytes NF4/FP4,
+compressed-tensors int4, or the dequantized bf16 checkpoint of an FP8/MXFP4 source."""
 
 __version__ = "0.1.0"
 

@@ -106,3 +106,14 @@ def disk_full_is_clear(where: Path) -> Iterator[None]:
                 "Free some space (or use a larger work_dir) and run again to resume"
             ) from exc
         raise
+
+
+def bytes_in(folder: Path) -> int:
+    """Bytes of the files under `folder` (one may be renamed while we look: a download finishing)."""
+    total = 0
+    for path in folder.rglob("*") if folder.is_dir() else ():
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except FileNotFoundError:
+            continue
+    return total

@@ -19,13 +19,15 @@ EXAMPLES = """examples:
   streamq requantize meta-llama/Llama-3.1-8B-Instruct me/Llama-3.1-8B-Instruct-nf4
   streamq requantize org/model@v1.0 ./model-nf4 --work-dir /mnt/scratch
   streamq requantize ./my-model me/my-model-fp4 --quant-type fp4 --no-double-quant --private
+  streamq requantize google/gemma-4-31B-it-qat-q4_0-unquantized me/gemma-4-31B-qat-int4 --quant-type int4 --blocksize 32
+  streamq requantize deepseek-ai/DeepSeek-V3 me/DeepSeek-V3-bf16 --quant-type bf16   # dequantize an FP8 model
   streamq plan mistralai/Mistral-7B-v0.3            # what would happen, without downloading weights
   streamq verify me/Llama-3.1-8B-Instruct-nf4 --load
   streamq status me/Llama-3.1-8B-Instruct-nf4
   streamq app --port 7860                           # the web page (pip install "streamq[app]")
 
 Run the same requantize command again to resume an interrupted run.
-Environment: HF_TOKEN, HF_ENDPOINT, HF_HOME, HF_HUB_DISABLE_PROGRESS_BARS as in huggingface_hub.
+Environment: HF_TOKEN, HF_ENDPOINT, HF_HOME, HF_HUB_DISABLE_PROGRESS_BARS, HF_HUB_OFFLINE as in huggingface_hub.
 Exit codes: 0 done, 1 error (one line on stderr), 2 bad arguments, 3 verify found problems, 130 interrupted.
 """
 
@@ -53,7 +55,7 @@ def _plan_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamq",
-        description="Re-quantize a Hugging Face model to 4-bit bitsandbytes, shard by shard, on a small disk.",
+        description="Re-quantize a Hugging Face model shard by shard, on a small disk: bitsandbytes NF4/FP4, compressed-tensors int4, or bf16 from an FP8/MXFP4 source.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

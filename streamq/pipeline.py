@@ -21,7 +21,7 @@ from huggingface_hub.utils import disable_progress_bars
 from tqdm.auto import tqdm
 
 from . import __version__
-from .budget import DiskBudget
+from .budget import DiskBudget, bytes_in
 from .commits import DEFAULT_COMMITS_PER_HOUR
 from .errors import InsufficientDiskError, OutputNotWritableError, StreamqError
 from .fetch import HubSource, Source, open_source
@@ -300,7 +300,7 @@ def _disk_limit(work: Path, plan: Plan, todo: list[ShardPlan], downloads: bool, 
         )
     limit = pair if disk_budget is None or not todo else disk_budget
     carried = plan.carried_bytes if downloads else 0  # fetched for the final commit, once the shards are done
-    free = shutil.disk_usage(work).free + _bytes_in(work / "in")  # inputs under way count in the budget
+    free = shutil.disk_usage(work).free + bytes_in(work / "in")  # inputs under way count in the budget
     if max(limit, carried) > free:
         what = "the disk budget" if disk_budget and todo else "largest input plus output shard"
         if carried > limit:
@@ -310,17 +310,6 @@ def _disk_limit(work: Path, plan: Plan, todo: list[ShardPlan], downloads: bool, 
             f"but has {_gb(free)} free; free some space, lower disk_budget or pass work_dir= on a larger disk"
         )
     return limit
-
-
-def _bytes_in(folder: Path) -> int:
-    """Bytes of the files under `folder` (one may be renamed while we look: a download finishing)."""
-    total = 0
-    for path in folder.rglob("*") if folder.is_dir() else ():
-        try:
-            total += path.stat().st_size if path.is_file() else 0
-        except FileNotFoundError:
-            continue
-    return total
 
 
 def _gb(size: int) -> str:

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from ..errors import StreamqError
 from ..location import HubRepo, parse_location
-from ..pipeline import RequantizeResult, ShardRecord, _bytes_in, iter_requantize, plan_requantize
+from ..budget import bytes_in
+from ..pipeline import RequantizeResult, ShardRecord, iter_requantize, plan_requantize
 from ..report import plan_summary
 
 # The quant types the page offers, in order: name -> (label, whether bitsandbytes' double_quant and
@@ -215,7 +216,7 @@ class RunProgress:
             shards_skipped=sum(1 for r in records if r.skipped),
             bytes_done=int(bar.n) if bar is not None else 0,
             bytes_total=int(bar.total or 0) if bar is not None else 0,
-            work_dir_bytes=_bytes_in(self.work_dir),
+            work_dir_bytes=bytes_in(self.work_dir),
             disk_budget=self.disk_budget,
             elapsed=elapsed,
             speed=sum(r.input_bytes for r in done) / elapsed if elapsed > 0 else 0.0,
