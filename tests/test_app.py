@@ -45,7 +45,7 @@ class App:
     def repos(self) -> dict[str, str]:
         """Every repo of the emulator and its main commit: what a failed run must leave as it was."""
         found = {}
-        for repo_id in ("me/model-nf4", "me/page-nf4", "me/exists", "me/new", "org/out", "me/missing-nf4", "me/private-nf4", "me/gated-nf4"):
+        for repo_id in ("me/model-nf4", "me/model-int4", "me/page-nf4", "me/exists", "me/new", "org/out", "me/missing-nf4", "me/private-nf4", "me/gated-nf4"):
             if self.api.repo_exists(repo_id):
                 found[repo_id] = self.api.model_info(repo_id).sha
         return found
@@ -165,6 +165,21 @@ def test_gradio_client_converts_and_the_output_loads(app: App, tmp_path: Path) -
     progress, _, again = client.predict("org/model", "me/model-nf4", "nf4", True, "bfloat16", False, api_name="/requantize")
     assert again["shards_skipped"] == 7 and "7 done by an earlier run" in progress
     assert len(app.api.list_repo_commits("me/model-nf4")) == commits
+
+
+def test_int4_with_the_group_size_asked_for(app: App, tmp_path: Path) -> None:
+    """The page's int4 takes its group size (the tiny model's 64- and 96-wide layers need 32, not the default 128)."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(app.url, verbose=False, analytics_enabled=False)
+    with pytest.raises(AppError, match="not a multiple of the int4 group size 128"):
+        client.predict("org/model", "int4", True, "bfloat16", 128, api_name="/plan")
+    _, link, result = client.predict("org/model", "me/model-int4", "int4", True, "bfloat16", False, 32, api_name="/requantize")
+    assert result["url"] in link and result["stats"]["groups"] > 0
+    out = Path(snapshot_download("me/model-int4", endpoint=app.hub.endpoint, token=SENTINEL, local_dir=tmp_path / "dl"))
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["config_groups"]["config_group_0"]["weights"]["group_size"] == 32
 
 
 def test_a_script_converts_with_its_own_token(app: App) -> None:
@@ -323,10 +338,10 @@ def test_on_a_space_the_visitors_own_token_is_used_and_login_is_required(app: Ap
     assert any(isinstance(block, gr.LoginButton) for block in page.blocks.values())
     requantize = _handler(page, "requantize")
     with pytest.raises(gr.Error, match="Log in with the Hugging Face button first"):
-        next(requantize("org/model", "me/space-nf4", "nf4", True, "bfloat16", False, None, None))
+        next(requantize("org/model", "me/space-nf4", "nf4", True, "bfloat16", False, 128, None, None))
     token = gr.OAuthToken(token=SENTINEL, scope="openid profile read-repos write-repos manage-repos", expires_at=0)
     profile = gr.OAuthProfile({"preferred_username": "me", "name": "me", "picture": "", "profile": "", "website": ""})
-    *_, (progress, link, result) = requantize("org/model", "", "fp4", False, "bfloat16", True, token, profile)
+    *_, (progress, link, result) = requantize("org/model", "", "fp4", False, "bfloat16", True, 128, token, profile)
     assert result["url"].endswith("/me/model-fp4") and "Done" in link  # default output from the profile's name
     assert app.api.model_info("me/model-fp4").private
     config = json.loads(Path(app.api.hf_hub_download("me/model-fp4", "config.json", local_dir=tmp_path / "dl")).read_text())

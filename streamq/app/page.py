@@ -18,7 +18,7 @@ from huggingface_hub import HfApi  # noqa: E402
 
 from ..errors import StreamqError  # noqa: E402
 from ..report import format_plan, human_size  # noqa: E402
-from ..settings import COMPUTE_DTYPES  # noqa: E402
+from ..settings import COMPUTE_DTYPES, DEFAULT_BLOCKSIZE, INT4_GROUP_SIZES  # noqa: E402
 from .run import (  # noqa: E402
     FREE_DISK_SHARE,
     QUANT_TYPES,
@@ -32,6 +32,7 @@ from .run import (  # noqa: E402
 )
 
 POLL_SECONDS = 0.5
+DEFAULT_GROUP_SIZE = DEFAULT_BLOCKSIZE["int4"]
 INTRO = """# streamq: a 4-bit copy of any Hub model
 Converts the model **shard by shard** (download one safetensors shard, quantize, upload, delete, next), so
 this machine needs neither the model's memory nor its disk. Starting the same conversion again resumes it."""
@@ -72,10 +73,14 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
         suggestion = default_output(source.strip(), quant_type, user_of(profile, token)) if source.strip() else ""
         return suggestion, suggestion
 
-    def plan(source: str, quant_type: str, double_quant: bool, compute_dtype: str, oauth_token: Optional[gr.OAuthToken] = None) -> str:
+    def plan(
+        source: str, quant_type: str, double_quant: bool, compute_dtype: str, group_size: int = DEFAULT_GROUP_SIZE,
+        oauth_token: Optional[gr.OAuthToken] = None,
+    ) -> str:
         """The plan, as `streamq plan` prints it, and the disk budget this machine would give the run."""
         try:
-            summary = plan_conversion(Conversion(source.strip(), "", quant_type, double_quant, compute_dtype, token=token_of(oauth_token), endpoint=endpoint))
+            job = Conversion(source.strip(), "", quant_type, double_quant, compute_dtype, group_size=int(group_size), token=token_of(oauth_token), endpoint=endpoint)
+            summary = plan_conversion(job)
         except (StreamqError, ValueError) as exc:
             raise gr.Error(str(exc)) from None
         root.mkdir(parents=True, exist_ok=True)
@@ -90,7 +95,8 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
 
     def requantize(
         source: str, output: str, quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "bfloat16",
-        private: bool = False, oauth_token: Optional[gr.OAuthToken] = None, oauth_profile: Optional[gr.OAuthProfile] = None,
+        private: bool = False, group_size: int = DEFAULT_GROUP_SIZE,
+        oauth_token: Optional[gr.OAuthToken] = None, oauth_profile: Optional[gr.OAuthProfile] = None,
     ) -> Iterator[tuple[str, str, Optional[dict[str, Any]]]]:
         """Convert `source` into `output` (both Hub repo ids); yields the progress, then the link and the result."""
         token = token_of(oauth_token)
@@ -99,7 +105,9 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
         try:
             if not output:
                 raise ValueError("give an output repo name (org/name): your Hub user name could not be found")
-            job = Conversion(source.strip(), output.strip(), quant_type, double_quant, compute_dtype, private, token, endpoint)
+            job = Conversion(
+                source.strip(), output.strip(), quant_type, double_quant, compute_dtype, private, group_size=int(group_size), token=token, endpoint=endpoint
+            )
         except ValueError as exc:
             yield "**Phase:** failed", f"**Error:** {exc}", None
             raise gr.Error(str(exc)) from None
@@ -127,6 +135,10 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
             quant_type = gr.Radio([(label, name) for name, (label, _) in QUANT_TYPES.items()], value="nf4", label="Quant type", elem_id="quant-type")
             double_quant = gr.Checkbox(value=True, label="Double quant (quantize the absmax statistics too)", elem_id="double-quant")
             compute_dtype = gr.Dropdown(list(COMPUTE_DTYPES), value="bfloat16", label="Compute dtype", elem_id="compute-dtype")
+            group_size = gr.Dropdown(
+                list(INT4_GROUP_SIZES), value=DEFAULT_GROUP_SIZE, label="int4 group size (32 keeps a Q4_0-style QAT model exact)",
+                visible=False, elem_id="group-size",
+            )
             private = gr.Checkbox(value=False, label="Private output repo", elem_id="private")
         with gr.Row():
             plan_button = gr.Button("Show plan", elem_id="plan")
@@ -139,18 +151,19 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
         gr.Markdown(
             f"One conversion runs at a time; others wait in the queue. The disk budget is two input shards plus one "
             f"output shard, at most {FREE_DISK_SHARE:.0%} of the work directory's free space. "
-            "Scripts: `gradio_client.Client(url, oauth_token=...).predict(source, output, quant_type, double_quant, compute_dtype, private, api_name='/requantize')`."
+            "Scripts: `gradio_client.Client(url, oauth_token=...).predict(source, output, quant_type, double_quant, compute_dtype, private, group_size, api_name='/requantize')`."
         )
 
-        def bnb_options(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-            return gr.update(visible=QUANT_TYPES[name][1]), gr.update(visible=QUANT_TYPES[name][1])
+        def format_options(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+            bnb = QUANT_TYPES[name][1]
+            return gr.update(visible=bnb), gr.update(visible=bnb), gr.update(visible=name == "int4")
 
         for trigger in (source.blur, source.submit, quant_type.change):
             trigger(suggest_output, [source, quant_type, output, last_default], [output, last_default], api_name=False, queue=False)
-        quant_type.change(bnb_options, quant_type, [double_quant, compute_dtype], api_name=False, queue=False)
-        plan_button.click(plan, [source, quant_type, double_quant, compute_dtype], plan_box, api_name="plan", concurrency_id="plan", concurrency_limit=2)
+        quant_type.change(format_options, quant_type, [double_quant, compute_dtype, group_size], api_name=False, queue=False)
+        plan_button.click(plan, [source, quant_type, double_quant, compute_dtype, group_size], plan_box, api_name="plan", concurrency_id="plan", concurrency_limit=2)
         start_button.click(
-            requantize, [source, output, quant_type, double_quant, compute_dtype, private], [status, link, details],
+            requantize, [source, output, quant_type, double_quant, compute_dtype, private, group_size], [status, link, details],
             api_name="requantize", concurrency_id="requantize", concurrency_limit=1, show_progress="hidden",
         )
     return page

@@ -31,7 +31,7 @@ from ..report import plan_summary
 QUANT_TYPES: dict[str, tuple[str, bool]] = {
     "nf4": ("NF4 (bitsandbytes)", True),
     "fp4": ("FP4 (bitsandbytes)", True),
-    "int4": ("int4 (compressed-tensors W4A16, groups of 128)", False),
+    "int4": ("int4 (compressed-tensors W4A16)", False),
     "bf16": ("bf16 (dequantize an FP8 or MXFP4 model)", False),
 }
 
@@ -53,6 +53,7 @@ class Conversion:
     double_quant: bool = True
     compute_dtype: str = "bfloat16"
     private: bool = False
+    group_size: int | None = None  # int4 only; None: the format's default
     token: str | None = field(default=None, repr=False)  # never printed, logged or stored
     endpoint: str | None = None
 
@@ -71,6 +72,8 @@ class Conversion:
         options: dict[str, Any] = {"quant_type": self.quant_type, "token": self.token, "endpoint": self.endpoint}
         if QUANT_TYPES[self.quant_type][1]:
             options |= {"double_quant": self.double_quant, "compute_dtype": self.compute_dtype}
+        if self.quant_type == "int4" and self.group_size is not None:
+            options["blocksize"] = self.group_size
         return options
 
 
