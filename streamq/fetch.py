@@ -173,8 +173,8 @@ _SOCKET_READ = 1 << 20
 def _read_sockets_in_larger_pieces() -> None:
     """Let httpcore read up to 1 MiB per socket read instead of 64 KiB.
 
-    Each read passes through httpcore, h11 and httpx in Python: at 64 KiB that cost 0.9 CPU-seconds
-    per GB on a 2-core VM, a third of a core at 0.5 GB/s, against 0.2 with 1 MiB reads. A read returns
+    Each read passes through httpcore, h11 and httpx in Python, so at 64 KiB that bookkeeping took a
+    good part of a small VM's core at download speed (HISTORY.md has the figures). A read returns
     whatever has arrived, so a larger one never waits longer. httpcore has no setting for it, only this
     class constant (in `httpcore` under huggingface_hub 1.x, `httpcore2` under 2.x); it is raised for
     the process, and an httpcore without it is left alone.
@@ -193,8 +193,7 @@ def _append_body(url: str, headers: dict[str, str], f: _PartialFile, watch: Stal
 
     The same request as huggingface_hub's `http_get` (its session, headers, timeout and status
     retries), but each piece goes to `f` as it comes off the socket: `http_get` first re-chunks the
-    body into 10 MiB pieces through a BytesIO, which cost 2.5x the CPU of the transfer itself (5.8
-    against 2.3 CPU-seconds per GB on a 2-core VM, as much as quantizing it). A stream that breaks
+    body into 10 MiB pieces through a BytesIO, which cost more CPU than the transfer itself. A stream that breaks
     is resumed by the caller's `retrying`, from what reached the file; so is one that trickles
     (`TransferStalled`, from `watch`), on a fresh connection: leaving the stream closes this one.
     """
