@@ -21,7 +21,7 @@ from ..settings import QuantSettings
 from .base import CardText, Stats
 
 _HEADER_BYTES_PER_TENSOR = 160  # safetensors JSON entry, generously
-_CHUNK_GROUPS = 1 << 16  # groups searched at once (16 candidate scales each)
+_CHUNK_GROUPS = 1 << 15  # groups searched at once (16 candidate scales each; 2 MiB float32 temporaries)
 # The largest |q| in a group (8 first: a Q4_0 group of 32 holds a -8 most often, then 7, ...).
 _POWERS = torch.tensor([8.0, 4.0, 2.0, 1.0])
 _OTHERS = torch.tensor([7.0, 6.0, 5.0, 3.0])
