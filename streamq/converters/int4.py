@@ -21,7 +21,7 @@ from ..settings import QuantSettings
 from .base import CardText, Stats
 
 _HEADER_BYTES_PER_TENSOR = 160  # safetensors JSON entry, generously
-_CHUNK_GROUPS = 1 << 16  # groups searched at once (16 candidate scales each)
+_CHUNK_GROUPS = 1 << 15  # groups searched at once (16 candidate scales each; 2 MiB float32 temporaries)
 # The largest |q| in a group (8 first: a Q4_0 group of 32 holds a -8 most often, then 7, ...).
 _POWERS = torch.tensor([8.0, 4.0, 2.0, 1.0])
 _OTHERS = torch.tensor([7.0, 6.0, 5.0, 3.0])
@@ -139,11 +139,12 @@ class Int4Converter:
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
         scale, _ = calculate_qparams(low, high, self.scheme.weights)
         exact = torch.zeros_like(scale, dtype=torch.bool)
+        absmax = torch.maximum(-low, high)  # max |w| per group, from the observer's min/max
         for start in range(0, groups.shape[0], _CHUNK_GROUPS):
             # Round-to-nearest never reproduces a group with a nonzero weight (its largest weight comes
             # back as 7 or 8 times max/7.5, 6-7% off), so a grid scale found replaces it.
             part = slice(start, start + _CHUNK_GROUPS)
-            found, grid = _grid_scales(groups[part])
+            found, grid = _grid_scales(groups[part], absmax[part])
             scale[part][found] = grid[found]
             exact[part] = found
         zero = (~exact & (low == 0) & (high == 0)).nonzero().squeeze(1)  # no grid scale; round-to-nearest keeps +0.0
@@ -229,54 +230,77 @@ class Int4Converter:
         )
 
 
-def _grid_scales(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For groups [n, group]: whether a grid scale reproduces each, and that scale.
+def _grid_scales(groups: torch.Tensor, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For groups [n, group] and their largest |w| [n]: whether a grid scale reproduces each, and that scale.
 
     Candidates: s = |w|max / m for m = 8..1 (the largest |q| of the group), and for m not a power of
     two also the dtype's neighbours of that quotient (|w|max itself was rounded). Every candidate
-    is first tried on the first three weights of each group at once (which rejects ordinary weights
-    cheaply); a group's first surviving candidate is then checked exactly on the whole group, the
-    next one where that fails."""
+    is first tried on the first three weights of each group (which rejects ordinary weights
+    cheaply; after the first weight only the surviving (group, candidate) pairs are tried further);
+    a group's first surviving candidate is then checked exactly on the whole group, the next one
+    where that fails."""
     n = groups.shape[0]
-    absmax = groups.abs().amax(dim=-1).float()[:, None]
+    absmax = absmax.float()[:, None]
     exact = (absmax / _POWERS.to(groups.device)).to(groups.dtype)  # |q|max a power of two: s = |w|max / |q|max exactly
     rounded = (absmax / _OTHERS.to(groups.device)).to(groups.dtype)  # else |w|max = dtype(s * |q|max): s is near it
     candidates = torch.cat((exact[:, :1], rounded[:, :1], _next(rounded[:, :1], 1), _next(rounded[:, :1], -1),
                             exact[:, 1:], rounded[:, 1:], _next(rounded[:, 1:], 1), _next(rounded[:, 1:], -1)), dim=-1)
     usable = (absmax > 0) & torch.isfinite(absmax)  # a zero or non-finite candidate never passes the exact check
-    # A cheap necessary condition first. w = dtype(s * q) is within u * |s q| of s q (u: the dtype's
-    # unit roundoff), so w / s is within u * |q| of the integer q; times 1/s in float32 adds far less
-    # than 2^-18. Ordinary bfloat16 weights pass it about 1 time in 32 per weight and candidate, so
-    # three weights reject nearly every ordinary group before any exact check.
-    unit = torch.finfo(groups.dtype).eps / 2
-    inverse = 1.0 / candidates.float()
-    near = usable.expand_as(inverse).clone()
-    for i in range(min(3, groups.shape[1])):
-        ratio = inverse * groups[:, i : i + 1].float()
-        nearest = ratio.round()
-        near &= (ratio - nearest).abs() <= nearest.abs() * unit + 2**-18
-    ok = near
+    ok = _near_grid(groups, candidates, usable)
     found = torch.zeros(n, dtype=torch.bool, device=groups.device)
     best = torch.zeros(n, dtype=groups.dtype, device=groups.device)
-    while True:
-        rows = (ok.any(dim=-1) & ~found).nonzero().squeeze(1)
-        if not rows.numel():
-            return found, best
+    rows = ok.any(dim=-1).nonzero().squeeze(1)
+    while rows.numel():
         first = ok[rows].to(torch.uint8).argmax(dim=-1)
         scale = candidates[rows, first]
         whole = _reproduces(groups if rows.numel() == n else groups[rows], scale[:, None])
-        found[rows[whole]] = True
-        best[rows[whole]] = scale[whole]
-        ok[rows[~whole], first[~whole]] = False
+        hit, miss = whole.nonzero().squeeze(1), (~whole).nonzero().squeeze(1)
+        found[rows[hit]] = True
+        best[rows[hit]] = scale[hit]
+        failed = rows[miss]
+        ok[failed, first[miss]] = False
+        rows = failed[ok[failed].any(dim=-1)]
+    return found, best
+
+
+def _near_grid(groups: torch.Tensor, candidates: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
+    """[n, candidates]: whether each candidate s passes a cheap necessary condition on the group's
+    first three weights. w = dtype(s * q) is within u * |s q| of s q (u: the dtype's unit roundoff),
+    so w / s is within u * |q| of the integer q; times 1/s in float32 adds far less than 2^-18.
+    Ordinary bfloat16 weights pass it about 1 time in 32 per weight and candidate, so the first
+    weight is tried on every pair and the next two only on the pairs still alive."""
+    unit = torch.finfo(groups.dtype).eps / 2
+    inverse = 1.0 / candidates.float()
+    ratio = inverse * groups[:, :1].float()
+    nearest = ratio.round()
+    ratio.sub_(nearest).abs_()
+    nearest.abs_().mul_(unit).add_(2**-18)
+    near = (ratio <= nearest).logical_and_(usable)
+    if groups.shape[1] > 1:
+        count = candidates.shape[1]
+        live = near.view(-1).nonzero().squeeze(1)  # flat (group, candidate) indices
+        row = live // count
+        inverse = inverse.view(-1)[live]
+        for i in range(1, min(3, groups.shape[1])):
+            ratio = inverse * groups[row, i].float()
+            nearest = ratio.round()
+            ratio.sub_(nearest).abs_()
+            nearest.abs_().mul_(unit).add_(2**-18)
+            keep = ratio <= nearest
+            live, row, inverse = live[keep], row[keep], inverse[keep]
+        near = torch.zeros_like(near).view(-1)
+        near[live] = True
+        near = near.view(candidates.shape)
+    return near
 
 
 def _reproduces(weights: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Whether quantizing `weights` with `scale` (broadcast over the last dim) and dequantizing gives
     back every weight's bits, all(-1). The same torch ops in the same dtype as compressed-tensors'
     quantize (x / scale, clamp to [-8, 7], round) and dequantize (q * scale), so the same results
-    (tests/test_int4.py checks it against the library's own round trip)."""
-    q = torch.round(torch.clamp(weights / scale, -8, 7))
-    return (_bits(q * scale) == _bits(weights)).all(dim=-1)
+    (tests/test_int4.py checks it against the library's own round trip); in place, one temporary."""
+    q = (weights / scale).clamp_(-8, 7).round_().mul_(scale)
+    return (_bits(q) == _bits(weights)).view(torch.uint8).amin(dim=-1).bool()  # all(-1), faster on CPU
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
