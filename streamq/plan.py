@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .converters import converter_for
+from .converters.base import HEADER_BYTES_PER_TENSOR
 from .dequantizers import Dequantizer, LogicalTensor, dequantizer_for, logical_checkpoint
 from .dequantizers.base import without_quantization
 from .errors import AlreadyQuantizedError, CorruptShardError, NoSafetensorsError, UnsupportedDtypeError, UnsupportedModelError
@@ -254,7 +255,6 @@ def _stage_config(
 
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
-_HEADER_BYTES_PER_TENSOR = 160  # safetensors JSON entry, generously
 
 
 def expected_output_size(shard: ShardPlan, plan: Plan) -> int:
@@ -270,7 +270,7 @@ def expected_output_size(shard: ShardPlan, plan: Plan) -> int:
             continue
         if rule.action == "keep":
             itemsize = _ITEMSIZE.get(rule.dtype or "", TORCH_DTYPES[info.dtype].itemsize if info.dtype in TORCH_DTYPES else 4)
-            total += numel * itemsize + _HEADER_BYTES_PER_TENSOR
+            total += numel * itemsize + HEADER_BYTES_PER_TENSOR
             continue
         total += converter.expected_size(info.shape[::-1] if rule.transpose else info.shape)
     return total

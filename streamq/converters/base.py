@@ -30,6 +30,8 @@ class CardText:
     loading: str  # markdown: how to load it and what that needs
 
 
+HEADER_BYTES_PER_TENSOR = 160  # a safetensors header entry, generously: for the output size estimates
+
 Stats = Counter  # per-shard counters a converter fills while it quantizes (e.g. grid-exact groups)
 
 

@@ -9,9 +9,8 @@ import torch
 
 from ..bnb import bitsandbytes_functional
 from ..settings import QuantSettings
-from .base import CardText, Stats
+from .base import HEADER_BYTES_PER_TENSOR, CardText, Stats
 
-_HEADER_BYTES_PER_TENSOR = 160  # safetensors JSON entry, generously
 _QUANT_STATE_JSON = 220
 
 
@@ -77,9 +76,9 @@ class BitsAndBytesConverter:
         for dim in shape:
             numel *= dim
         blocks = -(-numel // self.settings.blocksize)
-        total = -(-numel // 2) + 64 + _QUANT_STATE_JSON + 4 * _HEADER_BYTES_PER_TENSOR
+        total = -(-numel // 2) + 64 + _QUANT_STATE_JSON + 4 * HEADER_BYTES_PER_TENSOR
         if self.settings.double_quant:
-            total += blocks + 4 * -(-blocks // 256) + 1024 + 2 * _HEADER_BYTES_PER_TENSOR
+            total += blocks + 4 * -(-blocks // 256) + 1024 + 2 * HEADER_BYTES_PER_TENSOR
         else:
             total += 4 * blocks
         return total

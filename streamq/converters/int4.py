@@ -18,9 +18,8 @@ import torch
 
 from ..errors import StreamqError, UnsupportedModelError
 from ..settings import QuantSettings
-from .base import CardText, Stats
+from .base import HEADER_BYTES_PER_TENSOR, CardText, Stats
 
-_HEADER_BYTES_PER_TENSOR = 160  # safetensors JSON entry, generously
 _CHUNK_GROUPS = 1 << 15  # groups searched at once (16 candidate scales each; 2 MiB float32 temporaries)
 # The largest |q| in a group (8 first: a Q4_0 group of 32 holds a -8 most often, then 7, ...).
 _POWERS = torch.tensor([8.0, 4.0, 2.0, 1.0])
@@ -161,7 +160,7 @@ class Int4Converter:
         return (
             out_features * -(-in_features // 8) * 4
             + out_features * -(-in_features // self.group_size) * scale_itemsize
-            + 16 + 3 * _HEADER_BYTES_PER_TENSOR
+            + 16 + 3 * HEADER_BYTES_PER_TENSOR
         )
 
     # config.json, verify, card
