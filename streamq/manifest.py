@@ -7,6 +7,8 @@ is always described exactly by the manifest next to it.
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -76,6 +78,14 @@ class Manifest:
                     f"the output already holds a run with {label} {mine!r}, but this run has {theirs!r}. "
                     "Run again with the same arguments to finish it, or pass overwrite=True (--overwrite) to start over."
                 )
+
+
+def stats_total(entries: Iterable[ShardEntry]) -> Counter:
+    """The converter's counts (e.g. grid-exact groups) summed over published shards, resumed ones included."""
+    total: Counter = Counter()
+    for entry in entries:
+        total.update(entry.stats)
+    return total
 
 
 def now() -> str:

@@ -10,7 +10,6 @@ import logging
 import shutil
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Generator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from .finish import output_config, output_index
 from .hub import make_api, require_online
 from .journal import JOURNAL_NAME
 from .location import HubRepo, LocalDir, parse_location, source_location
-from .manifest import MANIFEST_NAME, Manifest, ShardEntry
+from .manifest import MANIFEST_NAME, Manifest, ShardEntry, stats_total
 from .modelcard import render_model_card
 from .plan import INDEX_NAME, Plan, ShardPlan, build_plan, expected_output_size
 from .publish import HubSink, LocalSink, Payload, Sink, output_branch
@@ -186,7 +185,7 @@ def iter_requantize(
         tensors_kept=sum(1 for r in rules if r.action == "keep"),
         device=device,
         elapsed=time.monotonic() - started,
-        stats=dict(run_stats(manifest)),
+        stats=dict(stats_total(manifest.shards.values())),
     )
 
 
@@ -213,14 +212,6 @@ def plan_requantize(
 
 def _settings(quant_type: str, double_quant: bool, blocksize: int | None, compute_dtype: str, skip_modules: Sequence[str] | None) -> QuantSettings:
     return QuantSettings(quant_type, double_quant, blocksize, compute_dtype, tuple(skip_modules) if skip_modules is not None else None)
-
-
-def run_stats(manifest: Manifest) -> Counter:
-    """The converter's counts summed over every published shard (resumed ones included)."""
-    total: Counter = Counter()
-    for entry in manifest.shards.values():
-        total.update(entry.stats)
-    return total
 
 
 def _same_location(a: HubRepo | LocalDir, b: HubRepo | LocalDir) -> bool:
@@ -331,7 +322,7 @@ def _final_files(source: Source, plan: Plan, manifest: Manifest, work: Path, dst
         source_card = source.fetch("README.md", work / "card").path.read_text(encoding="utf-8", errors="replace")
     output_bytes = sum(e.output_size for e in manifest.shards.values())
     repo_name = dst.repo_id if isinstance(dst, HubRepo) else str(dst.path)
-    files["README.md"] = render_model_card(plan, repo_name, source_card, output_bytes, run_stats(manifest)).encode()
+    files["README.md"] = render_model_card(plan, repo_name, source_card, output_bytes, stats_total(manifest.shards.values())).encode()
     files["config.json"] = output_config(plan, work / "meta", trust_remote_code)
     if not plan.single_file:
         files[INDEX_NAME] = output_index(plan, manifest)

@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Any
 
 from .converters import converter_for
-from .manifest import Manifest
+from .manifest import Manifest, stats_total
 from .plan import Plan, expected_output_size
 
 
@@ -107,9 +107,7 @@ def format_status(manifest: Manifest, total_shards: int | None = None) -> str:
     ]
     for entry in sorted(done, key=lambda e: e.output_name):
         lines.append(f"  done  {entry.output_name}  {human_size(entry.input_size)} -> {human_size(entry.output_size)}  {entry.finished_at}")
-    totals: Counter = Counter()
-    for entry in done:
-        totals.update(entry.stats)
+    totals = stats_total(done)
     if totals.get("groups"):
         lines.append(f"grid-exact groups: {totals['groups_exact']} of {totals['groups']} "
                      f"({totals['weights_exact']} of {totals['weights']} weights entirely)")
