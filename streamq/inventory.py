@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Literal
 
+from .manifest import MANIFEST_NAME
+
 Action = Literal["convert", "rewrite", "carry", "leave_out"]
+
+INDEX_NAME = "model.safetensors.index.json"
 
 WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.gguf|\.onnx|\.onnx_data|\.tflite|\.mlmodel|\.npz)$")
 # The same model in another framework's or runtime's format: a 4-bit repo does not carry a full-size copy.
@@ -29,9 +33,9 @@ MODEL_SHARD = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
 REWRITTEN = {
     "config.json": "rewritten with the 4-bit quantization_config",
     "README.md": "becomes the model card (the source card's text is kept in it)",
-    "model.safetensors.index.json": "rewritten for the 4-bit shards",
+    INDEX_NAME: "rewritten for the 4-bit shards",
     ".gitattributes": "the output repo has its own",
-    "streamq_manifest.json": "the output's own manifest is written instead",
+    MANIFEST_NAME: "the output's own manifest is written instead",
 }
 
 

@@ -23,13 +23,12 @@ from .dequantizers import Dequantizer, LogicalTensor, dequantizer_for, logical_c
 from .dequantizers.base import without_quantization
 from .errors import AlreadyQuantizedError, CorruptShardError, NoSafetensorsError, UnsupportedDtypeError, UnsupportedModelError
 from .fetch import Source, SourceFile
-from .inventory import WEIGHT_FILE, FileDecision, classify_files
+from .inventory import INDEX_NAME, WEIGHT_FILE, FileDecision, classify_files
 from .settings import QuantSettings
 from .targets import TensorInfo, TensorPlan, TensorRule, plan_tensors
 
 logger = logging.getLogger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 TORCH_DTYPES = {  # the safetensors dtype codes streamq reads, and what they are in torch
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
