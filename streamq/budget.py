@@ -1,25 +1,42 @@
-"""A disk budget for work_dir, shared by the download, quantize and upload threads.
+"""The disk budget of work_dir, shared by the download, convert and publish threads.
 
-Every file streamq writes to work_dir is first reserved here (its exact input size, or its expected
-output size) and released once deleted, so overlapping stages never hold more than the budget.
-
-Inputs are reserved ahead, in shard order, by the download thread; outputs by the quantizer, for the
-oldest downloaded shard. Read-ahead may never take the space that shard's output will need, or the
-quantizer would wait for an input that waits for the quantizer: an input is granted only while the
-inputs held plus the largest pending output still fit (outputs already written always drain, since
-publishing needs no space).
+work_dir holds two things: the read-ahead window of the source's bytes (segments the download writes
+and the converter deletes behind it) and the output shards (the one being written, the one being
+uploaded). Each has a pool of its own, so neither can starve the other into a deadlock: outputs
+drain by publishing, which needs no space, and the window drains by converting, which needs only
+output space. Every file is reserved before it is written and released once deleted, so the two
+pools together never hold more than the budget.
 """
 
 from __future__ import annotations
 
 import errno
 import threading
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InsufficientDiskError
+
+
+DEFAULT_READ_AHEAD = 1_000_000_000  # window bytes beyond the largest tensor: the download runs this far ahead
+
+
+def pools(largest_tensor: int, output_pair: int, downloads: bool, disk_budget: int | None = None) -> tuple[int, int]:
+    """The window and output pools of a run's disk budget. The output pool holds two consecutive output
+    shards (one uploads while the next is written); the window the largest stored tensor whole, plus
+    the read-ahead. A local source is read in place: no window."""
+    if not downloads:
+        return 0, output_pair
+    if disk_budget is None:
+        return largest_tensor + DEFAULT_READ_AHEAD, output_pair
+    if disk_budget < largest_tensor + output_pair:
+        raise InsufficientDiskError(
+            f"disk_budget {disk_budget / 1e9:.2f} GB is below the {(largest_tensor + output_pair) / 1e9:.2f} GB this model needs "
+            f"(its largest tensor, {largest_tensor / 1e9:.2f} GB, plus two output shards, {output_pair / 1e9:.2f} GB); "
+            "raise it, or lower max_shard_size"
+        )
+    return disk_budget - output_pair, output_pair
 
 
 class BudgetClosed(Exception):
@@ -27,64 +44,40 @@ class BudgetClosed(Exception):
 
 
 class DiskBudget:
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0  # every reserved byte, inputs and outputs
+    """Bytes reserved in work_dir, by pool ("window" or "output"), and the peak of their sum."""
+
+    def __init__(self, window: int, output: int) -> None:
+        self.limits = {"window": window, "output": output}
+        self.used = {"window": 0, "output": 0}
         self.peak = 0
-        self._inputs = 0  # bytes of inputs held (downloading, waiting or being quantized)
-        self._pending_outputs: deque[int] = deque()  # expected outputs of shards whose input is reserved
         self._closed = False
         self._cond = threading.Condition()
 
-    def reserve_input(self, size: int, output_size: int) -> None:
-        """Block until a shard's input fits, leaving room for the output of every shard not yet quantized."""
-        self._check(size + output_size)
-        with self._cond:
-            self._wait(lambda: self.used + size <= self.limit
-                       and self._inputs + size + max([output_size, *self._pending_outputs]) <= self.limit)
-            self._inputs += size
-            self._pending_outputs.append(output_size)
-            self._grant(size)
+    @property
+    def limit(self) -> int:
+        return sum(self.limits.values())
 
-    def reserve_output(self, size: int) -> None:
-        """Block until the output of the oldest reserved input fits (publishing frees space without needing any)."""
-        self._check(size)
+    def reserve(self, pool: str, size: int) -> None:
+        """Block until `size` fits in `pool`. What is larger than the pool is granted once the pool is
+        empty: the plan sized the pools for the largest tensor and output pair, so only a caller's
+        estimate can be off, and waiting forever would not help."""
         with self._cond:
-            self._wait(lambda: self.used + size <= self.limit)
-            self._pending_outputs.popleft()
-            self._grant(size)
+            while not self._closed and self.used[pool] and self.used[pool] + size > self.limits[pool]:
+                self._cond.wait()
+            if self._closed:
+                raise BudgetClosed
+            self.used[pool] += size
+            self.peak = max(self.peak, sum(self.used.values()))
 
-    def release_input(self, size: int) -> None:
+    def release(self, pool: str, size: int) -> None:
         with self._cond:
-            self._inputs -= size
-            self._release(size)
-
-    def release_output(self, size: int) -> None:
-        with self._cond:
-            self._release(size)
+            self.used[pool] -= size
+            self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-
-    def _check(self, size: int) -> None:
-        if size > self.limit:
-            raise ValueError(f"one shard needs {size} bytes, more than the disk budget of {self.limit} bytes")
-
-    def _wait(self, fits: Callable[[], bool]) -> None:
-        while not fits() and not self._closed:
-            self._cond.wait()
-        if self._closed:
-            raise BudgetClosed
-
-    def _grant(self, size: int) -> None:
-        self.used += size
-        self.peak = max(self.peak, self.used)
-
-    def _release(self, size: int) -> None:
-        self.used -= size
-        self._cond.notify_all()
 
 
 def is_disk_full(exc: BaseException) -> bool:

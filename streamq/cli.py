@@ -13,7 +13,7 @@ from typing import Any
 from . import __version__
 from .commits import DEFAULT_COMMITS_PER_HOUR
 from .errors import StreamqError
-from .settings import QUANT_TYPES
+from .settings import DEFAULT_MAX_SHARD_SIZE, QUANT_TYPES
 
 EXAMPLES = """examples:
   streamq requantize meta-llama/Llama-3.1-8B-Instruct me/Llama-3.1-8B-Instruct-nf4
@@ -47,6 +47,8 @@ def _plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blocksize", type=int, help="bitsandbytes block size (default 64), or the int4 group size: 32, 64 or 128 (default 128; 32 for Q4_0-style QAT checkpoints)")
     parser.add_argument("--compute-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--skip-modules", nargs="+", metavar="NAME", help="modules kept in full precision (replaces transformers' defaults, like llm_int8_skip_modules)")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
+                        help=f"cut the output into shards of at most SIZE, as transformers' save_pretrained does (default {DEFAULT_MAX_SHARD_SIZE})")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow building models that ship custom code (read it first)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     _hub_options(parser)
@@ -73,14 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_options(run)
     run.add_argument("dst", metavar="OUT", help="Hub repo id or local directory for the 4-bit model")
     run.add_argument("--dry-run", action="store_true", help="print the plan (same as `streamq plan`) and stop")
-    run.add_argument("--work-dir", help="where the one input and one output shard live (default: a temporary directory)")
+    run.add_argument("--work-dir", help="where the read-ahead window and the output shards in flight live (default: a temporary directory)")
     run.add_argument("--private", action="store_true", help="create the output repo private")
     run.add_argument("--branch", help="publish to this branch of OUT instead of main")
     run.add_argument("--create-pr", action="store_true", help="stage on a branch (--branch, default streamq-4bit), then open a pull request")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     run.add_argument("--overwrite", action="store_true", help="discard an existing output made from another revision or with other settings")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to quantize (recorded in the manifest)")
-    run.add_argument("--disk-budget", type=float, metavar="GB", help="let work_dir hold this much, to download the next shard while one quantizes")
+    run.add_argument("--disk-budget", type=float, metavar="GB", help="the most work_dir may hold (default: two output shards, the largest tensor and 1 GB of read-ahead)")
     run.add_argument(
         "--commits-per-hour", type=int, default=DEFAULT_COMMITS_PER_HOUR, metavar="N",
         help=f"most Hub commits in any hour, counting the output's recent ones (default {DEFAULT_COMMITS_PER_HOUR}); more shards are committed in batches",
@@ -127,7 +129,7 @@ def _options(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
-PLAN_OPTIONS = ("revision", "quant_type", "double_quant", "blocksize", "compute_dtype", "skip_modules", "token", "endpoint", "trust_remote_code")
+PLAN_OPTIONS = ("revision", "quant_type", "double_quant", "blocksize", "compute_dtype", "skip_modules", "max_shard_size", "token", "endpoint", "trust_remote_code")
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -1,8 +1,8 @@
-"""Sources: where the input model is read from, one whole shard at a time.
+"""Sources: where the input model is read from.
 
-A source lists its files, reads small files and safetensors headers without downloading weights, and
-fetches one shard into the work directory. The pipeline only talks to the `Source` protocol, so a
-source that reads tensors by HTTP range can replace whole-file downloads without touching the rest.
+A source lists its files, reads small files and safetensors headers (with each tensor's byte range)
+without downloading weights, fetches a small file whole, and streams a weight file from any offset
+(`HubSource.stream`, by HTTP Range) into a sink; a local source is read in place instead.
 """
 
 from __future__ import annotations
@@ -10,25 +10,23 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import struct
 import logging
 import os
-import queue
 import shutil
 import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
-from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
+from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff, http_stream_backoff
 from huggingface_hub.utils._runtime import is_xet_available
 from huggingface_hub.errors import EntryNotFoundError, NotASafetensorsRepoError, SafetensorsParsingError
 from safetensors import SafetensorError, safe_open
 
 from . import hub
-from .arrival import Arrival, Cancelled
 from .errors import CorruptShardError, SourceNotFoundError
 from .location import HubRepo, LocalDir
 from .retry import retrying
@@ -42,6 +40,14 @@ logger = logging.getLogger(__name__)
 class SourceFile:
     size: int
     sha256: str | None  # known up front for Hub LFS files
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """A safetensors file's tensors and where each one's bytes are (absolute offsets in the file)."""
+
+    tensors: dict[str, TensorInfo]
+    offsets: dict[str, tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -61,9 +67,11 @@ class Source(Protocol):
 
     def copy_to(self, path: str, dest: Path) -> Path: ...
 
-    def headers(self, filenames: list[str]) -> dict[str, dict[str, TensorInfo]]: ...
+    def headers(self, filenames: list[str]) -> dict[str, FileHeader]: ...
 
-    def fetch(self, path: str, work_dir: Path, arrival: Arrival | None = None) -> Fetched: ...
+    def fetch(self, path: str, work_dir: Path) -> Fetched: ...
+
+    def read_range(self, path: str, start: int, end: int) -> bytes: ...
 
 
 def file_sha256(path: Path) -> str:
@@ -71,100 +79,46 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def read_header(path: Path, name: str) -> dict[str, TensorInfo]:
-    """Tensor names, dtypes and shapes of a local safetensors file (safetensors validates the layout)."""
+def read_header(path: Path, name: str) -> FileHeader:
+    """Tensor names, dtypes, shapes and byte ranges of a local safetensors file (safetensors validates the layout)."""
     try:
         with safe_open(path, "pt") as f:
-            return {k: TensorInfo(f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
+            tensors = {k: TensorInfo(f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+        with open(path, "rb") as raw:
+            (length,) = struct.unpack("<Q", raw.read(8))
+            header = json.loads(raw.read(length))
+    except (SafetensorError, OSError, ValueError, struct.error) as exc:
         raise CorruptShardError(f"{name}: not a valid safetensors file ({exc}); re-upload or re-save it") from exc
+    start = 8 + length
+    return FileHeader(tensors, {k: (start + header[k]["data_offsets"][0], start + header[k]["data_offsets"][1]) for k in tensors})
 
 
 class _PartialFile:
-    """The partial download: bytes are appended (after what an earlier attempt left in it), hashed,
-    and reported to `arrival` (if any) so that the shard can be quantized while it downloads.
+    """A partial download of a small file: bytes are appended (after what an earlier attempt left in it)
+    and hashed as they come. `restart` drops everything (a server that ignored Range)."""
 
-    Socket reads are gathered into 4 MiB batches before they are written, hashed and reported: once per
-    64 KiB socket read, that bookkeeping cost a 2-core VM as much CPU as the transfer itself. The
-    hashing runs in a thread of its own (hashlib releases the GIL), fed through a short queue, so the
-    download loop only reads the socket and writes the file. Use it as a context manager: leaving
-    writes what arrived (a broken stream resumes from there) and stops the hashing thread.
-    """
-
-    BLOCK = 4 << 20
-
-    def __init__(self, f: BinaryIO, arrival: Arrival | None) -> None:
+    def __init__(self, f: BinaryIO) -> None:
         self._f = f
-        self._arrival = arrival
         self._sha = hashlib.sha256()
-        self._valid = True
-        self._pending: list[bytes] = []
-        self._pending_size = 0
         f.seek(0)
         while block := f.read(1 << 24):
             self._sha.update(block)
-        self._blocks: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=4)
-        self._hasher = threading.Thread(target=self._hash, name="streamq-sha256", daemon=True)
-        self._hasher.start()
-        if arrival is not None:
-            arrival.begin(f.fileno(), f.tell())
-
-    def _hash(self) -> None:
-        while (pieces := self._blocks.get()) is not None:
-            for piece in pieces:
-                self._sha.update(piece)
-
-    def __enter__(self) -> _PartialFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self._write_pending()
-        finally:
-            self._stop()
-
-    def _stop(self) -> None:
-        if self._hasher.is_alive():
-            self._blocks.put(None)
-            self._hasher.join()
 
     @property
     def size(self) -> int:
-        return self._f.tell() + self._pending_size
+        return self._f.tell()
 
     def append(self, data: bytes) -> None:
-        self._pending.append(data)
-        self._pending_size += len(data)
-        if self._pending_size >= self.BLOCK:
-            self._write_pending()
-
-    def _write_pending(self) -> None:
-        if not self._pending:
-            return
-        pieces, self._pending = self._pending, []
-        self._pending_size = 0
-        self._blocks.put(pieces)
-        for piece in pieces:  # written as they came: joining them first was one more copy of every byte
-            self._f.write(piece)
-        if self._arrival is not None:
-            self._f.flush()
-            self._arrival.advance(self._f.tell())
+        self._f.write(data)
+        self._sha.update(data)
 
     def restart(self) -> None:
-        """Drop everything: the bytes that follow are the file from its start. The arrival starts a new
-        generation, and the digest is dropped (`hexdigest()` is None) so the caller hashes the file."""
-        self._pending.clear()
-        self._pending_size = 0
-        self._valid = False
-        if self._arrival is not None:
-            self._arrival.reset()
+        self._sha = hashlib.sha256()
         self._f.seek(0)
         self._f.truncate()
 
-    def hexdigest(self) -> str | None:
-        self._write_pending()
-        self._stop()
-        return self._sha.hexdigest() if self._valid else None
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
 
 
 _SOCKET_READ = 1 << 20
@@ -188,7 +142,19 @@ def _read_sockets_in_larger_pieces() -> None:
             connection.READ_NUM_BYTES = _SOCKET_READ
 
 
-def _append_body(url: str, headers: dict[str, str], f: _PartialFile, watch: StallWatch) -> None:
+class Sink(Protocol):
+    """Where a download's bytes go: `size` bytes of the file are in; `restart`: the bytes that follow
+    are the file from its start again (a server that ignored Range)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def append(self, data: bytes) -> None: ...
+
+    def restart(self) -> None: ...
+
+
+def _append_body(url: str, headers: dict[str, str], f: Sink, watch: StallWatch) -> None:
     """Append the body of `url` from byte `f.size` on (a Range request) to `f`.
 
     The same request as huggingface_hub's `http_get` (its session, headers, timeout and status
@@ -246,13 +212,20 @@ class LocalSource:
         shutil.copyfile(self.root / path, dest)
         return dest
 
-    def headers(self, filenames: list[str]) -> dict[str, dict[str, TensorInfo]]:
+    def headers(self, filenames: list[str]) -> dict[str, FileHeader]:
         return {name: read_header(self.root / name, name) for name in filenames}
 
-    def fetch(self, path: str, work_dir: Path, arrival: Arrival | None = None) -> Fetched:
+    def read_range(self, path: str, start: int, end: int) -> bytes:
+        with open(self.root / path, "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+
+    def path(self, name: str) -> Path:
+        """Where a weight file is, to be read in place."""
+        return self.root / name
+
+    def fetch(self, path: str, work_dir: Path) -> Fetched:
         local = self.root / path
-        if arrival is not None:
-            arrival.begin_file(local)
         return Fetched(local, file_sha256(local), temporary=False)
 
 
@@ -275,18 +248,15 @@ class HubSource:
     def files(self) -> dict[str, SourceFile]:
         return dict(self._files)
 
-    def _download(self, path: str, dest: Path, arrival: Arrival | None = None) -> str | None:
-        """Download `path` to `dest` through a partial file that outlives failures and is resumed by Range,
-        within this run (bounded retries) and across runs that reuse the work_dir. Files the Hub stores in
-        Xet go through `hf_xet` when it is installed, as huggingface_hub itself does.
+    def _url(self, path: str) -> str:
+        return hf_hub_url(self.repo_id, path, revision=self.revision, endpoint=self.api.endpoint)
 
-        Progress is reported to `arrival`. Returns the sha256 when it could be taken from the bytes as they
-        arrived (saving a second pass over the shard), else None.
-
-        A whole download that a killed run left in `dest` is taken up as the partial file: it is complete,
-        so nothing is fetched, and it is checked against the Hub's sha256 like any other."""
-        url = hf_hub_url(self.repo_id, path, revision=self.revision, endpoint=self.api.endpoint)
-        headers = build_hf_headers(token=self.api.token, library_name="streamq")
+    def _download(self, path: str, dest: Path) -> str | None:
+        """Download a whole file to `dest` through a partial file that outlives failures and is resumed
+        by Range, within this run (bounded retries) and across runs that reuse the work_dir. Files the
+        Hub stores in Xet go through `hf_xet` when it is installed, as huggingface_hub itself does.
+        Returns the sha256 when it was taken from the bytes as they arrived, else None."""
+        url, headers = self._url(path), build_hf_headers(token=self.api.token, library_name="streamq")
         partial = dest.with_name(f"{dest.name}.{self.revision}.incomplete")
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.is_file() and not partial.exists():
@@ -299,27 +269,51 @@ class HubSource:
                     with tempfile.TemporaryDirectory(dir=dest.parent) as scratch:
                         got = hf_hub_download(self.repo_id, path, revision=self.revision, local_dir=scratch, endpoint=self.api.endpoint, token=self.api.token)
                         os.replace(got, partial)
-                if arrival is not None:
-                    arrival.begin_file(partial)
                 return None
             with open(partial, "a+b") as raw:
                 if raw.tell() > (meta.size or 0):  # not a prefix of this file: start over
-                    if arrival is not None:
-                        arrival.reset()
                     raw.truncate(0)
-                with _PartialFile(raw, arrival) as f:
-                    if f.size < (meta.size or 0):
-                        _append_body(meta.location, headers, f, StallWatch(self._speeds, f"download of {path}"))
-                    return f.hexdigest()
+                f = _PartialFile(raw)
+                if f.size < (meta.size or 0):
+                    _append_body(meta.location, headers, f, StallWatch(self._speeds, f"download of {path}"))
+                return f.hexdigest()
+
+        with hub.reading(self.repo_id):
+            digest = retrying(attempt, f"download of {path}", progress=lambda: _size(partial))
+        os.replace(partial, dest)
+        return digest
+
+    def read_range(self, path: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a file, by one Range request (retried)."""
+        if end <= start:
+            return b""
+        url, headers = self._url(path), build_hf_headers(token=self.api.token, library_name="streamq")
+
+        def attempt() -> bytes:
+            location = get_hf_file_metadata(url, token=self.api.token, endpoint=self.api.endpoint).location
+            response = http_backoff("GET", location, headers={**headers, "Range": f"bytes={start}-{end - 1}"}, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+            hf_raise_for_status(response)
+            body = response.content
+            return body[start:end] if response.status_code == 200 else body
+
+        with hub.reading(self.repo_id):
+            return retrying(attempt, f"reading {path}")
+
+    def stream(self, path: str, sink: Sink) -> None:
+        """Send the file's bytes from `sink.size` to its end into `sink`, by Range requests: a broken or
+        trickling connection resumes where the sink stands, on a fresh one (bounded retries)."""
+        url, headers = self._url(path), build_hf_headers(token=self.api.token, library_name="streamq")
+
+        def attempt() -> None:
+            meta = get_hf_file_metadata(url, token=self.api.token, endpoint=self.api.endpoint)
+            if sink.size < (meta.size or 0):
+                _append_body(meta.location, headers, sink, StallWatch(self._speeds, f"download of {path}"))
 
         try:
             with hub.reading(self.repo_id):
-                digest = retrying(attempt, f"download of {path}", progress=lambda: _size(partial))
-        except Cancelled:
-            partial.unlink(missing_ok=True)
-            raise
-        os.replace(partial, dest)
-        return digest
+                retrying(attempt, f"download of {path}", progress=lambda: sink.size)
+        except EntryNotFoundError as exc:
+            raise SourceNotFoundError(f"{self.repo_id}: {path} is listed but cannot be downloaded") from exc
 
     def read_text(self, path: str) -> str:
         with tempfile.TemporaryDirectory() as tmp:
@@ -331,13 +325,13 @@ class HubSource:
         self._download(path, dest)
         return dest
 
-    def headers(self, filenames: list[str]) -> dict[str, dict[str, TensorInfo]]:
+    def headers(self, filenames: list[str]) -> dict[str, FileHeader]:
         """Read over a few connections at once: one round trip per shard, one after another, was most of
         the time a run spent before its first download."""
         with ThreadPoolExecutor(min(8, max(1, len(filenames))), "streamq-header") as pool:
             return dict(zip(filenames, pool.map(self._header, filenames)))
 
-    def _header(self, name: str) -> dict[str, TensorInfo]:
+    def _header(self, name: str) -> FileHeader:
         try:
             with hub.reading(self.repo_id):
                 meta = retrying(
@@ -346,20 +340,21 @@ class HubSource:
                 )
         except (SafetensorsParsingError, NotASafetensorsRepoError) as exc:
             raise CorruptShardError(f"{name}: cannot read its safetensors header ({exc})") from exc
-        return {k: TensorInfo(t.dtype, tuple(t.shape)) for k, t in meta.tensors.items()}
+        data = sum(t.data_offsets[1] - t.data_offsets[0] for t in meta.tensors.values())
+        start = self._files[name].size - data  # the data ends where the file ends
+        return FileHeader(
+            {k: TensorInfo(t.dtype, tuple(t.shape)) for k, t in meta.tensors.items()},
+            {k: (start + t.data_offsets[0], start + t.data_offsets[1]) for k, t in meta.tensors.items()},
+        )
 
-    def fetch(self, path: str, work_dir: Path, arrival: Arrival | None = None) -> Fetched:
-        """Download exactly one file into `work_dir` (not the shared cache, so deleting it frees the disk),
-        reporting its bytes to `arrival` as they come.
-
-        Its sha256 is checked against the Hub's LFS metadata; a mismatch is downloaded once more, and
-        never handed on to be quantized.
-        """
+    def fetch(self, path: str, work_dir: Path) -> Fetched:
+        """Download one whole file into `work_dir` (not the shared cache, so deleting it frees the disk),
+        checked against the Hub's sha256: a mismatch is downloaded once more, never handed on."""
         expected = self._files.get(path, SourceFile(0, None)).sha256
         for attempt in range(2):
             try:
                 local = work_dir / "in" / path
-                digest = self._download(path, local, arrival) or file_sha256(local)
+                digest = self._download(path, local) or file_sha256(local)
             except EntryNotFoundError as exc:
                 raise SourceNotFoundError(f"{self.repo_id}: {path} is listed but cannot be downloaded") from exc
             if expected is None or digest == expected:
@@ -367,7 +362,7 @@ class HubSource:
             local.unlink()
             logger.warning("%s: sha256 %s does not match the Hub's %s (attempt %d)", path, digest, expected, attempt + 1)
         raise CorruptShardError(
-            f"{path}: downloaded bytes have sha256 {digest}, but the Hub lists {expected}; nothing was converted. "
+            f"{path}: downloaded bytes have sha256 {digest}, but the Hub lists {expected}. "
             "Run again later; if it persists, the file on the Hub is damaged"
         )
 

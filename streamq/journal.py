@@ -36,37 +36,40 @@ class UploadJournal:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def entries(self, ident: dict[str, Any]) -> dict[str, ShardEntry]:
-        """The journal's shards if it was written for `ident`; nothing if not, or if it is unreadable."""
+    def entries(self, ident: dict[str, Any]) -> tuple[dict[str, ShardEntry], dict[str, dict[str, Any]]]:
+        """The journal's shards and the source files' hash checkpoints at their time, if it was written
+        for `ident`; nothing if not, or if it is unreadable."""
         try:
             data = json.loads(self.path.read_text())
             if data.get("identity") != ident:
-                return {}
-            return {name: ShardEntry(**entry) for name, entry in data["shards"].items()}
+                return {}, {}
+            return {name: ShardEntry(**entry) for name, entry in data["shards"].items()}, dict(data.get("checkpoints", {}))
         except FileNotFoundError:
-            return {}
+            return {}, {}
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             logger.warning("ignoring the upload journal %s (%s)", self.path, exc)
-            return {}
+            return {}, {}
 
-    def record(self, ident: dict[str, Any], name: str, entry: ShardEntry) -> None:
+    def record(self, ident: dict[str, Any], name: str, entry: ShardEntry, checkpoints: dict[str, dict[str, Any]]) -> None:
         """Add a shard whose upload has returned (a journal of another run is replaced)."""
-        shards = self.entries(ident)
+        shards, _ = self.entries(ident)
         shards[name] = entry
-        self._write(ident, shards)
+        self._write(ident, shards, checkpoints)
 
     def forget(self, ident: dict[str, Any], names: set[str]) -> None:
         """Drop shards that are committed (or not to be trusted)."""
-        shards = self.entries(ident)
+        shards, checkpoints = self.entries(ident)
         if names & shards.keys():
-            self._write(ident, {n: e for n, e in shards.items() if n not in names})
+            self._write(ident, {n: e for n, e in shards.items() if n not in names}, checkpoints)
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
 
-    def _write(self, ident: dict[str, Any], shards: dict[str, ShardEntry]) -> None:
+    def _write(self, ident: dict[str, Any], shards: dict[str, ShardEntry], checkpoints: dict[str, dict[str, Any]]) -> None:
         partial = self.path.with_name(self.path.name + ".partial")
-        data = json.dumps({"identity": ident, "shards": {n: asdict(e) for n, e in shards.items()}}, indent=1, sort_keys=True)
+        data = json.dumps(
+            {"identity": ident, "shards": {n: asdict(e) for n, e in shards.items()}, "checkpoints": checkpoints}, indent=1, sort_keys=True
+        )
         with open(partial, "w") as f:
             f.write(data)
             f.flush()

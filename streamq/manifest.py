@@ -1,7 +1,9 @@
 """The progress record that makes a run resumable, stored in the output repo itself.
 
 It is committed together with each output shard, so whatever the Hub (or output directory) holds
-is always described exactly by the manifest next to it.
+is always described exactly by the manifest next to it. An output shard made from a source file whose
+sha256 is still being taken is uploaded but not committed: the manifest lists it as pending, with the
+hash state a resumed run continues from, and it joins the output once every file it came from checked out.
 """
 
 from __future__ import annotations
@@ -16,22 +18,19 @@ from typing import Any
 from .errors import ManifestMismatchError
 
 MANIFEST_NAME = "streamq_manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
 class ShardEntry:
-    """One published output shard, and the input it came from."""
+    """One output shard, and the source files it was made from."""
 
-    input_name: str
-    input_sha256: str
-    input_size: int
     output_name: str
     output_size: int
     output_sha256: str
     tensor_bytes: int  # sum of tensor sizes, what model.safetensors.index.json calls total_size
     keys: list[str]
-    status: str = "done"
+    inputs: dict[str, str | None]  # source file -> its sha256 on the Hub (None for a local file)
     finished_at: str = ""
     stats: dict[str, int] = field(default_factory=dict)  # what the converter counted, e.g. grid-exact groups
 
@@ -44,7 +43,10 @@ class Manifest:
     device: str
     streamq_version: str
     status: str = "in_progress"  # becomes "done" in the final commit, with config and index
-    shards: dict[str, ShardEntry] = field(default_factory=dict)
+    shards: dict[str, ShardEntry] = field(default_factory=dict)  # published: their source files checked out
+    pending: dict[str, ShardEntry] = field(default_factory=dict)  # uploaded, waiting for a source file's sha256
+    verified: dict[str, str] = field(default_factory=dict)  # source file -> sha256, checked over all its bytes
+    checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)  # source file -> {"offset", "state"} of its hash
     pull_request: str | None = None  # with create_pr: the pull request the result was opened as
     format: int = FORMAT_VERSION
     created_at: str = field(default_factory=lambda: now())
@@ -60,10 +62,11 @@ class Manifest:
         if data.get("format") != FORMAT_VERSION:
             raise ManifestMismatchError(
                 f"{MANIFEST_NAME} has format {data.get('format')!r}, this streamq reads format {FORMAT_VERSION}; "
-                "use the streamq version that wrote it, or start over with overwrite=True"
+                "use the streamq version that wrote it, or start over with overwrite=True (--overwrite)"
             )
         shards = {name: ShardEntry(**entry) for name, entry in data.pop("shards").items()}
-        return cls(**data, shards=shards)
+        pending = {name: ShardEntry(**entry) for name, entry in data.pop("pending").items()}
+        return cls(**data, shards=shards, pending=pending)
 
     def check_compatible(self, other: Manifest) -> None:
         """Refuse to mix outputs of different sources, revisions, settings or devices in one repo."""

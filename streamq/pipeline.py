@@ -1,7 +1,7 @@
-"""The run: plan -> (fetch -> quantize -> write -> publish -> record) per shard -> finish.
+"""The run: plan -> (download -> window -> convert -> write -> publish -> record) as a stream -> finish.
 
-`iter_requantize` is the pipeline as an iterator, yielding one record per shard as it is published;
-`stream_requantize` drives it and returns the summary.
+`iter_requantize` is the pipeline as an iterator, yielding one record per output shard as it is
+published; `stream_requantize` drives it and returns the summary.
 """
 
 from __future__ import annotations
@@ -15,25 +15,25 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import HfApi
 from huggingface_hub.utils import disable_progress_bars
 from tqdm.auto import tqdm
 
 from . import __version__
-from .budget import DiskBudget, bytes_in
+from .budget import DiskBudget, pools
 from .commits import DEFAULT_COMMITS_PER_HOUR
 from .errors import InsufficientDiskError, OutputNotWritableError, StreamqError
 from .fetch import HubSource, Source, open_source
+from .layout import OutputShard
 from .finish import output_config, output_index
 from .hub import make_api, require_online
 from .journal import JOURNAL_NAME
 from .location import HubRepo, LocalDir, parse_location, source_location
-from .manifest import MANIFEST_NAME, Manifest, ShardEntry, stats_total
+from .manifest import Manifest, stats_total
 from .modelcard import render_model_card
-from .plan import INDEX_NAME, Plan, ShardPlan, build_plan, expected_output_size
-from .publish import HubSink, LocalSink, Payload, Sink, output_branch
-from .schedule import HeadStart, ShardRecord, ShardScheduler
-from .settings import QuantSettings
+from .plan import INDEX_NAME, Plan, build_plan
+from .publish import HubSink, LocalSink, Payload, Sink
+from .schedule import Scheduler, ShardRecord
+from .settings import DEFAULT_MAX_SHARD_SIZE, QuantSettings
 
 logger = logging.getLogger(__name__)
 
@@ -89,29 +89,31 @@ def iter_requantize(
     commits_per_hour: int = DEFAULT_COMMITS_PER_HOUR,
     branch: str | None = None,
     disk_budget: int | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     create_pr: bool = False,
     tqdm_class: type[tqdm] = tqdm,
 ) -> Generator[ShardRecord, None, RequantizeResult]:
     """Yield a `ShardRecord` per shard as it is published; the generator returns the `RequantizeResult`.
 
     `src`/`dst`: a `Path` or a string starting with `/`, `.` or `~` is a local directory, any other string
-    a Hub repo id (`src` may be `id@revision`). `work_dir` holds the one input and one output shard
-    (default: a temporary directory; a kept one also lets a resumed run commit the shards a killed run
-    uploaded without committing). `commits_per_hour` caps Hub commits in any rolling hour, counting
+    a Hub repo id (`src` may be `id@revision`). `work_dir` holds the read-ahead window of the source's
+    bytes and the output shards being written and uploaded (default: a temporary directory; a kept one
+    also lets a resumed run commit the shards a killed run uploaded without committing).
+    `max_shard_size` (bytes or transformers' spelling, "1GB") cuts the output into shards of at most
+    that size, however the source is sharded. `commits_per_hour` caps Hub commits in any rolling hour, counting
     the output's own recent ones (the Hub limits them): each shard is committed when uploaded while the
     budget allows, else shards are committed in even batches. `overwrite` discards an
     existing output made with other settings or from another revision. `branch` publishes to that
     branch of the output repo (created from main if missing) instead of main. `create_pr` stages the
     output on `branch` (default "streamq-4bit") and then opens it as a pull request. `disk_budget` (bytes)
-    lets work_dir hold more than one input plus one output shard, so the next downloads run ahead
-    while a shard is written and published; by default a shard is quantized while it downloads and
-    the previous one uploads meanwhile, but the next download waits for this shard's input to go.
+    is the most work_dir holds: two output shards plus the window, which must hold the largest tensor;
+    what is left of it lets the download run ahead (default: 1 GB of read-ahead).
     `tqdm_class` makes the run's one progress bar (as in huggingface_hub's `snapshot_download`): its
     `desc` and `postfix` name the phase, `n` of `total` the input bytes published; a subclass can
     show them elsewhere, as the web app (`streamq.app`) does.
     """
     started = time.monotonic()
-    settings = _settings(quant_type, double_quant, blocksize, compute_dtype, skip_modules)
+    settings = _settings(quant_type, double_quant, blocksize, compute_dtype, skip_modules, max_shard_size)
     src_loc = source_location(src, revision)
     dst_loc = parse_location(dst, allow_revision=False)
     if create_pr and not isinstance(dst_loc, HubRepo):
@@ -128,16 +130,10 @@ def iter_requantize(
         api = make_api(token, endpoint)
         source = open_source(src_loc, api)
         downloads = isinstance(source, HubSource)
-        heads: list[HeadStart] = []
-
-        def head_start(names: list[str]) -> None:
-            if downloads and names:
-                heads.append(HeadStart(source, names[0], work, lambda: _fresh_output(api, dst_loc, branch, create_pr)))
-                stack.callback(heads[0].cancel)
-
-        plan = build_plan(source, settings, work / "meta", trust_remote_code=trust_remote_code, on_weight_files=head_start)
+        plan = build_plan(source, settings, work / "meta", trust_remote_code=trust_remote_code)
         for warning in plan.warnings:
             logger.warning(warning)
+        budget = _disk_budget(work, plan, downloads, disk_budget)  # refused here, before a byte is written
         sink: Sink = (
             HubSink(
                 api, dst_loc.repo_id, private=private, commits_per_hour=commits_per_hour, branch=branch, create_pr=create_pr,
@@ -149,22 +145,22 @@ def iter_requantize(
         stack.callback(sink.close)
         manifest = _open_manifest(sink, plan, settings, device, work, overwrite)
         _clean_leftovers(work)
-        todo = [s for s in plan.shards if not (s.name in manifest.shards and _still_valid(manifest.shards[s.name], s))]
-        head = heads[0] if heads and heads[0].started() and todo and todo[0].name == heads[0].name else None
-        if heads and head is None:
-            heads[0].cancel()
-        budget = DiskBudget(_disk_limit(work, plan, todo, downloads, disk_budget))
+        todo = [i for i, o in enumerate(plan.outputs) if not _done(manifest, o, plan)]
 
         bar = stack.enter_context(tqdm_class(total=plan.input_bytes, unit="B", unit_scale=True, disable=not progress, desc="streamq"))
-        for number, shard in enumerate(plan.shards, 1):
-            if shard not in todo:
-                bar.update(shard.size)
-                yield ShardRecord(number, len(plan.shards), shard.name, shard.size, manifest.shards[shard.name].output_size, True, True, 0.0)
-        scheduler = ShardScheduler(source, sink, plan, manifest, work, device, budget, downloads, bar)
+        scheduler = Scheduler(source, sink, plan, manifest, work, device, budget, bar)
         stack.callback(scheduler.close)
-        yield from scheduler.run(todo, head)
+        for index, output in enumerate(plan.outputs):
+            if index not in todo:
+                entry = manifest.shards.get(output.name) or manifest.pending[output.name]
+                bar.update(scheduler.input_bytes(index))
+                yield ShardRecord(index + 1, len(plan.outputs), output.name, scheduler.input_bytes(index), entry.output_size, True, True, 0.0)
+        yield from scheduler.run(todo)
         logger.info("peak work_dir use %d bytes of a %d byte budget", budget.peak, budget.limit)
+        if manifest.pending:
+            raise StreamqError(f"{len(manifest.pending)} output shard(s) still wait for their source files' sha256 check; run again to finish")
 
+        bar.update(plan.input_bytes - bar.n)
         bar.set_description("finishing")
         if manifest.status != "done":
             manifest.status = "done"
@@ -177,8 +173,8 @@ def iter_requantize(
         source=plan.source,
         source_revision=plan.revision,
         output=sink.location,
-        shards=len(plan.shards),
-        shards_skipped=len(plan.shards) - len(todo),
+        shards=len(plan.outputs),
+        shards_skipped=len(plan.outputs) - len(todo),
         bytes_in=plan.input_bytes,
         bytes_out=sum(e.output_size for e in entries),
         tensors_quantized=sum(1 for r in rules if r.action == "quantize"),
@@ -201,17 +197,21 @@ def plan_requantize(
     token: str | bool | None = None,
     endpoint: str | None = None,
     trust_remote_code: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Plan:
     """What a run would do, from config, index and safetensors headers (weights are read only for a
     checkpoint that stores both ends of a tied weight, to see whether they are equal, as transformers does)."""
-    settings = _settings(quant_type, double_quant, blocksize, compute_dtype, skip_modules)
+    settings = _settings(quant_type, double_quant, blocksize, compute_dtype, skip_modules, max_shard_size)
     source = open_source(source_location(src, revision), make_api(token, endpoint))
     with tempfile.TemporaryDirectory(prefix="streamq-plan-") as tmp:
         return build_plan(source, settings, Path(tmp), trust_remote_code=trust_remote_code)
 
 
-def _settings(quant_type: str, double_quant: bool, blocksize: int | None, compute_dtype: str, skip_modules: Sequence[str] | None) -> QuantSettings:
-    return QuantSettings(quant_type, double_quant, blocksize, compute_dtype, tuple(skip_modules) if skip_modules is not None else None)
+def _settings(
+    quant_type: str, double_quant: bool, blocksize: int | None, compute_dtype: str, skip_modules: Sequence[str] | None, max_shard_size: int | str,
+) -> QuantSettings:
+    skip = tuple(skip_modules) if skip_modules is not None else None
+    return QuantSettings(quant_type, double_quant, blocksize, compute_dtype, skip, max_shard_size)
 
 
 def _same_location(a: HubRepo | LocalDir, b: HubRepo | LocalDir) -> bool:
@@ -266,52 +266,38 @@ def _open_manifest(sink: Sink, plan: Plan, settings: QuantSettings, device: str,
     return fresh
 
 
-def _fresh_output(api: HfApi, dst: HubRepo | LocalDir, branch: str | None, create_pr: bool) -> bool:
-    """Whether the output has no manifest yet (nothing to resume), so that its first shard is surely to do."""
-    if isinstance(dst, LocalDir):
-        return not (dst.path / MANIFEST_NAME).exists()
-    try:
-        return not api.file_exists(dst.repo_id, MANIFEST_NAME, revision=output_branch(branch, create_pr))
-    except Exception:  # only a guess: the run itself reports what is wrong with the output
-        return False
-
-
 def _clean_leftovers(work: Path) -> None:
-    """Output shards from a dead run are never trusted: they are remade. Inputs are re-checked by sha256."""
-    for leftover in ("out", "extra", "card"):
+    """What a dead run left in work_dir is never trusted: its window and its output shards are remade."""
+    for leftover in ("in", "out", "extra", "card"):
         shutil.rmtree(work / leftover, ignore_errors=True)
 
 
-def _disk_limit(work: Path, plan: Plan, todo: list[ShardPlan], downloads: bool, disk_budget: int | None) -> int:
-    """The bytes work_dir may hold: by default one input plus one output shard (the largest pair)."""
-    pair = max(((s.size if downloads else 0) + expected_output_size(s, plan) for s in todo), default=0)
-    if todo and disk_budget is not None and disk_budget < pair:
+def _disk_budget(work: Path, plan: Plan, downloads: bool, disk_budget: int | None) -> DiskBudget:
+    """The budget, once the disk is known to hold it (and the files carried over, fetched at the end)."""
+    window, output = pools(plan.largest_tensor(), plan.output_pair(), downloads, disk_budget)
+    carried = plan.carried_bytes if downloads else 0
+    need = max(window + output, carried)
+    free = shutil.disk_usage(work).free
+    if need > free:
+        what = "the files carried over unchanged" if carried > window + output else "the disk budget"
         raise InsufficientDiskError(
-            f"disk_budget {_gb(disk_budget)} is below the {_gb(pair)} one input plus one output shard need; raise it"
+            f"work_dir {work} needs {_gb(need)} ({what}) but has {_gb(free)} free; "
+            "free some space, lower disk_budget or max_shard_size, or pass work_dir= on a larger disk"
         )
-    limit = pair if disk_budget is None or not todo else disk_budget
-    carried = plan.carried_bytes if downloads else 0  # fetched for the final commit, once the shards are done
-    free = shutil.disk_usage(work).free + bytes_in(work / "in")  # inputs under way count in the budget
-    if max(limit, carried) > free:
-        what = "the disk budget" if disk_budget and todo else "largest input plus output shard"
-        if carried > limit:
-            what = "the files carried over unchanged"
-        raise InsufficientDiskError(
-            f"work_dir {work} needs {_gb(max(limit, carried))} ({what}) "
-            f"but has {_gb(free)} free; free some space, lower disk_budget or pass work_dir= on a larger disk"
-        )
-    return limit
+    return DiskBudget(window, output)
 
 
 def _gb(size: int) -> str:
     return f"{size / 1e9:.2f} GB"
 
 
-def _still_valid(entry: ShardEntry, shard: ShardPlan) -> bool:
-    """A published shard counts only if it came from these exact input bytes."""
-    if shard.sha256 is not None:
-        return entry.input_sha256 == shard.sha256
-    return entry.input_size == shard.size
+def _done(manifest: Manifest, output: OutputShard, plan: Plan) -> bool:
+    """An output shard counts as made only if it came from these exact source files."""
+    entry = manifest.shards.get(output.name) or manifest.pending.get(output.name)
+    if entry is None:
+        return False
+    sha = {s.name: s.sha256 for s in plan.shards}
+    return set(entry.inputs) == set(output.files) and all(entry.inputs[f] == sha[f] for f in output.files)
 
 
 def _final_files(source: Source, plan: Plan, manifest: Manifest, work: Path, dst: HubRepo | LocalDir, trust_remote_code: bool) -> dict[str, Payload]:

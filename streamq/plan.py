@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .converters import converter_for
-from .converters.base import HEADER_BYTES_PER_TENSOR
 from .dequantizers import Dequantizer, LogicalTensor, dequantizer_for, logical_checkpoint
 from .dequantizers.base import without_quantization
 from .errors import AlreadyQuantizedError, CorruptShardError, NoSafetensorsError, UnsupportedDtypeError, UnsupportedModelError
-from .fetch import Source, SourceFile
+from .fetch import FileHeader, Source, SourceFile
 from .inventory import INDEX_NAME, WEIGHT_FILE, FileDecision, classify_files
+from .layout import Layout, Stored, largest_pair, plan_layout, quantized_entries
 from .settings import QuantSettings
 from .targets import TensorInfo, TensorPlan, TensorRule, plan_tensors
 
@@ -40,6 +39,8 @@ QUANTIZED_KEY = re.compile(r"\.(absmax|quant_map|quant_state\.[\w]+|qweight|qzer
 
 @dataclass(frozen=True)
 class ShardPlan:
+    """One source weight file, and the (logical) tensors it holds."""
+
     name: str
     size: int
     sha256: str | None
@@ -64,6 +65,8 @@ class Plan:
     dequantizer: Dequantizer | None = None
     logical: dict[str, LogicalTensor] = field(default_factory=dict)
     physical_info: dict[str, TensorInfo] | None = None
+    stored_at: dict[str, Stored] = field(default_factory=dict)  # every stored tensor: its file and byte range
+    layout: Layout | None = None  # the stream order and the output shards
 
     @property
     def stored_info(self) -> dict[str, TensorInfo]:
@@ -92,6 +95,19 @@ class Plan:
     def input_bytes(self) -> int:
         return sum(s.size for s in self.shards)
 
+    @property
+    def outputs(self) -> list:
+        assert self.layout is not None
+        return self.layout.outputs
+
+    def largest_tensor(self) -> int:
+        """Bytes of the largest stored tensor: the window must hold one whole."""
+        return max((s.end - s.start for s in self.stored_at.values()), default=0)
+
+    def output_pair(self) -> int:
+        """Bytes the output pool needs: two consecutive output shards."""
+        return largest_pair(o.expected_size for o in self.outputs)
+
 
 def build_plan(
     source: Source, settings: QuantSettings, meta_dir: Path, *, trust_remote_code: bool = False,
@@ -113,7 +129,9 @@ def build_plan(
     shard_names, index, single = _weight_files(source, files)
     on_weight_files(shard_names)
     weight_map = index["weight_map"] if index is not None else None
-    headers = source.headers(shard_names)
+    file_headers = source.headers(shard_names)
+    headers = {name: file_headers[name].tensors for name in shard_names}
+    stored = _stored(shard_names, file_headers, files)
     tensor_info: dict[str, TensorInfo] = {}
     shards = []
     for name in shard_names:
@@ -145,36 +163,66 @@ def build_plan(
         tensor_info,
         settings,
         first_shard=headers[shard_names[0]],
-        read_tensors=_tensor_reader(source, shards, meta_dir),
+        read_tensors=_tensor_reader(source, stored, shard_names, physical_info if physical_info is not None else tensor_info),
         index_metadata=index.get("metadata") if index is not None else None,
         trust_remote_code=trust_remote_code,
         model_dir=str(config_dir),
     )
     decisions = classify_files(sorted(files), shard_names, source.read_text)
     sizes = {name: f.size for name, f in files.items()}
-    return Plan(
+    plan = Plan(
         source.name, source.revision, settings, config, shards, tensors, tensor_info, sizes, decisions, single, list(tensors.warnings),
-        dequantizer, logical, physical_info,
+        dequantizer, logical, physical_info, stored,
     )
+    plan.layout = _layout(plan, shard_names)
+    return plan
 
 
-def _tensor_reader(source: Source, shards: list[ShardPlan], work: Path) -> Callable[[list[str]], dict[str, torch.Tensor]]:
-    """Read whole tensors by checkpoint key, for the rare decision that depends on values, not headers."""
-    shard_of = {key: shard.name for shard in shards for key in shard.keys}
+def _stored(names: list[str], headers: dict[str, FileHeader], files: dict[str, SourceFile]) -> dict[str, Stored]:
+    """Where every stored tensor's bytes are; a file shorter or longer than its header says is refused now."""
+    stored = {}
+    for index, name in enumerate(names):
+        offsets = headers[name].offsets
+        end = max((e for _, e in offsets.values()), default=files[name].size)
+        if end != files[name].size:
+            raise CorruptShardError(
+                f"{name}: its header lists tensor bytes up to {end}, but the file has {files[name].size}; the file is truncated or damaged"
+            )
+        stored.update({key: Stored(key, index, start, stop) for key, (start, stop) in offsets.items()})
+    return stored
+
+
+def _layout(plan: Plan, names: list[str]) -> Layout:
+    converter = converter_for(plan.settings)
+    items, sizes, entries = {}, {}, {}
+    for key, rule in plan.rules.items():
+        if rule.action == "drop" or key not in plan.tensor_info:
+            continue
+        items[key] = plan.logical[key].parts if key in plan.logical else (key,)
+        info = plan.tensor_info[key]
+        shape = info.shape[::-1] if rule.transpose else info.shape
+        if rule.action == "keep":
+            sizes[key] = _numel(info.shape) * _itemsize(rule, info)
+            entries[key] = [(rule.out_key, len(info.shape))]
+        else:
+            sizes[key] = converter.expected_size(shape)
+            entries[key] = quantized_entries(rule.out_key, len(shape))
+    return plan_layout(names, plan.stored_at, items, sizes, entries, plan.settings.max_shard_size)
+
+
+def _tensor_reader(source: Source, stored: dict[str, Stored], names: list[str], info: dict[str, TensorInfo]) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+    """Read whole tensors by checkpoint key (by byte range, not their files), for the rare decision that
+    depends on values, not headers. These bytes are not checked against the file's sha256: they only
+    decide whether two tensors are tied, and the run itself reads and checks every byte it converts."""
 
     def read(keys: list[str]) -> dict[str, torch.Tensor]:
-        found: dict[str, torch.Tensor] = {}
-        for name in sorted({shard_of[k] for k in keys}):
-            logger.info("reading %s from %s to compare tied weights", ", ".join(k for k in keys if shard_of[k] == name), name)
-            fetched = source.fetch(name, work)
-            try:
-                with safe_open(fetched.path, "pt") as f:
-                    found.update({k: f.get_tensor(k) for k in keys if shard_of[k] == name})
-            except SafetensorError as exc:
-                raise CorruptShardError(f"{name}: cannot read tensors ({exc}); the file is corrupt or truncated") from exc
-            finally:
-                if fetched.temporary:
-                    fetched.path.unlink(missing_ok=True)
+        found = {}
+        for key in keys:
+            where = stored[key]
+            logger.info("reading %s from %s to compare tied weights", key, names[where.file])
+            data = bytearray(source.read_range(names[where.file], where.start, where.end))
+            dtype = STORED_DTYPES[info[key].dtype]
+            found[key] = torch.frombuffer(data, dtype=dtype).reshape(info[key].shape) if data else torch.empty(info[key].shape, dtype=dtype)
         return found
 
     return read
@@ -256,20 +304,12 @@ def _stage_config(
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
 
 
-def expected_output_size(shard: ShardPlan, plan: Plan) -> int:
-    """The output shard's size in bytes, from shapes alone (exact data, header estimated)."""
-    converter = converter_for(plan.settings)
-    total = 8
-    for key in shard.keys:
-        rule, info = plan.rules[key], plan.tensor_info[key]
-        numel = 1
-        for dim in info.shape:
-            numel *= dim
-        if rule.action == "drop":
-            continue
-        if rule.action == "keep":
-            itemsize = _ITEMSIZE.get(rule.dtype or "", TORCH_DTYPES[info.dtype].itemsize if info.dtype in TORCH_DTYPES else 4)
-            total += numel * itemsize + HEADER_BYTES_PER_TENSOR
-            continue
-        total += converter.expected_size(info.shape[::-1] if rule.transpose else info.shape)
-    return total
+def _itemsize(rule: TensorRule, info: TensorInfo) -> int:
+    return _ITEMSIZE.get(rule.dtype or "", STORED_DTYPES[info.dtype].itemsize if info.dtype in STORED_DTYPES else 4)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return numel

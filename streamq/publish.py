@@ -2,7 +2,9 @@
 
 Both sinks keep the same promise: a shard is visible in the output exactly when the manifest beside
 it says so, and config.json plus the index only appear in the final step, so an unfinished output
-never looks like a loadable model.
+never looks like a loadable model. A shard made from a source file whose sha256 has not checked out
+yet is uploaded (a local output holds it as `<name>.unverified`) and listed as pending, and only
+joins the output when `promote` is called for it.
 """
 
 from __future__ import annotations
@@ -54,8 +56,17 @@ class Sink(Protocol):
     def clear(self) -> None: ...
 
     def add_shard(self, local: Path, name: str, manifest: Manifest, remaining: int = 0) -> bool:
-        """Take ownership of `local` (moved or deleted); True when it is committed already. `remaining`:
-        shards of this run still to come; the last shard (0) may wait to be committed with the final files."""
+        """Take ownership of `local` (moved or deleted), listed in `manifest.shards` or `.pending`; True
+        when it is recorded already. `remaining`: shards of this run still to come; the last shard (0)
+        may wait to be committed with the final files."""
+        ...
+
+    def promote(self, names: list[str], manifest: Manifest) -> None:
+        """Pending shards whose source files checked out (now in `manifest.shards`) join the output."""
+        ...
+
+    def discard(self, names: list[str], manifest: Manifest) -> None:
+        """Pending shards made from a file that failed its check (gone from `manifest`): drop them and record it."""
         ...
 
     def finalize(self, files: dict[str, Payload], manifest: Manifest) -> None: ...
@@ -90,9 +101,18 @@ class LocalSink:
         """Release the lock (also released when the process ends)."""
         self._lock.close()
 
+    UNVERIFIED = ".unverified"
+
     def read_manifest(self, scratch: Path) -> Manifest | None:
         path = self.root / MANIFEST_NAME
-        return Manifest.from_json(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        manifest = Manifest.from_json(path.read_text())
+        for name, entry in list(manifest.pending.items()):  # kept only if its file is all there
+            held = self.root / (name + self.UNVERIFIED)
+            if not held.is_file() or held.stat().st_size != entry.output_size:
+                del manifest.pending[name]
+        return manifest
 
     def existing_files(self) -> list[str]:
         return sorted(
@@ -106,11 +126,25 @@ class LocalSink:
     def add_shard(self, local: Path, name: str, manifest: Manifest, remaining: int = 0) -> bool:
         with disk_full_is_clear(self.root):
             if not (self.root / MANIFEST_NAME).exists():  # claim the output first: a shard is never found without one
-                before = dataclasses.replace(manifest, shards={k: v for k, v in manifest.shards.items() if k != name})
+                before = dataclasses.replace(
+                    manifest, shards={k: v for k, v in manifest.shards.items() if k != name},
+                    pending={k: v for k, v in manifest.pending.items() if k != name},
+                )
                 self._write(MANIFEST_NAME, before.to_json().encode())
-            self._place(local, name)
+            self._place(local, name if name in manifest.shards else name + self.UNVERIFIED)
             self._write(MANIFEST_NAME, manifest.to_json().encode())
         return True
+
+    def promote(self, names: list[str], manifest: Manifest) -> None:
+        with disk_full_is_clear(self.root):
+            for name in names:
+                os.replace(self.root / (name + self.UNVERIFIED), self.root / name)
+            self._write(MANIFEST_NAME, manifest.to_json().encode())
+
+    def discard(self, names: list[str], manifest: Manifest) -> None:
+        for name in names:
+            (self.root / (name + self.UNVERIFIED)).unlink(missing_ok=True)
+        self._write(MANIFEST_NAME, manifest.to_json().encode())
 
     def finalize(self, files: dict[str, Payload], manifest: Manifest) -> None:
         with disk_full_is_clear(self.root):
@@ -152,8 +186,12 @@ class HubSink:
     the uploaded shards together with the manifest, within a budget of `commits_per_hour` commits in any
     rolling hour (the Hub limits them): one commit per shard when the budget allows, else even batches.
 
-    Shards uploaded but not yet committed are listed in `journal` (a file in work_dir), for a run that
-    resumes with the same work_dir to commit them instead of converting them again (see `journal.py`).
+    A shard made from a source file still being checked is uploaded the same way but committed only
+    as a line of the manifest's pending list (a resumed run takes it up from there, once the Hub
+    confirms the object); it joins a commit as a file once `promote` is called for it.
+
+    Shards uploaded but not yet in any commit are listed in `journal` (a file in work_dir), for a run
+    that resumes with the same work_dir to commit them instead of converting them again (see `journal.py`).
     """
 
     def __init__(
@@ -167,8 +205,10 @@ class HubSink:
         # A pull request is staged on a branch (which resumes like any output), then opened at the end.
         self.branch = output_branch(branch, create_pr)
         branch = self.branch
-        self._pending: list[CommitOperationAdd] = []
-        self._delete_after_commit: list[Path] = []
+        self._ready: list[CommitOperationAdd] = []  # uploaded, for the next commit
+        self._waiting: dict[str, CommitOperationAdd] = {}  # uploaded, pending their source files' check
+        self._unrecorded = 0  # shards uploaded since the last commit
+        self._delete_after_commit: dict[str, Path] = {}  # regular (non-LFS) uploads, read at commit time
         self._journal = UploadJournal(journal) if journal is not None else None
         self._claimed = False  # whether the output holds a manifest: until then, a shard is committed at once
         self._taken_up: set[str] = set()  # shards committed from the journal, not uploaded by this run
@@ -190,7 +230,8 @@ class HubSink:
 
     def read_manifest(self, scratch: Path) -> Manifest | None:
         """The manifest of the head this run builds on, plus the shards an earlier run of the same job
-        uploaded without committing them (they are committed with this run's next commit)."""
+        uploaded without committing them (they are committed with this run's next commit). Pending
+        shards whose objects the Hub no longer holds are dropped (made again)."""
         try:
             text = self._read_manifest_text(self._head, scratch)  # the commit this run's first commit builds on
         except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
@@ -204,26 +245,35 @@ class HubSink:
         return identity(f"{self.repo_id}@{self.branch or 'main'}", manifest)
 
     def _take_up_uploads(self, manifest: Manifest) -> None:
-        """Add to `manifest` (and to the next commit) the journal's shards whose LFS objects the Hub still
-        holds: those bytes were checked against their sha256 when they were uploaded, and the journal ties
-        that sha256 to this job's input shard. Shards whose object is gone are converted again."""
-        if self._journal is None:
+        """Add to `manifest` the journal's shards (as pending: the scheduler promotes those whose source
+        files checked out), and keep only pending shards whose LFS objects the Hub still holds: those
+        bytes were checked against their sha256 when they were uploaded, and the entry ties that sha256
+        to this job's source files. Shards whose object is gone are converted again."""
+        found: dict[str, ShardEntry] = {}
+        if self._journal is not None:
+            journal, checkpoints = self._journal.entries(self._ident(manifest))
+            found = {n: e for n, e in journal.items() if n not in manifest.shards and n not in manifest.pending}
+            for file, point in checkpoints.items():  # the journal's are later than the manifest's
+                if file not in manifest.verified:
+                    manifest.checkpoints[file] = point
+        candidates = {**manifest.pending, **found}
+        if not candidates:
             return
-        ident = self._ident(manifest)
-        found = {n: e for n, e in self._journal.entries(ident).items() if n not in manifest.shards}
-        if not found:
-            return
-        stored = self._objects_on_hub([(e.output_sha256, e.output_size) for e in found.values()])
-        missing = {n for n, e in found.items() if e.output_sha256 not in stored}
-        for name in sorted(found.keys() - missing):
-            manifest.shards[name] = found[name]
-            self._pending.append(_uploaded(name, found[name]))
-            self._taken_up.add(name)
+        stored = self._objects_on_hub([(e.output_sha256, e.output_size) for e in candidates.values()])
+        missing = {n for n, e in candidates.items() if e.output_sha256 not in stored}
+        for name in sorted(candidates.keys() - missing):
+            manifest.pending[name] = candidates[name]
+            self._waiting[name] = _uploaded(name, candidates[name])
+        for name in missing:
+            manifest.pending.pop(name, None)
+        self._taken_up.update(found.keys() - missing)
+        self._unrecorded += len(found.keys() - missing)
         if missing:
             logger.warning("%d shard(s) an earlier run uploaded are no longer on the Hub; converting them again", len(missing))
-            self._journal_call(self._journal.forget, ident, missing)
-        if len(found) > len(missing):
-            logger.info("%d shard(s) uploaded by an earlier run are committed instead of converted again", len(found) - len(missing))
+            if self._journal is not None:
+                self._journal_call(self._journal.forget, self._ident(manifest), missing)
+        if len(found) > len(missing & found.keys()):
+            logger.info("%d shard(s) uploaded by an earlier run are taken up instead of converted again", len(found) - len(missing & found.keys()))
 
     def _objects_on_hub(self, objects: list[tuple[str, int]]) -> set[str]:
         """The sha256s among `objects` that the Hub stores for this repo: the LFS batch API answers an
@@ -259,7 +309,9 @@ class HubSink:
         return sorted(f for f in files if f != ".gitattributes")
 
     def clear(self) -> None:
-        self._pending.clear()  # uploads taken up from the journal belong to the output being discarded
+        self._ready.clear()  # uploads taken up from the journal belong to the output being discarded
+        self._waiting.clear()
+        self._unrecorded = 0
         if self._journal is not None:
             self._journal_call(self._journal.clear)
         deletions = [CommitOperationDelete(path) for path in self.existing_files()]
@@ -273,7 +325,7 @@ class HubSink:
 
         The local file is deleted as soon as its bytes are on the Hub, so batching commits costs no disk.
         """
-        entry = manifest.shards[name]
+        entry = manifest.shards.get(name) or manifest.pending[name]
         op = CommitOperationAdd(name, str(local))
         op.upload_info.sha256 = bytes.fromhex(entry.output_sha256)  # hashed once, when written
         with hub.writing(self.repo_id), WatchedReader(local, self._uploads, f"upload of {name}") as reader:
@@ -282,21 +334,41 @@ class HubSink:
         if getattr(op, "_is_uploaded", False):  # LFS: the commit only needs its sha256 from now on
             local.unlink()
             if self._journal is not None:
-                self._journal_call(self._journal.record, self._ident(manifest), name, entry)
+                self._journal_call(self._journal.record, self._ident(manifest), name, entry, manifest.checkpoints)
         else:  # a regular upload is read at commit time
             op.path_or_fileobj = str(local)
-            self._delete_after_commit.append(local)
-        self._pending = [o for o in self._pending if o.path_in_repo != name] + [op]  # a shard made again replaces its upload
+            self._delete_after_commit[name] = local
+        self._ready = [o for o in self._ready if o.path_in_repo != name]  # a shard made again replaces its upload
+        self._waiting.pop(name, None)
+        if name in manifest.shards:
+            self._ready.append(op)
+        else:
+            self._waiting[name] = op
         self._taken_up.discard(name)
-        if not self.budget.commit_now(len(self._pending), remaining, self._claimed):
+        self._unrecorded += 1
+        if not self.budget.commit_now(self._unrecorded, remaining, self._claimed):
             if remaining:
                 logger.info("%s uploaded; committing it with a later shard, within %d commits per hour", name, self.budget.per_hour)
             return False
-        self._commit_pending(manifest, f"streamq: add {', '.join(o.path_in_repo for o in self._pending)}")
+        self._commit_pending(manifest, f"streamq: add {name}" if self._unrecorded == 1 else f"streamq: add {self._unrecorded} shards")
         return True
 
+    def promote(self, names: list[str], manifest: Manifest) -> None:
+        """Their files join the next commit (a pending shard of an earlier run, by its stored object)."""
+        for name in names:
+            self._ready.append(self._waiting.pop(name, None) or _uploaded(name, manifest.shards[name]))
+
+    def discard(self, names: list[str], manifest: Manifest) -> None:
+        """Forget their uploads (the objects stay unreferenced, as the Hub keeps any upload) and commit
+        the manifest without them at once, so that no later run takes them up."""
+        for name in names:
+            self._waiting.pop(name, None)
+        if self._journal is not None:
+            self._journal_call(self._journal.forget, self._ident(manifest), set(names))
+        self._commit_pending(manifest, f"streamq: drop {len(names)} shard(s) made from a file that failed its sha256 check")
+
     def finalize(self, files: dict[str, Payload], manifest: Manifest) -> None:
-        self._pending.extend(CommitOperationAdd(name, payload if isinstance(payload, bytes) else str(payload)) for name, payload in files.items())
+        self._ready.extend(CommitOperationAdd(name, payload if isinstance(payload, bytes) else str(payload)) for name, payload in files.items())
         if not self.create_pr:
             self._commit_pending(manifest, "streamq: finish 4-bit conversion (config, index, model card)")
             return
@@ -327,16 +399,19 @@ class HubSink:
         """Nothing to release: the Hub side is guarded by `parent_commit`."""
 
     def _commit_pending(self, manifest: Manifest, message: str) -> None:
+        """Commit the shards ready to join the output with the manifest (which lists the pending ones)."""
         manifest_json = manifest.to_json().encode()
-        ops = [*self._pending, CommitOperationAdd(MANIFEST_NAME, manifest_json)]
+        ops = [*self._ready, CommitOperationAdd(MANIFEST_NAME, manifest_json)]
         self._commit(ops, message, manifest_json)
         self._claimed = True
         if self._journal is not None:
-            self._journal_call(self._journal.forget, self._ident(manifest), {o.path_in_repo for o in self._pending})
-        for path in self._delete_after_commit:
-            path.unlink(missing_ok=True)
-        self._delete_after_commit.clear()
-        self._pending.clear()
+            recorded = {o.path_in_repo for o in self._ready} | set(manifest.pending)
+            self._journal_call(self._journal.forget, self._ident(manifest), recorded)
+        for op in self._ready:
+            if (path := self._delete_after_commit.pop(op.path_in_repo, None)) is not None:
+                path.unlink(missing_ok=True)
+        self._ready.clear()
+        self._unrecorded = 0
 
     def _journal_call(self, call: Callable[..., None], *args: object) -> None:
         """The journal saves work after a crash; failing to write it (a full disk) costs only that."""

@@ -7,26 +7,20 @@ from typing import Any
 
 from .converters import converter_for
 from .manifest import Manifest, stats_total
-from .plan import Plan, expected_output_size
+from .budget import pools
+from .plan import Plan
 
 
 def plan_summary(plan: Plan, *, downloads: bool) -> dict[str, Any]:
-    """Shards, tensor decisions with reasons, expected sizes and the disk a run needs."""
+    """Source files and output shards, tensor decisions with reasons, expected sizes and the disk a run needs."""
     rules = plan.rules
     shards = []
     for shard in plan.shards:
         actions = Counter(rules[k].action for k in shard.keys)
-        shards.append({
-            "name": shard.name,
-            "input_bytes": shard.size,
-            "expected_output_bytes": expected_output_size(shard, plan),
-            "quantize": actions["quantize"],
-            "keep": actions["keep"],
-            "drop": actions["drop"],
-        })
-    out_total = sum(s["expected_output_bytes"] for s in shards)
-    largest_in = max((s["input_bytes"] for s in shards), default=0) if downloads else 0
-    largest_out = max((s["expected_output_bytes"] for s in shards), default=0)
+        shards.append({"name": shard.name, "input_bytes": shard.size, **{a: actions[a] for a in ("quantize", "keep", "drop")}})
+    outputs = [{"name": o.name, "expected_bytes": o.expected_size, "tensors": len(o.items)} for o in plan.outputs]
+    out_total = sum(o.expected_size for o in plan.outputs)
+    window, output = pools(plan.largest_tensor(), plan.output_pair(), downloads)
     warnings = list(plan.warnings)
     tied = sorted(k for k, r in rules.items() if r.action == "drop" and "tied" in r.reason)
     if tied:
@@ -39,6 +33,7 @@ def plan_summary(plan: Plan, *, downloads: bool) -> dict[str, Any]:
         "dequantized_tensors": len(plan.logical),
         "settings": plan.settings.as_dict(),
         "shards": shards,
+        "outputs": outputs,
         "tensors": {
             action: sum(1 for r in rules.values() if r.action == action) for action in ("quantize", "keep", "drop")
         },
@@ -46,8 +41,10 @@ def plan_summary(plan: Plan, *, downloads: bool) -> dict[str, Any]:
         "input_bytes": plan.input_bytes,
         "expected_output_bytes": out_total,
         "compression_ratio": plan.input_bytes / out_total if out_total else 0.0,
-        "disk_needed_bytes": max(largest_in + largest_out, plan.carried_bytes if downloads else 0),
-        "disk_counted": _disk_counted(downloads, largest_in + largest_out, plan.carried_bytes),
+        "largest_tensor_bytes": plan.largest_tensor(),
+        "disk_needed_bytes": max(window + output, plan.carried_bytes if downloads else 0),
+        "disk_least_bytes": (plan.largest_tensor() if downloads else 0) + output,
+        "disk_counted": _disk_counted(downloads, window + output, plan.carried_bytes),
         "files": {name: {"action": d.action, "reason": d.reason} for name, d in plan.files.items()},
         "carried_files": plan.extra_files,
         "left_out_files": plan.left_out,
@@ -56,13 +53,13 @@ def plan_summary(plan: Plan, *, downloads: bool) -> dict[str, Any]:
     }
 
 
-def _disk_counted(downloads: bool, pair: int, carried: int) -> str:
+def _disk_counted(downloads: bool, budget: int, carried: int) -> str:
     """What the disk figure counts, in words: a local source is read in place, so no input is counted."""
     if not downloads:
-        return "largest output shard; a local source is read in place"
-    if carried > pair:
+        return "two output shards; a local source is read in place"
+    if carried > budget:
         return "the files carried over unchanged, fetched for the final commit"
-    return "largest input + largest output shard"
+    return "the default disk_budget: two output shards, the largest tensor and 1 GB of read-ahead"
 
 
 def format_plan(summary: dict[str, Any], *, verbose: bool = False, rules: dict | None = None) -> str:
@@ -72,12 +69,17 @@ def format_plan(summary: dict[str, Any], *, verbose: bool = False, rules: dict |
         *([f"source quantized ({summary['source_quantization']}): {summary['dequantized_tensors']} tensors dequantized as they arrive"]
           if summary.get("source_quantization") else []),
         "",
-        f"{'shard':<44} {'in':>10} {'out (est.)':>11} {'quant':>6} {'keep':>5} {'drop':>5}",
+        f"{'source file':<44} {'size':>10} {'quant':>6} {'keep':>5} {'drop':>5}",
     ]
     for s in summary["shards"]:
-        lines.append(
-            f"{s['name']:<44} {human_size(s['input_bytes']):>10} {human_size(s['expected_output_bytes']):>11} {s['quantize']:>6} {s['keep']:>5} {s['drop']:>5}"
-        )
+        lines.append(f"{s['name']:<44} {human_size(s['input_bytes']):>10} {s['quantize']:>6} {s['keep']:>5} {s['drop']:>5}")
+    outputs = summary["outputs"]
+    largest = max((o["expected_bytes"] for o in outputs), default=0)
+    lines += [
+        "",
+        f"output: {len(outputs)} shard(s) of at most {human_size(summary['settings']['max_shard_size'])} "
+        f"(largest {human_size(largest)}), cut from the stream of tensors, whatever the source's shard sizes",
+    ]
     lines += ["", "tensors:"]
     lines += [f"  {count:>6}  {reason}" for reason, count in summary["reasons"].items()]
     if verbose and rules:
@@ -86,7 +88,8 @@ def format_plan(summary: dict[str, Any], *, verbose: bool = False, rules: dict |
         "",
         f"size: {human_size(summary['input_bytes'])} -> {human_size(summary['expected_output_bytes'])} "
         f"({summary['compression_ratio']:.2f}x smaller)",
-        f"disk needed in work_dir: {human_size(summary['disk_needed_bytes'])} ({summary['disk_counted']})",
+        f"disk needed in work_dir: {human_size(summary['disk_needed_bytes'])} ({summary['disk_counted']}); "
+        f"at least {human_size(summary['disk_least_bytes'])} with a smaller disk_budget",
         "",
         "files:",
     ]
@@ -97,16 +100,17 @@ def format_plan(summary: dict[str, Any], *, verbose: bool = False, rules: dict |
 
 
 def format_status(manifest: Manifest, total_shards: int | None = None) -> str:
-    done = [e for e in manifest.shards.values() if e.status == "done"]
+    done = list(manifest.shards.values())
     total = f"/{total_shards}" if total_shards else ""
+    pending = f", {len(manifest.pending)} waiting for a source file's sha256 check" if manifest.pending else ""
     lines = [
-        f"status: {manifest.status}  ({len(done)}{total} shards published)",
+        f"status: {manifest.status}  ({len(done)}{total} shards published{pending})",
         f"source: {manifest.source}" + (f" @ {manifest.source_revision}" if manifest.source_revision else ""),
         f"settings: {manifest.settings}   device: {manifest.device}   streamq {manifest.streamq_version}",
         f"started: {manifest.created_at}   last update: {manifest.updated_at}",
     ]
     for entry in sorted(done, key=lambda e: e.output_name):
-        lines.append(f"  done  {entry.output_name}  {human_size(entry.input_size)} -> {human_size(entry.output_size)}  {entry.finished_at}")
+        lines.append(f"  done  {entry.output_name}  {human_size(entry.output_size)}  from {', '.join(entry.inputs)}  {entry.finished_at}")
     totals = stats_total(done)
     if totals.get("groups"):
         lines.append(f"grid-exact groups: {totals['groups_exact']} of {totals['groups']} "

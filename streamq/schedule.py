@@ -1,13 +1,11 @@
-"""Run the shard jobs with overlap, within a disk budget.
+"""Run the stream with overlap, within the disk budget.
 
-A shard is quantized (main thread) while it downloads (fetch thread, running ahead in shard order as
-far as the budget allows), and the previous one is published meanwhile (publish thread; each output
-is hashed on a thread of its own first, so uploads follow each other without a gap, unless nothing
-is uploading: then the hash is the upload's only wait and is taken at once). Every file
-in work_dir is reserved in a `DiskBudget` first, so the overlap never holds more than the budget;
-with the default budget of one input plus one output shard, the next download waits until this
-shard's input is deleted. Publishing is strictly in order and stops at the first failure, so the
-manifest never lists a shard after one that did not make it.
+Three threads: the download (source files, in order, into the window, each checked against its sha256
+as it goes), the conversion (this thread: tensors as they arrive, into output shards), and the publish
+(each output shard hashed on a helper thread, then uploaded, in order). An output shard made from a
+file whose check is still running is published as pending; the download's word that the file checked
+out promotes it, on the publish thread, which alone touches the manifest and the sink. A file that
+fails its check takes its pending shards with it, and the run ends saying so.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,220 +21,216 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .budget import DiskBudget, disk_full_is_clear
-from .arrival import Arrival, Cancelled
-from .convert import Converted, convert_arriving
-from .errors import StreamqError
-from .fetch import Fetched, Source
-from .manifest import Manifest
-from .plan import Plan, ShardPlan, expected_output_size
+from .convert import Made, convert_stream
+from .download import Checkpoint, ChecksumMismatch, InputFile, download, resume_point
+from .errors import CorruptShardError, StreamqError
+from .fetch import HubSource, LocalSource, Source, file_sha256
+from .layout import Position
+from .manifest import Manifest, ShardEntry, now
+from .plan import Plan
 from .publish import Sink
 from .quantize import warm_up
+from .window import InPlace, Window, WindowFailed
 
 
 @dataclass(frozen=True)
 class ShardRecord:
-    """One shard, as published (or found already published by an earlier run)."""
+    """One output shard, as published (or found already published by an earlier run)."""
 
     index: int
     total: int
     name: str
-    input_bytes: int
+    input_bytes: int  # bytes of the source's tensors it was made from
     output_bytes: int
-    skipped: bool  # done by an earlier run: not downloaded again
+    skipped: bool  # done by an earlier run: not made again
     committed: bool  # False while its bytes are uploaded but wait for a later commit
     seconds: float
 
 
-def _fetch_reporting(source: Source, name: str, work: Path, arrival: Arrival) -> Fetched:
-    """Fetch `name` into `work`, telling `arrival` how the download ended."""
-    try:
-        with disk_full_is_clear(work):
-            fetched = source.fetch(name, work, arrival)
-    except BaseException:
-        arrival.fail()
-        raise
-    arrival.finish()
-    return fetched
+class Scheduler:
+    """Makes and publishes the output shards still to do; `close()` stops the helper threads."""
 
-
-class HeadStart:
-    """The first shard's download, begun while the run is still planned (reading headers and building
-    the model take as long as a good part of a shard's download), on a fresh output only: a run
-    that resumes may have that shard done already. The scheduler adopts it; if it is not adopted,
-    `cancel` stops it and deletes what it wrote."""
-
-    def __init__(self, source: Source, name: str, work: Path, fresh_output: Callable[[], bool]) -> None:
-        self.name, self.arrival = name, Arrival()
-        self._source, self._work, self._fresh_output = source, work, fresh_output
-        self._decided = threading.Event()
-        self._started = False
-        self._thread = ThreadPoolExecutor(1, "streamq-head-start")
-        self.future: Future[Fetched] = self._thread.submit(self._fetch)
-        self.adopted = False
-        self._cancelled = False
-
-    def started(self) -> bool:
-        """Whether it downloads (it first checks that the output is fresh)."""
-        self._decided.wait()
-        return self._started
-
-    def _fetch(self) -> Fetched:
-        try:
-            self._started = self._fresh_output()
-        finally:
-            self._decided.set()
-        if not self._started:
-            raise Cancelled()
-        return _fetch_reporting(self._source, self.name, self._work, self.arrival)
-
-    def adopt(self) -> Arrival:
-        """Take it over as the run's first download (`cancel` then only waits for it); its arrival."""
-        self.adopted = True
-        return self.arrival
-
-    def cancel(self) -> None:
-        """Unless adopted: stop the download and delete its file. Either way, wait for its thread."""
-        if self._cancelled:
-            return
-        self._cancelled = True
-        if not self.adopted:
-            self.arrival.cancel()
-        self._thread.shutdown(wait=True)
-        if not self.adopted:
-            self.arrival.close()
-            try:
-                fetched = self.future.result()
-            except Exception:
-                return  # cancelled (the download deleted its partial file) or failed
-            if fetched.temporary:
-                fetched.path.unlink(missing_ok=True)
-
-
-class ShardScheduler:
-    """Converts and publishes the shards still to do; `close()` stops the helper threads."""
-
-    def __init__(
-        self, source: Source, sink: Sink, plan: Plan, manifest: Manifest, work: Path, device: str, budget: DiskBudget,
-        downloads: bool, bar: tqdm,
-    ) -> None:
+    def __init__(self, source: Source, sink: Sink, plan: Plan, manifest: Manifest, work: Path, device: str, budget: DiskBudget, bar: tqdm) -> None:
         self.source, self.sink, self.plan, self.manifest = source, sink, plan, manifest
         self.work, self.device, self.budget, self.bar = work, device, budget, bar
-        self.downloads = downloads
-        self.numbers = {s.name: i for i, s in enumerate(plan.shards, 1)}
-        self._fetcher = ThreadPoolExecutor(1, "streamq-fetch")
-        self._hasher = ThreadPoolExecutor(1, "streamq-output-sha256")  # beside the uploads, not in line with them
+        self.layout = plan.layout
+        assert self.layout is not None
+        self.files = [InputFile(s.name, s.size, s.sha256 or "") for s in plan.shards]
+        self._checked = {name for name in manifest.verified} if isinstance(source, HubSource) else {f.name for f in self.files}
+        self._snapshots: dict[int, dict[int, Checkpoint]] = {}
         self._publisher = ThreadPoolExecutor(1, "streamq-publish")
-        self._fetch_failed = threading.Event()
-        self._publish_failed = threading.Event()
+        self._hasher = ThreadPoolExecutor(1, "streamq-output-sha256")
         self._published: deque[Future[ShardRecord]] = deque()
-        self._arrivals: list[Arrival] = []
-        self._after: dict[str, int] = {}  # shard -> shards of this run after it
+        self._publish_failed = threading.Event()
+        self._download_error: BaseException | None = None
+        self._downloader: threading.Thread | None = None
+        self._window: Window | InPlace | None = None
+        self._recorded = set(manifest.shards) | set(manifest.pending)
+        self._started = time.monotonic()
 
-    def run(self, todo: list[ShardPlan], head: HeadStart | None = None) -> Iterator[ShardRecord]:
-        """Yield a record per shard of `todo`, in order, as each is published; `head`, if given, is the
-        download of `todo[0]` already under way."""
-        outputs = {shard.name: expected_output_size(shard, self.plan) for shard in todo}
-        self._after = {shard.name: len(todo) - 1 - i for i, shard in enumerate(todo)}
-        self._arrivals = [Arrival() for _ in todo]
-        fetches = []
-        if head is not None:  # the next download queues behind it, as behind any other
-            self._arrivals[0] = head.adopt()
-            fetches.append(self._fetcher.submit(self._adopt, head, todo[0], outputs[todo[0].name]))
-        fetches += [  # run ahead, in order
-            self._fetcher.submit(self._fetch, shard, outputs[shard.name], arrival)
-            for shard, arrival in zip(todo[len(fetches):], self._arrivals[len(fetches):])
-        ]
+    def input_bytes(self, index: int) -> int:
+        """Bytes of the stored tensors an output shard is made from."""
+        stored = self.plan.stored_at
+        return sum(stored[p].end - stored[p].start for item in self.layout.outputs[index].items for p in self.layout.parts[item])
+
+    def run(self, todo: list[int]) -> Iterator[ShardRecord]:
+        """Yield a record per output shard of `todo`, in order, as each is published."""
+        outputs = self.layout.outputs
+        floor = min((outputs[i].start for i in todo), default=None)
+        self._window = self._start_download(todo, floor)
         if todo:
-            warm_up(self.plan, self.device)  # while the first shard starts downloading
-        for shard, fetch, arrival in zip(todo, fetches, self._arrivals):
-            started = time.monotonic()
-            yield from self._completed()
-            self._phase(shard, "download + quantize")
-
-            def make_room(shard: ShardPlan = shard) -> None:  # the input is deleted: its space goes to the output
-                self.budget.release_input(self._input_size(shard))
-                self.budget.reserve_output(outputs[shard.name])
-
+            (self.work / "out").mkdir(parents=True, exist_ok=True)
+            warm_up(self.plan, self.device)  # while the first bytes arrive
             with disk_full_is_clear(self.work):
-                converted = convert_arriving(arrival, fetch.result, shard, self.plan, self.work, self.device, make_room)
-            digest = self._digest(converted)
-            self._published.append(self._publisher.submit(self._publish, converted, digest, outputs[shard.name], started))
-            yield from self._completed()
+                try:
+                    for made in convert_stream(self.plan, self.layout, self._window, set(todo), floor, self.work / "out", self.device, self.budget):
+                        yield from self._completed()
+                        digest = self._hasher.submit(file_sha256, made.written.path)
+                        self._published.append(self._publisher.submit(self._publish, made, digest, len(todo)))
+                except WindowFailed:
+                    self._raise_download_error()
+                    raise
+        if isinstance(self._window, Window):
+            self._window.stop_keeping()  # the rest of the last files is downloaded for their check alone
+        if self._downloader is not None:
+            self._downloader.join()
+            self._raise_download_error()
         while self._published:
             yield self._published.popleft().result()
+        self._publisher.submit(lambda: None).result()  # promotions of the last files done
         self.bar.set_postfix_str("")
 
-    def close(self) -> None:
-        """Wake a fetch waiting for space, let a running download finish and drop queued ones; shards
-        already converted are still published (in order, stopping at a failure), so no work is lost."""
-        self.budget.close()
-        self._fetcher.shutdown(wait=True, cancel_futures=True)
-        self._publisher.shutdown(wait=True)  # waits for the hashes it still needs
-        self._hasher.shutdown(wait=True)
-        for arrival in self._arrivals:
-            arrival.close()
+    # The download
+    def _start_download(self, todo: list[int], floor: Position | None) -> Window | InPlace:
+        if isinstance(self.source, LocalSource):
+            return InPlace([self.source.path(f.name) for f in self.files])
+        assert isinstance(self.source, HubSource)
+        names = [f.name for f in self.files]
+        needed = [floor] if floor is not None else []
+        unchecked = {f for e in self.manifest.pending.values() for f in e.inputs if f not in self._checked}
+        for name in unchecked:  # pending shards wait for these files' check: hash them from their checkpoint
+            point = self.manifest.checkpoints.get(name, {})
+            needed.append(Position(names.index(name), point.get("offset", 0)))
+        last = max([names.index(n) for n in unchecked] + [names.index(f) for i in todo for f in self.layout.outputs[i].files], default=-1)
+        window = Window(self.work / "in", self.budget, self.layout.order, [f.size for f in self.files], floor or Position(1 << 62, 0))
+        if not needed:
+            return window
+        start = min(needed)
+        saved = self.manifest.checkpoints.get(names[start.file], {})
+        begin = resume_point(start, Checkpoint(saved["offset"], saved.get("state")) if saved else None)
 
-    def _input_size(self, shard: ShardPlan) -> int:
-        return shard.size if self.downloads else 0  # a local source is read in place
+        def run() -> None:
+            try:
+                download(self.source, self.files, start.file, last, begin, self.layout.snapshot_offsets, window, self._saved, self._file_checked)
+            except BaseException as exc:
+                self._download_error = exc
+                if isinstance(exc, ChecksumMismatch):
+                    self._publisher.submit(self._discard, names[exc.file])
+                window.fail(exc)
 
-    def _phase(self, shard: ShardPlan, phase: str) -> None:
-        self.bar.set_description(f"shard {self.numbers[shard.name]}/{len(self.plan.shards)} {phase}")
+        self._downloader = threading.Thread(target=run, name="streamq-download", daemon=True)
+        self._downloader.start()
+        return window
 
-    def _fetch(self, shard: ShardPlan, output_size: int, arrival: Arrival) -> Fetched:
-        try:
-            if self._fetch_failed.is_set():
-                raise StreamqError(f"{shard.name} not downloaded: an earlier download failed")
-            self.budget.reserve_input(self._input_size(shard), output_size)
-            return _fetch_reporting(self.source, shard.name, self.work, arrival)
-        except BaseException:
-            self._fetch_failed.set()
-            arrival.fail()
-            raise
+    def _saved(self, file: int, checkpoint: Checkpoint) -> None:
+        self._snapshots.setdefault(file, {})[checkpoint.offset] = checkpoint
 
-    def _adopt(self, head: HeadStart, shard: ShardPlan, output_size: int) -> Fetched:
-        """The head start's download, counted in the budget like any other (it is the first, so it fits)."""
-        try:
-            self.budget.reserve_input(self._input_size(shard), output_size)
-            return head.future.result()
-        except BaseException:
-            self._fetch_failed.set()
-            raise
+    def _file_checked(self, file: int) -> None:
+        self._publisher.submit(self._promote, self.files[file].name)
 
-    def _digest(self, converted: Converted) -> Future[str]:
-        """The output's sha256, which its upload waits for. While earlier shards still upload, it is
-        taken on the hasher thread, beside them; when nothing uploads (the first shard, or after a
-        stall) the upload waits for the hash alone, so it is taken here, before the next shard's
-        quantization competes with it and delays the first upload."""
-        if any(not published.done() for published in self._published):
-            return self._hasher.submit(converted.output_sha256)
-        digest: Future[str] = Future()
-        try:
-            digest.set_result(converted.output_sha256())
-        except Exception as exc:  # reported by the publish step, as from the hasher thread
-            digest.set_exception(exc)
-        return digest
+    def _raise_download_error(self) -> None:
+        exc = self._download_error
+        if exc is None:
+            return
+        if isinstance(exc, ChecksumMismatch):
+            self._publisher.submit(lambda: None).result()  # the pending shards are dropped first
+            published = len(self.manifest.shards)
+            raise CorruptShardError(
+                f"{exc}. The output shards made from it were uploaded but never committed, and are dropped; "
+                f"{published} shard(s) made from files that checked out stay published. Run again: that file "
+                "is downloaded again from its start, and nothing else is redone"
+            ) from exc
+        raise exc
 
-    def _publish(self, converted: Converted, digest: Future[str], reserved: int, started: float) -> ShardRecord:
-        shard = converted.shard
+    # The publish thread: the only one that touches the manifest and the sink
+    def _publish(self, made: Made, digest: Future[str], count: int) -> ShardRecord:
+        name = made.shard.name
         try:
             if self._publish_failed.is_set():
-                raise StreamqError(f"{shard.name} not published: an earlier shard failed")
-            self.bar.set_postfix_str(f"publishing {shard.name}")
-            entry = converted.entry(digest.result())
-            self.manifest.shards[shard.name] = entry  # only this thread touches the manifest while shards run
+                raise StreamqError(f"{name} not published: an earlier shard failed")
+            self.bar.set_postfix_str(f"publishing {name}")
+            entry = ShardEntry(
+                output_name=name, output_size=made.written.size, output_sha256=digest.result(), tensor_bytes=made.written.tensor_bytes,
+                keys=made.written.keys, inputs={f: self._sha(f) for f in made.shard.files}, finished_at=now(), stats=dict(made.stats),
+            )
+            ready = all(f in self._checked for f in made.shard.files)
+            (self.manifest.shards if ready else self.manifest.pending)[name] = entry
+            self._recorded.add(name)
+            self._note_checkpoints()
+            remaining = sum(1 for o in self.layout.outputs if o.name not in self._recorded)
             try:
-                committed = self.sink.add_shard(converted.path, shard.name, self.manifest, remaining=self._after[shard.name])
+                committed = self.sink.add_shard(made.written.path, name, self.manifest, remaining=remaining)
             except BaseException:
-                del self.manifest.shards[shard.name]
+                self.manifest.shards.pop(name, None)
+                self.manifest.pending.pop(name, None)
                 self._publish_failed.set()
                 raise
         finally:
-            self.budget.release_output(reserved)
-        self.bar.update(shard.size)
-        number = self.numbers[shard.name]
-        return ShardRecord(number, len(self.plan.shards), shard.name, shard.size, entry.output_size, False, committed, time.monotonic() - started)
+            self.budget.release("output", made.shard.expected_size)
+        size = self.input_bytes(made.index)
+        self.bar.update(size)
+        return ShardRecord(made.index + 1, len(self.layout.outputs), name, size, entry.output_size, False, committed, time.monotonic() - self._started)
+
+    def _sha(self, name: str) -> str | None:
+        return self.files[[f.name for f in self.files].index(name)].sha256 or None
+
+    def _note_checkpoints(self) -> None:
+        """For each file still being checked, the latest saved hash state a resumed run can start from:
+        at or before the first byte of every output shard not recorded yet."""
+        for file, snapshots in list(self._snapshots.items()):
+            name = self.files[file].name
+            if name in self._checked:
+                continue
+            limit = min(
+                (o.start.offset for o in self.layout.outputs if o.name not in self._recorded and o.start.file == file), default=1 << 62
+            )
+            usable = [c for offset, c in list(snapshots.items()) if offset <= limit and c.state is not None]
+            if usable:
+                best = max(usable, key=lambda c: c.offset)
+                self.manifest.checkpoints[name] = {"offset": best.offset, "state": best.state}
+
+    def _promote(self, name: str) -> None:
+        self._checked.add(name)
+        self.manifest.verified[name] = self._sha(name) or ""
+        self.manifest.checkpoints.pop(name, None)
+        ready = sorted(n for n, e in self.manifest.pending.items() if all(f in self._checked for f in e.inputs))
+        for shard in ready:
+            self.manifest.shards[shard] = self.manifest.pending.pop(shard)
+        if ready:
+            self.sink.promote(ready, self.manifest)
+
+    def _discard(self, name: str) -> None:
+        dropped = sorted(n for n, e in self.manifest.pending.items() if name in e.inputs)
+        for shard in dropped:
+            del self.manifest.pending[shard]
+        self.manifest.checkpoints.pop(name, None)
+        self.sink.discard(dropped, self.manifest)
 
     def _completed(self) -> Iterator[ShardRecord]:
         """Records of the shards published so far, in order; re-raises a failed publish here."""
         while self._published and self._published[0].done():
             yield self._published.popleft().result()
+
+    def close(self) -> None:
+        """Stop the download at its next write, let publishing finish what was made (in order, stopping
+        at a failure), so no work is lost."""
+        self.budget.close()
+        if isinstance(self._window, Window):
+            self._window.cancel()
+        if self._downloader is not None:
+            self._downloader.join()
+        self._publisher.shutdown(wait=True)
+        self._hasher.shutdown(wait=True)
+        if self._window is not None and isinstance(self._window, InPlace):
+            self._window.close()
+

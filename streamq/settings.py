@@ -15,6 +15,9 @@ INT4_GROUP_SIZES = (32, 64, 128)
 # int4's default group size is llm-compressor's W4A16 preset (128); a QAT checkpoint trained on
 # Q4_0-style groups of 32 needs blocksize=32 to stay exact (the summary and card say how many were).
 DEFAULT_BLOCKSIZE = {"nf4": 64, "fp4": 64, "int4": 128, "bf16": 64}  # bf16 has no blocks: 64 is unused
+# Output shards are cut at this size whatever the source's shards are: small enough for a small disk
+# (two are on it at once) and for a crash to cost little (at most one is made again).
+DEFAULT_MAX_SHARD_SIZE = "1GB"
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class QuantSettings:
     blocksize: int | None = None  # None: the quant type's default (DEFAULT_BLOCKSIZE)
     compute_dtype: str = "bfloat16"
     skip_modules: tuple[str, ...] | None = field(default=None)
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE  # bytes, or transformers' spelling ("1GB", "500MB")
 
     def __post_init__(self) -> None:
         if self.quant_type not in QUANT_TYPES:
@@ -40,6 +44,7 @@ class QuantSettings:
             raise ValueError(f"blocksize must be a power of two between 32 and 4096, got {self.blocksize}")
         if self.skip_modules is not None:
             object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
+        object.__setattr__(self, "max_shard_size", _size(self.max_shard_size))
 
     def _check_int4(self) -> None:
         if self.blocksize not in INT4_GROUP_SIZES:
@@ -54,3 +59,17 @@ class QuantSettings:
         data = asdict(self)
         data["skip_modules"] = list(self.skip_modules) if self.skip_modules is not None else None
         return data
+
+
+def _size(value: int | str) -> int:
+    """`max_shard_size` in bytes, read as transformers' `save_pretrained` reads it."""
+    if isinstance(value, str):
+        from huggingface_hub.serialization._base import parse_size_to_int
+
+        try:
+            value = parse_size_to_int(value)
+        except ValueError as exc:
+            raise ValueError(f"max_shard_size must be bytes or a size such as '1GB' or '500MB', got {value!r}") from exc
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"max_shard_size must be a positive number of bytes, got {value!r}")
+    return value

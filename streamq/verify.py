@@ -103,9 +103,9 @@ def _check_index(output: Source, manifest: Manifest, problems: list[str]) -> Non
         problems.append(str(exc))
         return
     for name, keys in shard_keys.items():
-        if set(headers[name]) != keys:
+        if set(headers[name].tensors) != keys:
             problems.append(f"{name}: its tensors differ from the manifest's list")
-        wrong = sorted(k for k in headers[name] if weight_map.get(k) != name)
+        wrong = sorted(k for k in headers[name].tensors if weight_map.get(k) != name)
         if wrong:
             problems.append(f"{INDEX_NAME} does not map {wrong[0]} (and {len(wrong) - 1} more) to {name}")
     extra = set(weight_map) - set().union(*shard_keys.values())

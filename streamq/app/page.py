@@ -34,7 +34,7 @@ from .run import (  # noqa: E402
 POLL_SECONDS = 0.5
 DEFAULT_GROUP_SIZE = DEFAULT_BLOCKSIZE["int4"]
 INTRO = """# streamq: a 4-bit copy of any Hub model
-Converts the model **shard by shard** (download one safetensors shard, quantize, upload, delete, next), so
+Converts the model **tensor by tensor** (tensors stream in by range, are quantized and written into output shards of 1 GB, which are uploaded and deleted), so
 this machine needs neither the model's memory nor its disk. Starting the same conversion again resumes it."""
 
 
@@ -149,8 +149,8 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
         with gr.Accordion("Result as data", open=False):
             details = gr.JSON(label="result", elem_id="details")
         gr.Markdown(
-            f"One conversion runs at a time; others wait in the queue. The disk budget is two input shards plus one "
-            f"output shard, at most {FREE_DISK_SHARE:.0%} of the work directory's free space. "
+            f"One conversion runs at a time; others wait in the queue. The disk budget is two output shards, the largest "
+            f"tensor and 1 GB of read-ahead, at most {FREE_DISK_SHARE:.0%} of the work directory's free space. "
             "Scripts: `gradio_client.Client(url, oauth_token=...).predict(source, output, quant_type, double_quant, compute_dtype, private, group_size, api_name='/requantize')`."
         )
 

@@ -107,16 +107,13 @@ def work_dir_for(root: Path, output: str) -> Path:
 
 
 def choose_disk_budget(summary: dict[str, Any], free: int) -> int | None:
-    """Two input shards plus one output shard, or FREE_DISK_SHARE of the free space if that is less;
-    None (the run's own minimum, one input plus one output shard, whose check names the shortfall)
-    when even that share is below the minimum."""
-    largest_in = max((s["input_bytes"] for s in summary["shards"]), default=0)
-    largest_out = max((s["expected_output_bytes"] for s in summary["shards"]), default=0)
-    wanted = 2 * largest_in + largest_out
+    """The run's default budget (two output shards, the largest tensor and the read-ahead), or
+    FREE_DISK_SHARE of the free space if that is less; None (the run's own check, which names the
+    shortfall) when even that share is below the least the model needs."""
     cap = int(free * FREE_DISK_SHARE)
-    if wanted <= cap:
-        return wanted
-    return cap if cap >= largest_in + largest_out else None
+    if summary["disk_needed_bytes"] <= cap:
+        return None
+    return cap if cap >= summary["disk_least_bytes"] else None
 
 
 @dataclass
