@@ -12,7 +12,6 @@ import pytest
 import streamq
 from streamq import plan_requantize, read_status, stream_requantize, verify_output
 from streamq.cli import main
-from streamq.plan import expected_output_size
 from tiny_models import make_model
 
 
@@ -48,9 +47,10 @@ def test_plan_reads_headers_and_predicts_sizes(converted) -> None:
     src, out = converted
     plan = plan_requantize(src)
     manifest = json.loads((out / "streamq_manifest.json").read_text())
-    for shard in plan.shards:
-        actual = manifest["shards"][shard.name]["output_size"]
-        assert actual <= expected_output_size(shard, plan) <= actual * 1.2 + 2048
+    assert [o.name for o in plan.outputs] == sorted(manifest["shards"])
+    for output in plan.outputs:
+        actual = manifest["shards"][output.name]["output_size"]
+        assert actual <= output.expected_size <= actual * 1.2 + 4096
     quantized = {k for k, r in plan.rules.items() if r.action == "quantize"}
     assert "model.layers.0.self_attn.q_proj.weight" in quantized and "lm_head.weight" not in quantized
 
