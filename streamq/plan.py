@@ -58,7 +58,6 @@ class Plan:
     tensor_info: dict[str, TensorInfo]
     sizes: dict[str, int]  # bytes of every file of the source repo
     files: dict[str, FileDecision]  # every file of the source repo, and what becomes of it
-    single_file: bool
     warnings: list[str] = field(default_factory=list)
     # A quantized source: tensor_info and the shards' keys describe the dequantized (logical) checkpoint;
     # `logical` says which physical tensors each dequantized one is made from, `physical_info` is the real headers.
@@ -126,7 +125,7 @@ def build_plan(
         config = without_quantization(config)
     elif settings.quant_type == "bf16":
         raise UnsupportedModelError(f"{source.name} is not quantized; quant_type bf16 writes a quantized (FP8, MXFP4) source dequantized")
-    shard_names, index, single = _weight_files(source, files)
+    shard_names, index = _weight_files(source, files)
     on_weight_files(shard_names)
     weight_map = index["weight_map"] if index is not None else None
     file_headers = source.headers(shard_names)
@@ -171,7 +170,7 @@ def build_plan(
     decisions = classify_files(sorted(files), shard_names, source.read_text)
     sizes = {name: f.size for name, f in files.items()}
     plan = Plan(
-        source.name, source.revision, settings, config, shards, tensors, tensor_info, sizes, decisions, single, list(tensors.warnings),
+        source.name, source.revision, settings, config, shards, tensors, tensor_info, sizes, decisions, list(tensors.warnings),
         dequantizer, logical, physical_info, stored,
     )
     plan.layout = _layout(plan, shard_names)
@@ -240,8 +239,8 @@ def _dequantized_dtype(name: str, config: dict[str, Any]) -> str:
     )
 
 
-def _weight_files(source: Source, files: dict[str, SourceFile]) -> tuple[list[str], dict[str, Any] | None, bool]:
-    """The shard names (sorted, as transformers orders them), the parsed index if any, and whether it is one file."""
+def _weight_files(source: Source, files: dict[str, SourceFile]) -> tuple[list[str], dict[str, Any] | None]:
+    """The shard names (sorted, as transformers orders them), and the parsed index if any."""
     if INDEX_NAME in files:
         try:
             index = json.loads(source.read_text(INDEX_NAME))
@@ -252,9 +251,9 @@ def _weight_files(source: Source, files: dict[str, SourceFile]) -> tuple[list[st
         missing = [n for n in names if n not in files]
         if missing:
             raise CorruptShardError(f"{INDEX_NAME} names shard {missing[0]}, which is not in {source.name}")
-        return names, index, False
+        return names, index
     if SINGLE_NAME in files:
-        return [SINGLE_NAME], None, True
+        return [SINGLE_NAME], None
     others = [f for f in files if WEIGHT_FILE.search(f)]
     found = f" (found: {', '.join(others[:3])})" if others else ""
     raise NoSafetensorsError(
