@@ -48,6 +48,7 @@ class FileHeader:
 
     tensors: dict[str, TensorInfo]
     offsets: dict[str, tuple[int, int]]
+    data_start: int  # 8 + the header's length
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def read_header(path: Path, name: str) -> FileHeader:
     except (SafetensorError, OSError, ValueError, struct.error) as exc:
         raise CorruptShardError(f"{name}: not a valid safetensors file ({exc}); re-upload or re-save it") from exc
     start = 8 + length
-    return FileHeader(tensors, {k: (start + header[k]["data_offsets"][0], start + header[k]["data_offsets"][1]) for k in tensors})
+    return FileHeader(tensors, {k: (start + header[k]["data_offsets"][0], start + header[k]["data_offsets"][1]) for k in tensors}, start)
 
 
 class _PartialFile:
@@ -340,11 +341,12 @@ class HubSource:
                 )
         except (SafetensorsParsingError, NotASafetensorsRepoError) as exc:
             raise CorruptShardError(f"{name}: cannot read its safetensors header ({exc})") from exc
-        data = sum(t.data_offsets[1] - t.data_offsets[0] for t in meta.tensors.values())
-        start = self._files[name].size - data  # the data ends where the file ends
+        (length,) = struct.unpack("<Q", self.read_range(name, 0, 8))  # huggingface_hub parses the header, but keeps no length
+        start = 8 + length
         return FileHeader(
             {k: TensorInfo(t.dtype, tuple(t.shape)) for k, t in meta.tensors.items()},
             {k: (start + t.data_offsets[0], start + t.data_offsets[1]) for k, t in meta.tensors.items()},
+            start,
         )
 
     def fetch(self, path: str, work_dir: Path) -> Fetched:

@@ -178,16 +178,25 @@ def build_plan(
 
 
 def _stored(names: list[str], headers: dict[str, FileHeader], files: dict[str, SourceFile]) -> dict[str, Stored]:
-    """Where every stored tensor's bytes are; a file shorter or longer than its header says is refused now."""
+    """Where every stored tensor's bytes are. A file whose header does not describe its bytes exactly (each
+    tensor's size from its dtype and shape, back to back, ending where the file ends) is refused now,
+    before anything is downloaded."""
     stored = {}
     for index, name in enumerate(names):
-        offsets = headers[name].offsets
-        end = max((e for _, e in offsets.values()), default=files[name].size)
-        if end != files[name].size:
-            raise CorruptShardError(
-                f"{name}: its header lists tensor bytes up to {end}, but the file has {files[name].size}; the file is truncated or damaged"
-            )
-        stored.update({key: Stored(key, index, start, stop) for key, (start, stop) in offsets.items()})
+        header, size = headers[name], files[name].size
+        at = header.data_start
+        for key, (start, end) in sorted(header.offsets.items(), key=lambda kv: kv[1]):
+            info = header.tensors[key]
+            itemsize = STORED_DTYPES[info.dtype].itemsize if info.dtype in STORED_DTYPES else None
+            if itemsize is not None and end - start != _numel(info.shape) * itemsize:
+                raise CorruptShardError(f"{name}: tensor {key} has {end - start} bytes, not the {info.dtype} {list(info.shape)} its header says")
+            if start != at:
+                raise CorruptShardError(f"{name}: its tensors' data offsets overlap or leave gaps (at {key}); the file is damaged")
+            at = end
+            stored[key] = Stored(key, index, start, end)
+        if at != size:
+            why = "is shorter than" if at > size else "is longer than"
+            raise CorruptShardError(f"{name}: the file ({size} bytes) {why} its header says ({at} bytes); it is truncated or damaged")
     return stored
 
 
