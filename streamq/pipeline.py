@@ -59,7 +59,7 @@ class RequantizeResult:
 
 
 def stream_requantize(src: str | Path, dst: str | Path, **options) -> RequantizeResult:
-    """Re-quantize `src` into `dst` shard by shard; run it again to resume. Options: see `iter_requantize`."""
+    """Re-quantize `src` into `dst` tensor by tensor; run it again to resume. Options: see `iter_requantize`."""
     run = iter_requantize(src, dst, **options)
     while True:
         try:
