@@ -127,7 +127,7 @@ class FileFeed:
 
 
 def download(
-    source: HubSource, files: list[InputFile], first: int, last: int, start: Checkpoint, marks: Callable[[int], list[int]],
+    source: HubSource, files: list[InputFile], first: int, last: int, start: Checkpoint, marks: Callable[[int, int], list[int]],
     window: Window, saved: Callable[[int, Checkpoint], None], checked: Callable[[int], None],
 ) -> None:
     """Download files `first`..`last` (indices into `files`), the first from `start`, each to its end.
@@ -136,7 +136,7 @@ def download(
         info = files[file]
         begin = start if file == first else Checkpoint(0, None)
         window.begin_file(file)
-        feed = FileFeed(window, file, begin, marks(file), saved)
+        feed = FileFeed(window, file, begin, marks(file, info.size), saved)
         try:
             source.stream(info.name, feed)
         except BaseException:

@@ -21,6 +21,7 @@ OUTPUT_PATTERN = "model{suffix}.safetensors"
 QUANTIZED_OUTPUTS = 6  # tensors bitsandbytes writes for one weight at most (int4 writes 3)
 LONGEST_SUFFIX = ".quant_state.bitsandbytes__nf4"
 METADATA_RESERVE = 64  # the header's {"__metadata__": {"format": "pt"}} and framing
+CHECKPOINT_EVERY = 256 << 20
 
 
 @dataclass(frozen=True, order=True)
@@ -66,9 +67,12 @@ class Layout:
     waiting: dict[str, tuple[str, ...]]  # a stored part that arrives before its tensor's last part -> the tensors waiting for it
     owner: dict[str, int]  # logical key -> index of its output shard
 
-    def snapshot_offsets(self, file: int) -> list[int]:
-        """Where the download of `file` saves its hash state: every output shard's first byte in it."""
-        return sorted({o.start.offset for o in self.outputs if o.start.file == file})
+    def snapshot_offsets(self, file: int, size: int) -> list[int]:
+        """Where the download of `file` saves its hash state: every output shard's first byte in it (a
+        resumed run starts there), and every CHECKPOINT_EVERY bytes (a resumed run that only has to
+        finish checking the file starts at the last one)."""
+        starts = {o.start.offset for o in self.outputs if o.start.file == file}
+        return sorted(starts | set(range(CHECKPOINT_EVERY, size, CHECKPOINT_EVERY)))
 
 
 def plan_layout(
