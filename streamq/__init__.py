@@ -1,4 +1,4 @@
-"""streamq: re-quantize a Hugging Face model repo shard by shard, resumably: bitsandbytes NF4/FP4,
+"""streamq: re-quantize a Hugging Face model repo tensor by tensor, resumably: bitsandbytes NF4/FP4,
 compressed-tensors int4, or the dequantized bf16 checkpoint of an FP8/MXFP4 source."""
 
 __version__ = "0.1.0"

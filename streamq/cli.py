@@ -57,7 +57,7 @@ def _plan_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamq",
-        description="Re-quantize a Hugging Face model shard by shard, on a small disk: bitsandbytes NF4/FP4, compressed-tensors int4, or bf16 from an FP8/MXFP4 source.",
+        description="Re-quantize a Hugging Face model tensor by tensor, on a small disk: bitsandbytes NF4/FP4, compressed-tensors int4, or bf16 from an FP8/MXFP4 source.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -24,7 +24,6 @@ from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_downl
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff, http_stream_backoff
 from huggingface_hub.utils._runtime import is_xet_available
 from huggingface_hub.errors import EntryNotFoundError, NotASafetensorsRepoError, SafetensorsParsingError
-from safetensors import SafetensorError, safe_open
 
 from . import hub
 from .errors import CorruptShardError, SourceNotFoundError
@@ -48,6 +47,7 @@ class FileHeader:
 
     tensors: dict[str, TensorInfo]
     offsets: dict[str, tuple[int, int]]
+    data_start: int  # 8 + the header's length
 
 
 @dataclass(frozen=True)
@@ -80,17 +80,24 @@ def file_sha256(path: Path) -> str:
 
 
 def read_header(path: Path, name: str) -> FileHeader:
-    """Tensor names, dtypes, shapes and byte ranges of a local safetensors file (safetensors validates the layout)."""
+    """Tensor names, dtypes, shapes and byte ranges of a local safetensors file, from its header alone
+    (safetensors' `safe_open` maps the whole file, which a 50 GB file on a small VM cannot afford); the
+    plan checks that the header describes the file's bytes exactly."""
     try:
-        with safe_open(path, "pt") as f:
-            tensors = {k: TensorInfo(f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
         with open(path, "rb") as raw:
             (length,) = struct.unpack("<Q", raw.read(8))
+            if length > min(_MAX_HEADER, path.stat().st_size - 8):
+                raise ValueError(f"its header claims {length} bytes")
             header = json.loads(raw.read(length))
-    except (SafetensorError, OSError, ValueError, struct.error) as exc:
+        header.pop("__metadata__", None)
+        tensors = {k: TensorInfo(v["dtype"], tuple(v["shape"])) for k, v in header.items()}
+        offsets = {k: (8 + length + v["data_offsets"][0], 8 + length + v["data_offsets"][1]) for k, v in header.items()}
+    except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError, IndexError) as exc:
         raise CorruptShardError(f"{name}: not a valid safetensors file ({exc}); re-upload or re-save it") from exc
-    start = 8 + length
-    return FileHeader(tensors, {k: (start + header[k]["data_offsets"][0], start + header[k]["data_offsets"][1]) for k in tensors})
+    return FileHeader(tensors, offsets, 8 + length)
+
+
+_MAX_HEADER = 100_000_000  # what safetensors itself accepts
 
 
 class _PartialFile:
@@ -340,11 +347,12 @@ class HubSource:
                 )
         except (SafetensorsParsingError, NotASafetensorsRepoError) as exc:
             raise CorruptShardError(f"{name}: cannot read its safetensors header ({exc})") from exc
-        data = sum(t.data_offsets[1] - t.data_offsets[0] for t in meta.tensors.values())
-        start = self._files[name].size - data  # the data ends where the file ends
+        (length,) = struct.unpack("<Q", self.read_range(name, 0, 8))  # huggingface_hub parses the header, but keeps no length
+        start = 8 + length
         return FileHeader(
             {k: TensorInfo(t.dtype, tuple(t.shape)) for k, t in meta.tensors.items()},
             {k: (start + t.data_offsets[0], start + t.data_offsets[1]) for k, t in meta.tensors.items()},
+            start,
         )
 
     def fetch(self, path: str, work_dir: Path) -> Fetched:

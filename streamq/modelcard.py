@@ -37,7 +37,7 @@ def render_model_card(plan: Plan, repo_name: str, source_card: str | None, outpu
 
 # {card_text.title} version of {plan.source}
 
-Converted from {origin} with [streamq](https://pypi.org/project/streamq/), shard by shard. {card_text.description}
+Converted from {origin} with [streamq](https://pypi.org/project/streamq/), tensor by tensor. {card_text.description}
 
 | setting | value |
 | --- | --- |

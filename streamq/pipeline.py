@@ -59,7 +59,7 @@ class RequantizeResult:
 
 
 def stream_requantize(src: str | Path, dst: str | Path, **options) -> RequantizeResult:
-    """Re-quantize `src` into `dst` shard by shard; run it again to resume. Options: see `iter_requantize`."""
+    """Re-quantize `src` into `dst` tensor by tensor; run it again to resume. Options: see `iter_requantize`."""
     run = iter_requantize(src, dst, **options)
     while True:
         try:
@@ -310,6 +310,6 @@ def _final_files(source: Source, plan: Plan, manifest: Manifest, work: Path, dst
     repo_name = dst.repo_id if isinstance(dst, HubRepo) else str(dst.path)
     files["README.md"] = render_model_card(plan, repo_name, source_card, output_bytes, stats_total(manifest.shards.values())).encode()
     files["config.json"] = output_config(plan, work / "meta", trust_remote_code)
-    if not plan.single_file:
+    if len(plan.outputs) > 1:  # one output file is model.safetensors, with no index (as transformers saves it)
         files[INDEX_NAME] = output_index(plan, manifest)
     return files

@@ -58,7 +58,6 @@ class Plan:
     tensor_info: dict[str, TensorInfo]
     sizes: dict[str, int]  # bytes of every file of the source repo
     files: dict[str, FileDecision]  # every file of the source repo, and what becomes of it
-    single_file: bool
     warnings: list[str] = field(default_factory=list)
     # A quantized source: tensor_info and the shards' keys describe the dequantized (logical) checkpoint;
     # `logical` says which physical tensors each dequantized one is made from, `physical_info` is the real headers.
@@ -126,7 +125,7 @@ def build_plan(
         config = without_quantization(config)
     elif settings.quant_type == "bf16":
         raise UnsupportedModelError(f"{source.name} is not quantized; quant_type bf16 writes a quantized (FP8, MXFP4) source dequantized")
-    shard_names, index, single = _weight_files(source, files)
+    shard_names, index = _weight_files(source, files)
     on_weight_files(shard_names)
     weight_map = index["weight_map"] if index is not None else None
     file_headers = source.headers(shard_names)
@@ -171,7 +170,7 @@ def build_plan(
     decisions = classify_files(sorted(files), shard_names, source.read_text)
     sizes = {name: f.size for name, f in files.items()}
     plan = Plan(
-        source.name, source.revision, settings, config, shards, tensors, tensor_info, sizes, decisions, single, list(tensors.warnings),
+        source.name, source.revision, settings, config, shards, tensors, tensor_info, sizes, decisions, list(tensors.warnings),
         dequantizer, logical, physical_info, stored,
     )
     plan.layout = _layout(plan, shard_names)
@@ -179,16 +178,25 @@ def build_plan(
 
 
 def _stored(names: list[str], headers: dict[str, FileHeader], files: dict[str, SourceFile]) -> dict[str, Stored]:
-    """Where every stored tensor's bytes are; a file shorter or longer than its header says is refused now."""
+    """Where every stored tensor's bytes are. A file whose header does not describe its bytes exactly (each
+    tensor's size from its dtype and shape, back to back, ending where the file ends) is refused now,
+    before anything is downloaded."""
     stored = {}
     for index, name in enumerate(names):
-        offsets = headers[name].offsets
-        end = max((e for _, e in offsets.values()), default=files[name].size)
-        if end != files[name].size:
-            raise CorruptShardError(
-                f"{name}: its header lists tensor bytes up to {end}, but the file has {files[name].size}; the file is truncated or damaged"
-            )
-        stored.update({key: Stored(key, index, start, stop) for key, (start, stop) in offsets.items()})
+        header, size = headers[name], files[name].size
+        at = header.data_start
+        for key, (start, end) in sorted(header.offsets.items(), key=lambda kv: kv[1]):
+            info = header.tensors[key]
+            itemsize = STORED_DTYPES[info.dtype].itemsize if info.dtype in STORED_DTYPES else None
+            if itemsize is not None and end - start != _numel(info.shape) * itemsize:
+                raise CorruptShardError(f"{name}: tensor {key} has {end - start} bytes, not the {info.dtype} {list(info.shape)} its header says")
+            if start != at:
+                raise CorruptShardError(f"{name}: its tensors' data offsets overlap or leave gaps (at {key}); the file is damaged")
+            at = end
+            stored[key] = Stored(key, index, start, end)
+        if at != size:
+            why = "is shorter than" if at > size else "is longer than"
+            raise CorruptShardError(f"{name}: the file ({size} bytes) {why} its header says ({at} bytes); it is truncated or damaged")
     return stored
 
 
@@ -240,8 +248,8 @@ def _dequantized_dtype(name: str, config: dict[str, Any]) -> str:
     )
 
 
-def _weight_files(source: Source, files: dict[str, SourceFile]) -> tuple[list[str], dict[str, Any] | None, bool]:
-    """The shard names (sorted, as transformers orders them), the parsed index if any, and whether it is one file."""
+def _weight_files(source: Source, files: dict[str, SourceFile]) -> tuple[list[str], dict[str, Any] | None]:
+    """The shard names (sorted, as transformers orders them), and the parsed index if any."""
     if INDEX_NAME in files:
         try:
             index = json.loads(source.read_text(INDEX_NAME))
@@ -252,9 +260,9 @@ def _weight_files(source: Source, files: dict[str, SourceFile]) -> tuple[list[st
         missing = [n for n in names if n not in files]
         if missing:
             raise CorruptShardError(f"{INDEX_NAME} names shard {missing[0]}, which is not in {source.name}")
-        return names, index, False
+        return names, index
     if SINGLE_NAME in files:
-        return [SINGLE_NAME], None, True
+        return [SINGLE_NAME], None
     others = [f for f in files if WEIGHT_FILE.search(f)]
     found = f" (found: {', '.join(others[:3])})" if others else ""
     raise NoSafetensorsError(

@@ -77,6 +77,7 @@ class Scheduler:
         """Yield a record per output shard of `todo`, in order, as each is published."""
         outputs = self.layout.outputs
         floor = min((outputs[i].start for i in todo), default=None)
+        self._publisher.submit(self._promote_ready).result()  # taken up from the journal, of files an earlier run checked
         self._window = self._start_download(todo, floor)
         if todo:
             (self.work / "out").mkdir(parents=True, exist_ok=True)
@@ -203,6 +204,9 @@ class Scheduler:
         self._checked.add(name)
         self.manifest.verified[name] = self._sha(name) or ""
         self.manifest.checkpoints.pop(name, None)
+        self._promote_ready()
+
+    def _promote_ready(self) -> None:
         ready = sorted(n for n, e in self.manifest.pending.items() if all(f in self._checked for f in e.inputs))
         for shard in ready:
             self.manifest.shards[shard] = self.manifest.pending.pop(shard)

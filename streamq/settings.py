@@ -63,6 +63,8 @@ class QuantSettings:
 
 def _size(value: int | str) -> int:
     """`max_shard_size` in bytes, read as transformers' `save_pretrained` reads it."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
     if isinstance(value, str):
         from huggingface_hub.serialization._base import parse_size_to_int
 

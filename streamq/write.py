@@ -103,8 +103,8 @@ class SafetensorsWriter:
         """Check before writing; returns (file offset, nbytes). Bytes count only once _end records the entry."""
         if self._fd is None:
             raise ValueError(f"{self.partial.name}: the writer was already finalized or aborted")
-        if key in self._entries:
-            raise ValueError(f"duplicate tensor key {key!r}")
+        if key in self._entries or key == "__metadata__":
+            raise ValueError(f"duplicate (or reserved) tensor key {key!r}")
         if dtype not in _CODES:
             raise ValueError(f"{key}: safetensors has no dtype code for {dtype}")
         return 8 + self.reserve + self._data, math.prod(int(d) for d in shape) * dtype.itemsize

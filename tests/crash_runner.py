@@ -15,11 +15,11 @@ import sys
 
 # point -> (module, attribute path, "before" or "after" the call)
 POINTS = {
-    "before-download": ("streamq.fetch", "HubSource.fetch", "before"),
-    "after-download": ("streamq.fetch", "HubSource.fetch", "after"),
-    "before-local-read": ("streamq.fetch", "LocalSource.fetch", "before"),
-    "during-quantize": ("streamq.quantize", "quantize_weight", "before"),
-    "after-write": ("streamq.convert", "write_shard", "after"),
+    "before-download": ("streamq.fetch", "HubSource.stream", "before"),
+    "after-download": ("streamq.fetch", "HubSource.stream", "after"),
+    "before-local-read": ("streamq.window", "InPlace.mapped", "before"),
+    "during-quantize": ("streamq.convert", "quantize_weight", "before"),
+    "after-write": ("streamq.write", "SafetensorsWriter.finalize", "after"),
     "during-upload": ("huggingface_hub.lfs", "_upload_single_part", "after"),  # bytes sent, not verified
     "between-upload-and-commit": ("streamq.publish", "HubSink._commit", "before"),
     "after-commit": ("streamq.publish", "HubSink._commit", "after"),

@@ -12,15 +12,14 @@ import pytest
 import streamq
 from streamq import plan_requantize, read_status, stream_requantize, verify_output
 from streamq.cli import main
-from streamq.plan import expected_output_size
-from tiny_models import make_model
+from tiny_models import OUT_SHARD, make_model
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("out")
     src = make_model(root / "src")
-    stream_requantize(src, root / "out", progress=False)
+    stream_requantize(src, root / "out", progress=False, max_shard_size=OUT_SHARD)
     return src, root / "out"
 
 
@@ -29,7 +28,8 @@ def test_non_weight_files_carried_unchanged_and_weights_not(converted) -> None:
     assert (out / "tokenizer_config.json").read_bytes() == (src / "tokenizer_config.json").read_bytes()
     assert (out / "nested" / "notes.txt").read_bytes() == (src / "nested" / "notes.txt").read_bytes()
     assert (out / "generation_config.json").read_bytes() == (src / "generation_config.json").read_bytes()
-    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in src.glob("*.safetensors"))
+    names = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(names) > 1 and names == [f"model-{i:05d}-of-{len(names):05d}.safetensors" for i in range(1, len(names) + 1)]
 
 
 def test_model_card_metadata_settings_and_original_text(converted) -> None:
@@ -46,11 +46,12 @@ def test_model_card_metadata_settings_and_original_text(converted) -> None:
 
 def test_plan_reads_headers_and_predicts_sizes(converted) -> None:
     src, out = converted
-    plan = plan_requantize(src)
+    plan = plan_requantize(src, max_shard_size=OUT_SHARD)
     manifest = json.loads((out / "streamq_manifest.json").read_text())
-    for shard in plan.shards:
-        actual = manifest["shards"][shard.name]["output_size"]
-        assert actual <= expected_output_size(shard, plan) <= actual * 1.2 + 2048
+    assert [o.name for o in plan.outputs] == sorted(manifest["shards"])
+    for output in plan.outputs:
+        actual = manifest["shards"][output.name]["output_size"]
+        assert actual <= output.expected_size <= actual * 1.2 + 4096
     quantized = {k for k, r in plan.rules.items() if r.action == "quantize"}
     assert "model.layers.0.self_attn.q_proj.weight" in quantized and "lm_head.weight" not in quantized
 
@@ -92,9 +93,9 @@ def test_status_and_cli_json(converted, capsys) -> None:
 
 def test_cli_requantize_runs_and_reports(tmp_path: Path, converted, capsys) -> None:
     src, _ = converted
-    assert main(["requantize", str(src), str(tmp_path / "cli-out"), "--quant-type", "fp4", "--json"]) == 0
+    assert main(["requantize", str(src), str(tmp_path / "cli-out"), "--quant-type", "fp4", "--max-shard-size", OUT_SHARD, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["shards"] == len(list(src.glob("*.safetensors"))) and result["ratio"] > 1
+    assert result["shards"] == len(list((tmp_path / "cli-out").glob("*.safetensors"))) > 1 and result["ratio"] > 1
     assert read_status(tmp_path / "cli-out").settings["quant_type"] == "fp4"
 
 

@@ -24,6 +24,10 @@ FAMILIES = {
 }
 
 
+# Output shards of tiny models: small enough that a test model gives several (the default is 1GB).
+OUT_SHARD = "40KB"
+
+
 def make_model(path: Path, family: str = "llama", dtype: torch.dtype = torch.bfloat16, max_shard_size: str = "40KB", seed: int = 0) -> Path:
     """Save a random model of `family` in `dtype`, sharded so that tiny models still have several shards."""
     from transformers import AutoModelForCausalLM
@@ -87,19 +91,20 @@ def byte_mismatches(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor])
     return bad
 
 
-def fail_on_nth_shard(monkeypatch, n: int) -> list[str]:
-    """Make the pipeline raise OSError when it starts converting its n-th shard (once); returns the
-    names of the shards it was asked to convert, so a test can check what a resumed run redid."""
-    import streamq.schedule as schedule
+def fail_on_nth_shard(monkeypatch, n: int, error: Exception | None = None) -> list[str]:
+    """Make the pipeline raise `error` (OSError by default) when it starts writing its n-th output shard
+    (once); returns the names of the output shards it started, so a test can check what a resumed run redid."""
+    import streamq.convert as convert
 
-    real, calls, fired = schedule.convert_arriving, [], []
+    real, calls, fired = convert.SafetensorsWriter, [], []
 
-    def failing(arrival, fetched, shard, *args, **kwargs):
-        calls.append(shard.name)
-        if len(calls) == n and not fired:
-            fired.append(shard.name)
-            raise OSError("injected failure")
-        return real(arrival, fetched, shard, *args, **kwargs)
+    class Failing(real):
+        def __init__(self, path, *args, **kwargs):
+            calls.append(path.name)
+            if len(calls) == n and not fired:
+                fired.append(path.name)
+                raise error or OSError("injected failure")
+            super().__init__(path, *args, **kwargs)
 
-    monkeypatch.setattr(schedule, "convert_arriving", failing)
+    monkeypatch.setattr(convert, "SafetensorsWriter", Failing)
     return calls

@@ -114,7 +114,7 @@ def logical_checkpoint(
 ) -> tuple[dict[str, dict[str, TensorInfo]], dict[str, LogicalTensor]]:
     """Each shard's header as the dequantized checkpoint would have it, and the logical tensors.
 
-    A logical tensor is made from parts of one shard only: streamq converts shard by shard."""
+    A logical tensor is made from parts of one file only."""
     logical_headers: dict[str, dict[str, TensorInfo]] = {}
     logical: dict[str, LogicalTensor] = {}
     for name, header in headers.items():
@@ -123,8 +123,8 @@ def logical_checkpoint(
         orphans = [key for key in header if key.endswith(dequantizer.scale_suffixes) and key not in consumed]
         if orphans:
             raise UnsupportedDtypeError(
-                f"{name}: {orphans[0]} has no quantized weight beside it in this shard; streamq dequantizes "
-                "shard by shard and needs each weight and its scales in one file"
+                f"{name}: {orphans[0]} has no quantized weight beside it in this file; streamq dequantizes "
+                "each weight with its scales from one file"
             )
         shard = {key: info for key, info in header.items() if key not in consumed}
         shard.update({key: tensor.info for key, tensor in found.items()})
@@ -133,7 +133,7 @@ def logical_checkpoint(
             raise UnsupportedDtypeError(
                 f"{name}: tensor {leftover[0]} is {shard[leftover[0]].dtype} but is not part of a {dequantizer.method} "
                 "weight streamq knows how to dequantize (its scales are missing from this shard, or named otherwise); streamq "
-                "dequantizes shard by shard and needs each weight and its scales in one file"
+                "needs each weight with its scales in one file"
             )
         logical_headers[name] = shard
         logical.update(found)

@@ -173,14 +173,26 @@ class RequestLog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._records: list[RequestRecord] = []
+        self._sent: dict[str, int] = {}  # response body bytes written, by path
 
     def append(self, record: RequestRecord) -> None:
         with self._lock:
             self._records.append(record)
 
+    def add_sent(self, path: str, size: int) -> None:
+        with self._lock:
+            self._sent[path] = self._sent.get(path, 0) + size
+
+    def sent(self, path: str = "") -> int:
+        """Response body bytes written for paths matching the regex `path` (what a client downloaded)."""
+        pattern = re.compile(path)
+        with self._lock:
+            return sum(size for p, size in self._sent.items() if pattern.search(p))
+
     def clear(self) -> None:
         with self._lock:
             self._records.clear()
+            self._sent.clear()
 
     def __iter__(self) -> Iterator[RequestRecord]:
         with self._lock:
@@ -266,7 +278,7 @@ class HubHandler(BaseHTTPRequestHandler):
             # Logged before the answer goes out, so a client that has its answer always finds it in the log.
             self.server.requests.append(RequestRecord(self.command, path, status))
             logged = True
-            self._transmit(status, headers, chunks, fault)
+            self._transmit(status, headers, chunks, fault, path)
         except ConnectionDropped:
             self._reset()
         except OSError:
@@ -324,7 +336,7 @@ class HubHandler(BaseHTTPRequestHandler):
         headers["Content-Length"] = str(last - first + 1)
         return status, headers, _file_chunks(response.file, first, last - first + 1, chunk_size)
 
-    def _transmit(self, status: int, headers: dict[str, str], chunks: Iterator[bytes], fault: Fault | None) -> None:
+    def _transmit(self, status: int, headers: dict[str, str], chunks: Iterator[bytes], fault: Fault | None, path: str) -> None:
         """Send the answer; `reset`, `truncate`, `throttle` and (for downloads) `trickle` faults act on its body here."""
         self.send_response(status)
         for name, value in headers.items():
@@ -345,6 +357,7 @@ class HubHandler(BaseHTTPRequestHandler):
             else:
                 self.wfile.write(chunk)
             sent += len(chunk)
+            self.server.requests.add_sent(path, len(chunk))
         if cut is None:
             return
         if fault is not None and fault.kind == "reset":
