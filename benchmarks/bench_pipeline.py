@@ -36,8 +36,8 @@ probe downloads the first --probe-mb of the largest file). The throttle is per c
 downloads a checkpoint's shards over up to 8 connections at once, and upload_folder sends up to 5 files at
 once, so the recipe's wall time under a throttle is optimistic, and llmcompressor's upload part (its
 model_free_ptq fetches one file at a time); their disk and RAM are not affected. Every run also records
-the bytes the emulator sent of each source file (`source_bytes_served`: each byte once, plus the ~100 kB
-a header read takes).
+the bytes the emulator sent of each source file (`source_bytes_served`: each byte once, plus what planning
+reads of its header).
 
     python benchmarks/bench_pipeline.py                          # ~4.5 GB model in 10 shards, 200 MB/s, then unthrottled
     python benchmarks/bench_pipeline.py --layers 4 --repeat 2 --no-unthrottled --json /tmp/small.json
@@ -344,39 +344,20 @@ class Measurement:
 
 
 class Served:
-    """Bytes the emulator (in this process) has sent of each stored object, by its sha256: file bodies
-    only, whole or by Range, each piece counted once the socket took it."""
+    """Bytes the emulator has sent of each source file, from its request log's count of response body
+    bytes by path (a storage URL ends with the object's sha256): whole files and Range requests alike."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sent: dict[str, int] = {}
-        self._installed = False
+    hub: Any = None  # the LocalHub of this process, once started
 
-    def install(self) -> None:
-        from streamq.testing import protocol
-
-        if self._installed:
-            return
-        original = protocol._file_chunks
-
-        def counting(path: Path, first: int, length: int, chunk_size: int) -> Iterator[bytes]:
-            key = path.parent.name + path.name  # objects/ab/cdef...: the sha256
-            for data in original(path, first, length, chunk_size):
-                yield data
-                with self._lock:
-                    self._sent[key] = self._sent.get(key, 0) + len(data)
-
-        protocol._file_chunks = counting
-        self._installed = True
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._sent)
+    def snapshot(self, objects: dict[str, str]) -> dict[str, int]:
+        """Bytes sent so far of each source file (`objects`: sha256 -> name)."""
+        if self.hub is None:
+            return {name: 0 for name in objects.values()}
+        return {name: self.hub.requests.sent(rf"^/storage/.*/{sha}$") for sha, name in objects.items()}
 
     def since(self, before: dict[str, int], objects: dict[str, str]) -> dict[str, int]:
-        """Bytes sent of each source file (`objects`: sha256 -> name) since `before` was taken."""
-        now = self.snapshot()
-        return {name: now.get(sha, 0) - before.get(sha, 0) for sha, name in objects.items()}
+        now = self.snapshot(objects)
+        return {name: now[name] - before.get(name, 0) for name in now}
 
 
 SERVED = Served()
@@ -866,10 +847,11 @@ def run_scenario(name: str, shapes: Shapes, endpoint: str, scratch: Path, setup:
     scenario, device = split_run(name, setup.device)
     params = scenario_params(scenario, shapes, endpoint, scratch, device, setup)
     area = scratch / params["dst"].split("/")[1]
-    served = SERVED.snapshot()
+    objects = source_objects(endpoint)
+    served = SERVED.snapshot(objects)
     try:
         measured = replace(run_child(scenario, params, area, setup.cpus), scenario=name)
-        measured.details["source_bytes_served"] = SERVED.since(served, source_objects(endpoint))
+        measured.details["source_bytes_served"] = SERVED.since(served, objects)
         shards = output_shards(endpoint, params["dst"])
         measured.details["output_shard_bytes"] = {name: size for name, (size, _) in shards.items()}
         measured.details["output_shard_sha256"] = {name: sha for name, (_, sha) in shards.items()}
@@ -1082,7 +1064,7 @@ def kill_and_resume(
     params["work_dir"] = str(work)
     sizes = dict(shapes.inputs)
     try:
-        before = SERVED.snapshot()
+        before = SERVED.snapshot(objects)
         started = time.monotonic()
         peak_disk = peak_rss = 0
         proc, _ = start_child("strict", params, first, setup.cpus)
@@ -1108,7 +1090,7 @@ def kill_and_resume(
         second = scratch / f"kill-{mode}-2"
         if mode == "fresh":
             params["work_dir"] = str(second / "work")
-        before = SERVED.snapshot()
+        before = SERVED.snapshot(objects)
         measured = run_child("strict", params, second, setup.cpus, watch=first if mode == "kept" else second)
         served = SERVED.since(before, objects)
         shards = output_shards(hub.endpoint, params["dst"])
@@ -1415,7 +1397,6 @@ def main() -> None:
         raise SystemExit("--kill-resume: kept, fresh or both (kept,fresh)")
     if args.sparse and not args.source_direct:
         raise SystemExit("--sparse writes the source into the emulator's storage: add --source-direct")
-    SERVED.install()
     runs = [split_run(name, args.device) for name in args.scenarios]
     if "raw" not in args.scenarios or any(s not in SCENARIOS + ABLATIONS or d not in DEVICES for s, d in runs):
         raise SystemExit(f"--scenarios: a subset of {','.join(SCENARIOS + ABLATIONS)} that includes raw (the baseline), "
@@ -1464,6 +1445,7 @@ def main() -> None:
 
     try:
         with LocalHub(hub_root) as hub:
+            SERVED.hub = hub
             shapes, source = publish_model(hub, spec, args.seed, scratch, args.source_direct, args.sparse, args.max_shard_size)
             results = run_all(hub, shapes, scratch, args, setup, save)
             for result in results:
