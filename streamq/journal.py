@@ -36,40 +36,39 @@ class UploadJournal:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def entries(self, ident: dict[str, Any]) -> tuple[dict[str, ShardEntry], dict[str, dict[str, Any]]]:
-        """The journal's shards and the source files' hash checkpoints at their time, if it was written
+    def entries(self, ident: dict[str, Any]) -> tuple[dict[str, ShardEntry], dict[str, Any]]:
+        """The journal's shards, and the source files' progress at their time (`verified`: files whose
+        sha256 checked out; `checkpoints`: hash states of files still being checked), if it was written
         for `ident`; nothing if not, or if it is unreadable."""
         try:
             data = json.loads(self.path.read_text())
             if data.get("identity") != ident:
                 return {}, {}
-            return {name: ShardEntry(**entry) for name, entry in data["shards"].items()}, dict(data.get("checkpoints", {}))
+            return {name: ShardEntry(**entry) for name, entry in data["shards"].items()}, dict(data.get("progress", {}))
         except FileNotFoundError:
             return {}, {}
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             logger.warning("ignoring the upload journal %s (%s)", self.path, exc)
             return {}, {}
 
-    def record(self, ident: dict[str, Any], name: str, entry: ShardEntry, checkpoints: dict[str, dict[str, Any]]) -> None:
+    def record(self, ident: dict[str, Any], name: str, entry: ShardEntry, progress: dict[str, Any]) -> None:
         """Add a shard whose upload has returned (a journal of another run is replaced)."""
         shards, _ = self.entries(ident)
         shards[name] = entry
-        self._write(ident, shards, checkpoints)
+        self._write(ident, shards, progress)
 
     def forget(self, ident: dict[str, Any], names: set[str]) -> None:
         """Drop shards that are committed (or not to be trusted)."""
-        shards, checkpoints = self.entries(ident)
+        shards, progress = self.entries(ident)
         if names & shards.keys():
-            self._write(ident, {n: e for n, e in shards.items() if n not in names}, checkpoints)
+            self._write(ident, {n: e for n, e in shards.items() if n not in names}, progress)
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
 
-    def _write(self, ident: dict[str, Any], shards: dict[str, ShardEntry], checkpoints: dict[str, dict[str, Any]]) -> None:
+    def _write(self, ident: dict[str, Any], shards: dict[str, ShardEntry], progress: dict[str, Any]) -> None:
         partial = self.path.with_name(self.path.name + ".partial")
-        data = json.dumps(
-            {"identity": ident, "shards": {n: asdict(e) for n, e in shards.items()}, "checkpoints": checkpoints}, indent=1, sort_keys=True
-        )
+        data = json.dumps({"identity": ident, "shards": {n: asdict(e) for n, e in shards.items()}, "progress": progress}, indent=1, sort_keys=True)
         with open(partial, "w") as f:
             f.write(data)
             f.flush()

@@ -251,11 +251,11 @@ class HubSink:
         to this job's source files. Shards whose object is gone are converted again."""
         found: dict[str, ShardEntry] = {}
         if self._journal is not None:
-            journal, checkpoints = self._journal.entries(self._ident(manifest))
+            journal, progress = self._journal.entries(self._ident(manifest))
             found = {n: e for n, e in journal.items() if n not in manifest.shards and n not in manifest.pending}
-            for file, point in checkpoints.items():  # the journal's are later than the manifest's
-                if file not in manifest.verified:
-                    manifest.checkpoints[file] = point
+            if found:  # the journal's progress is later than the manifest's
+                manifest.verified.update(progress.get("verified", {}))
+                manifest.checkpoints.update({f: p for f, p in progress.get("checkpoints", {}).items() if f not in manifest.verified})
         candidates = {**manifest.pending, **found}
         if not candidates:
             return
@@ -334,7 +334,8 @@ class HubSink:
         if getattr(op, "_is_uploaded", False):  # LFS: the commit only needs its sha256 from now on
             local.unlink()
             if self._journal is not None:
-                self._journal_call(self._journal.record, self._ident(manifest), name, entry, manifest.checkpoints)
+                progress = {"verified": manifest.verified, "checkpoints": manifest.checkpoints}
+                self._journal_call(self._journal.record, self._ident(manifest), name, entry, progress)
         else:  # a regular upload is read at commit time
             op.path_or_fileobj = str(local)
             self._delete_after_commit[name] = local

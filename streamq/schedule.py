@@ -66,6 +66,7 @@ class Scheduler:
         self._downloader: threading.Thread | None = None
         self._window: Window | InPlace | None = None
         self._recorded = set(manifest.shards) | set(manifest.pending)
+        self._failed: set[str] = set()  # source files whose sha256 did not match
         self._started = time.monotonic()
 
     def input_bytes(self, index: int) -> int:
@@ -159,6 +160,9 @@ class Scheduler:
         try:
             if self._publish_failed.is_set():
                 raise StreamqError(f"{name} not published: an earlier shard failed")
+            if self._failed.intersection(made.shard.files):
+                made.written.path.unlink(missing_ok=True)
+                raise StreamqError(f"{name} not published: made from a file that failed its sha256 check")
             self.bar.set_postfix_str(f"publishing {name}")
             entry = ShardEntry(
                 output_name=name, output_size=made.written.size, output_sha256=digest.result(), tensor_bytes=made.written.tensor_bytes,
@@ -190,7 +194,7 @@ class Scheduler:
         at or before the first byte of every output shard not recorded yet."""
         for file, snapshots in list(self._snapshots.items()):
             name = self.files[file].name
-            if name in self._checked:
+            if name in self._checked or name in self._failed:
                 continue
             limit = min(
                 (o.start.offset for o in self.layout.outputs if o.name not in self._recorded and o.start.file == file), default=1 << 62
@@ -214,6 +218,7 @@ class Scheduler:
             self.sink.promote(ready, self.manifest)
 
     def _discard(self, name: str) -> None:
+        self._failed.add(name)
         dropped = sorted(n for n, e in self.manifest.pending.items() if name in e.inputs)
         for shard in dropped:
             del self.manifest.pending[shard]

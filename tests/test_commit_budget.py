@@ -15,7 +15,7 @@ from huggingface_hub import HfApi, snapshot_download
 from streamq import stream_requantize, verify_output
 from streamq.commits import HOUR, CommitBudget
 from streamq.testing import LocalHub
-from tiny_models import make_model
+from tiny_models import OUT_SHARD, make_model
 
 RUNNER = Path(__file__).with_name("crash_runner.py")
 
@@ -90,7 +90,7 @@ def hub_and_model(tmp_path_factory):
         api = HfApi(endpoint=hub.endpoint, token="hf_test")
         api.create_repo("org/model")
         api.upload_folder(repo_id="org/model", folder_path=src)
-        stream_requantize("org/model", "me/clean", endpoint=hub.endpoint, progress=False)
+        stream_requantize("org/model", "me/clean", endpoint=hub.endpoint, progress=False, max_shard_size=OUT_SHARD)
         clean = files_of(api, "me/clean", root / "clean")
         yield hub, api, len(list(src.glob("*.safetensors"))), clean
 
@@ -114,7 +114,7 @@ def shards_per_commit(api: HfApi, repo_id: str) -> list[int]:
 
 def test_small_model_commits_every_shard_as_it_is_uploaded(tmp_path: Path, hub_and_model) -> None:
     hub, api, n_shards, clean = hub_and_model
-    stream_requantize("org/model", "me/small", endpoint=hub.endpoint, progress=False)
+    stream_requantize("org/model", "me/small", endpoint=hub.endpoint, progress=False, max_shard_size=OUT_SHARD)
     assert shards_per_commit(api, "me/small") == [1] * n_shards  # the last one with the final files
     assert files_of(api, "me/small", tmp_path / "o") == clean
 
@@ -125,7 +125,7 @@ def test_the_output_repos_own_recent_commits_count_against_the_budget(tmp_path: 
     for i in range(3):  # 6 more, leaving no file behind (else the output would not be streamq's to write)
         api.upload_file(path_or_fileobj=b"x", path_in_repo=f"f{i}.txt", repo_id="me/busy")
         api.delete_file(f"f{i}.txt", repo_id="me/busy")
-    stream_requantize("org/model", "me/busy", endpoint=hub.endpoint, progress=False, commits_per_hour=10)
+    stream_requantize("org/model", "me/busy", endpoint=hub.endpoint, progress=False, max_shard_size=OUT_SHARD, commits_per_hour=10)
     commits = api.list_repo_commits("me/busy")
     assert len(commits) == 10  # 7 earlier + 3: the first shard, the next ones together, the last with the final files
     assert shards_per_commit(api, "me/busy")[-3:] == [1, n_shards - 2, 1]
@@ -134,7 +134,7 @@ def test_the_output_repos_own_recent_commits_count_against_the_budget(tmp_path: 
 
 def test_many_shards_are_committed_in_even_batches_within_the_budget(tmp_path: Path, hub_and_model) -> None:
     hub, api, n_shards, clean = hub_and_model
-    stream_requantize("org/model", "me/batched", endpoint=hub.endpoint, progress=False, commits_per_hour=5)
+    stream_requantize("org/model", "me/batched", endpoint=hub.endpoint, progress=False, max_shard_size=OUT_SHARD, commits_per_hour=5)
     assert len(api.list_repo_commits("me/batched")) == 5  # creation, first shard, two batches, final
     assert shards_per_commit(api, "me/batched") == [1, 3, 2, 1]  # 5 between first and last: ceil(5/2), then 2
     assert files_of(api, "me/batched", tmp_path / "o") == clean
@@ -153,7 +153,8 @@ def killed_between_upload_and_commit(hub: LocalHub, api: HfApi, repo: str, work:
     """A run with a budget of 4 commits (creation, first shard, one batch, final), killed just before its
     batch commit: shards 2-6 are uploaded, journaled and not committed. Returns the CLI arguments and the
     shards the Hub's manifest lists."""
-    args = ("requantize", "org/model", repo, "--endpoint", hub.endpoint, "--work-dir", str(work), "--commits-per-hour", "4")
+    args = ("requantize", "org/model", repo, "--endpoint", hub.endpoint, "--work-dir", str(work), "--commits-per-hour", "4",
+            "--max-shard-size", OUT_SHARD)
     killed = run_cli(*args, die_at="between-upload-and-commit", nth=2)
     assert killed.returncode == -9, killed.stderr[-2000:]
     manifest = Path(api.hf_hub_download(repo, "streamq_manifest.json", local_dir=work.parent / "m"))
@@ -162,10 +163,12 @@ def killed_between_upload_and_commit(hub: LocalHub, api: HfApi, repo: str, work:
     return args, set(json.loads(manifest.read_text())["shards"])
 
 
-def source_downloads(hub: LocalHub, api: HfApi) -> int:
-    """Whole-shard GETs of the source's LFS objects (header reads are Range GETs: 206)."""
-    oids = {s.lfs.sha256 for s in api.model_info("org/model", files_metadata=True).siblings if s.lfs}
-    return sum(1 for r in hub.requests if r.method == "GET" and r.status == 200 and r.path.rsplit("/", 1)[-1] in oids)
+def source_downloads(hub: LocalHub, api: HfApi) -> float:
+    """Bytes of the source's LFS objects streamed, in source files, over the header reads every run makes
+    while planning (huggingface_hub's first 100,001 bytes of each file, and streamq's 8-byte read)."""
+    sizes = {s.lfs.sha256: s.size for s in api.model_info("org/model", files_metadata=True).siblings if s.lfs}
+    headers = sum(min(size, 100_001) + 8 for size in sizes.values())
+    return (sum(hub.requests.sent(oid) for oid in sizes) - headers) / (sum(sizes.values()) / len(sizes))
 
 
 def test_resume_commits_the_shards_a_killed_run_uploaded(tmp_path: Path, hub_and_model) -> None:
@@ -195,7 +198,9 @@ def test_resume_does_not_trust_a_journal_whose_object_is_gone(tmp_path: Path, hu
     done = run_cli(*args, "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["shards_skipped"] == n_shards - 2  # the lost one was converted again
-    assert 1 <= source_downloads(hub, api) <= 2
+    # from the lost shard's first byte on: its bytes are checked by a hash of its whole file, resumed at
+    # the file's last checkpoint, so the stream runs on from there
+    assert 1 <= source_downloads(hub, api) <= n_shards
     assert files_of(api, "me/collected", tmp_path / "o") == clean
     assert verify_output("me/collected", endpoint=hub.endpoint).ok
 
@@ -205,15 +210,16 @@ def test_journal_entries_belong_to_one_job(tmp_path: Path) -> None:
     from streamq.manifest import Manifest, ShardEntry
 
     job = Manifest("org/model", "a" * 40, {"quant_type": "nf4"}, "cpu", "1.0")
-    entry = ShardEntry("s.safetensors", "1" * 64, 10, "s.safetensors", 5, "2" * 64, 4, ["w"])
+    entry = ShardEntry("s.safetensors", 5, "2" * 64, 4, ["w"], {"model.safetensors": "1" * 64})
+    progress = {"verified": {}, "checkpoints": {"model.safetensors": {"offset": 8, "state": "00"}}}
     journal = UploadJournal(tmp_path / "j.json")
-    journal.record(identity("me/out@main", job), "s.safetensors", entry)
-    assert journal.entries(identity("me/out@main", job)) == {"s.safetensors": entry}
+    journal.record(identity("me/out@main", job), "s.safetensors", entry, progress)
+    assert journal.entries(identity("me/out@main", job)) == ({"s.safetensors": entry}, progress)
     other = Manifest("org/model", "b" * 40, {"quant_type": "nf4"}, "cpu", "1.0")  # another source revision
-    assert journal.entries(identity("me/out@main", other)) == {}
-    assert journal.entries(identity("me/elsewhere@main", job)) == {}
+    assert journal.entries(identity("me/out@main", other)) == ({}, {})
+    assert journal.entries(identity("me/elsewhere@main", job)) == ({}, {})
     (tmp_path / "j.json").write_text("{not json")
-    assert journal.entries(identity("me/out@main", job)) == {}  # unreadable: ignored, never trusted
+    assert journal.entries(identity("me/out@main", job)) == ({}, {})  # unreadable: ignored, never trusted
 
 
 def test_overwrite_discards_what_the_journal_took_up(tmp_path: Path, hub_and_model) -> None:
@@ -241,7 +247,7 @@ def test_a_journaled_object_the_hub_lacks_is_refused_at_commit_even_if_the_check
     killed_between_upload_and_commit(hub, api, "me/raced", work)
     journal = json.loads((work / "uploaded-not-committed.json").read_text())["shards"]
     hub.drop_object("me/raced", journal[sorted(journal)[0]]["output_sha256"])
-    options = dict(endpoint=hub.endpoint, progress=False, work_dir=work, commits_per_hour=4)
+    options = dict(endpoint=hub.endpoint, progress=False, max_shard_size=OUT_SHARD, work_dir=work, commits_per_hour=4)
 
     with monkeypatch.context() as patch:
         patch.setattr(HubSink, "_objects_on_hub", lambda self, objects: {sha for sha, _ in objects})
@@ -256,5 +262,5 @@ def test_a_journaled_object_the_hub_lacks_is_refused_at_commit_even_if_the_check
 def test_a_budget_below_one_is_refused_before_the_output_is_created(hub_and_model) -> None:
     hub, api, _, _ = hub_and_model
     with pytest.raises(ValueError, match="commits_per_hour must be at least 1"):
-        stream_requantize("org/model", "me/never", endpoint=hub.endpoint, progress=False, commits_per_hour=0)
+        stream_requantize("org/model", "me/never", endpoint=hub.endpoint, progress=False, max_shard_size=OUT_SHARD, commits_per_hour=0)
     assert not api.repo_exists("me/never")

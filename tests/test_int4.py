@@ -176,7 +176,7 @@ def test_hub_to_hub_int4_resumes_after_a_failure(tmp_path: Path, monkeypatch) ->
         api = HfApi(endpoint=hub.endpoint, token="hf_test")
         api.create_repo("org/qat")
         api.upload_folder(repo_id="org/qat", folder_path=src)
-        options = dict(quant_type="int4", blocksize=32, endpoint=hub.endpoint, token="hf_test", progress=False)
+        options = dict(quant_type="int4", blocksize=32, endpoint=hub.endpoint, token="hf_test", progress=False, max_shard_size="20KB")
         calls = fail_on_nth_shard(monkeypatch, 2)
         with pytest.raises(OSError, match="injected"):
             stream_requantize("org/qat", "me/qat-int4", **options)

@@ -14,7 +14,7 @@ import streamq.pipeline
 import streamq.retry
 from streamq import stream_requantize, verify_output
 from streamq.testing import Fault, LocalHub
-from tiny_models import make_model
+from tiny_models import OUT_SHARD, make_model
 
 SHARD_BYTES = r"^/storage/"  # LFS objects (the shards) are served from storage URLs
 
@@ -36,7 +36,7 @@ def hub(tmp_path: Path, model: Path, monkeypatch):
 
 
 def run(hub: LocalHub, **kwargs) -> streamq.RequantizeResult:
-    return stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, **kwargs)
+    return stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, **{"max_shard_size": OUT_SHARD, **kwargs})
 
 
 TRANSIENT = {
@@ -83,26 +83,19 @@ def big_hub(tmp_path: Path, monkeypatch):
         yield hub
 
 
-def no_head_start(monkeypatch) -> None:
-    """The first download waits for the plan, as the others do: faults armed when it starts must not
-    hit the header reads, which come after a head start."""
-    monkeypatch.setattr(streamq.pipeline, "_fresh_output", lambda *args: False)
-
-
 def test_broken_download_resumes_with_range_instead_of_starting_over(big_hub: LocalHub, monkeypatch) -> None:
     from streamq.fetch import HubSource
 
     hub = big_hub
-    real_fetch, armed = HubSource.fetch, []
-    no_head_start(monkeypatch)
+    real_stream, armed = HubSource.stream, []
 
-    def fetch_with_fault(self, path, work_dir, arrival=None):  # arm the fault once planning (header reads) is over
+    def stream_with_fault(self, path, sink):  # arm the fault once planning (header reads) is over
         if not armed:
             armed.append(hub.faults.add(Fault.truncate(after_bytes=11_000_000, method="GET", path=SHARD_BYTES, times=1)))
-        return real_fetch(self, path, work_dir, arrival)
+        return real_stream(self, path, sink)
 
-    monkeypatch.setattr(HubSource, "fetch", fetch_with_fault)
-    run(hub)
+    monkeypatch.setattr(HubSource, "stream", stream_with_fault)
+    run(hub, max_shard_size="2MB")
     assert armed[0].fired == 1
     records = list(hub.requests)
     broken = next(i for i, r in enumerate(records) if r.path.startswith("/storage/") and r.status in (200, None))
@@ -116,15 +109,15 @@ def test_a_stream_that_keeps_breaking_goes_on_while_it_moves_forward(big_hub: Lo
     from streamq.fetch import HubSource
 
     hub, breaks = big_hub, streamq.retry.ATTEMPTS + 2
-    real_fetch, armed = HubSource.fetch, []
+    real_stream, armed = HubSource.stream, []
 
-    def fetch_with_fault(self, path, work_dir, arrival=None):
+    def stream_with_fault(self, path, sink):
         if not armed:
             armed.append(hub.faults.add(Fault.truncate(after_bytes=2_000_000, method="GET", path=SHARD_BYTES, times=breaks)))
-        return real_fetch(self, path, work_dir, arrival)
+        return real_stream(self, path, sink)
 
-    monkeypatch.setattr(HubSource, "fetch", fetch_with_fault)
-    run(hub)
+    monkeypatch.setattr(HubSource, "stream", stream_with_fault)
+    run(hub, max_shard_size="2MB")
     assert armed[0].fired == breaks
     assert verify_output("me/out", endpoint=hub.endpoint).ok
 
@@ -139,30 +132,36 @@ def test_persistent_fault_gives_up_clearly_and_next_run_resumes(tmp_path: Path, 
     assert verify_output("me/out", endpoint=hub.endpoint).ok and result.shards_skipped == 0
 
 
-def test_download_partial_survives_the_run_and_is_resumed_by_the_next(tmp_path: Path, big_hub: LocalHub, monkeypatch) -> None:
+def test_a_download_that_gives_up_is_resumed_by_the_next_run_inside_its_file(tmp_path: Path, big_hub: LocalHub, monkeypatch) -> None:
+    """The stream breaks after 11 MB of a 15 MB file, then storage stays down: the run gives up, having
+    published (as pending) the output shards it made, with the file's hash state at the next one's start.
+    The next run, even on a fresh work_dir, downloads from there, not from the file's start."""
     from streamq.fetch import HubSource
 
-    hub, work = big_hub, tmp_path / "work"
-    real_fetch, real_fresh_output = HubSource.fetch, streamq.pipeline._fresh_output
-    no_head_start(monkeypatch)
+    hub = big_hub
+    real_stream = HubSource.stream
 
-    def fetch_with_fault(self, path, work_dir, arrival=None):  # the stream breaks after 11 MB, then storage stays down
+    def stream_with_fault(self, path, sink):
         hub.faults.add(Fault.truncate(after_bytes=11_000_000, method="GET", path=SHARD_BYTES, times=1))
         hub.faults.add(Fault.status(503, method="GET", path=SHARD_BYTES, times=None))
-        return real_fetch(self, path, work_dir, arrival)
+        return real_stream(self, path, sink)
 
-    monkeypatch.setattr(HubSource, "fetch", fetch_with_fault)
+    monkeypatch.setattr(HubSource, "stream", stream_with_fault)
     with pytest.raises(streamq.StreamqError, match="reading org/model failed: .*503.*run again to resume"):
-        run(hub, work_dir=work)
-    monkeypatch.setattr(HubSource, "fetch", real_fetch)
-    monkeypatch.setattr(streamq.pipeline, "_fresh_output", real_fresh_output)  # the next run's head start resumes the partial
-    partials = list((work / "in").glob("*.incomplete"))
-    assert partials and partials[0].stat().st_size == 11_000_000  # all that arrived before the break
+        run(hub, work_dir=tmp_path / "w1", max_shard_size="2MB")
+    monkeypatch.setattr(HubSource, "stream", real_stream)
+    api = HfApi(endpoint=hub.endpoint)
+    manifest = json.loads(Path(api.hf_hub_download("me/out", "streamq_manifest.json", local_dir=tmp_path / "m")).read_text())
+    (first, point), = manifest["checkpoints"].items()
+    resume_at = point["offset"]
+    assert manifest["pending"] and 4_000_000 < resume_at <= 11_000_000
     hub.faults.clear()
     hub.requests.clear()
-    run(hub, work_dir=work)
-    first_shard = next(r for r in hub.requests if r.path.startswith("/storage/") and r.method == "GET" and r.status in (200, 206))
-    assert first_shard.status == 206  # carried on from the partial file, not from byte 0
+    result = run(hub, work_dir=tmp_path / "w2", max_shard_size="2MB")
+    sizes = {s.rfilename: s.size for s in api.model_info("org/model", files_metadata=True).siblings if s.rfilename.endswith(".safetensors")}
+    headers = sum(min(size, 100_001) + 8 for size in sizes.values())
+    assert hub.requests.sent(SHARD_BYTES) - headers == sum(sizes.values()) - resume_at  # from the checkpoint on
+    assert result.shards_skipped == len(manifest["pending"])
     assert verify_output("me/out", endpoint=hub.endpoint).ok
 
 
@@ -175,8 +174,11 @@ def test_checksum_mismatch_is_never_quantized(tmp_path: Path, hub: LocalHub) -> 
     data = bytearray(stored.read_bytes())
     data[-10] ^= 0xFF  # same size, other bytes: only the sha256 check can tell
     stored.write_bytes(bytes(data))
-    with pytest.raises(streamq.CorruptShardError, match=f"{victim}: downloaded bytes have sha256"):
+    with pytest.raises(streamq.CorruptShardError, match=f"{victim}: the downloaded bytes have sha256 .* never committed, and are dropped"):
         run(hub)
     manifest = json.loads(Path(api.hf_hub_download("me/out", "streamq_manifest.json", local_dir=tmp_path / "m")).read_text())
-    assert victim not in manifest["shards"] and manifest["status"] == "in_progress"
-    assert "config.json" not in api.list_repo_files("me/out")
+    made_from = {f for entry in [*manifest["shards"].values(), *manifest["pending"].values()] for f in entry["inputs"]}
+    assert victim not in made_from, manifest
+    assert victim not in manifest["checkpoints"] and manifest["status"] == "in_progress"
+    published = [f for f in api.list_repo_files("me/out") if f.endswith(".safetensors")]
+    assert sorted(published) == sorted(manifest["shards"]) and "config.json" not in api.list_repo_files("me/out")

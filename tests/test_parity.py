@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from streamq import stream_requantize
-from tiny_models import byte_mismatches, load_tensors, logits_of, make_model, reference
+from tiny_models import OUT_SHARD, byte_mismatches, load_tensors, logits_of, make_model, reference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -27,9 +27,9 @@ def test_bytes_config_and_logits_match_transformers(tmp_path: Path, family, dtyp
     src = make_model(tmp_path / "src", family, DTYPES[dtype])
     ref_logits = reference(src, tmp_path / "ref", quant_type=quant_type, double_quant=double_quant)
 
-    result = stream_requantize(src, tmp_path / "out", quant_type=quant_type, double_quant=double_quant, progress=False)
+    result = stream_requantize(src, tmp_path / "out", quant_type=quant_type, double_quant=double_quant, progress=False, max_shard_size=OUT_SHARD)
 
-    assert result.shards == len(list(src.glob("*.safetensors"))) > 1
+    assert result.shards == len(list((tmp_path / "out").glob("*.safetensors"))) > 1
     ours, ref = load_tensors(tmp_path / "out"), load_tensors(tmp_path / "ref")
     assert byte_mismatches(ours, ref) == []
     assert any(k.endswith(f"quant_state.bitsandbytes__{quant_type}") for k in ours)
@@ -56,7 +56,7 @@ def test_index_maps_every_key_with_reference_metadata(tmp_path: Path) -> None:
     AutoModelForCausalLM.from_pretrained(src, quantization_config=bnb_config(), device_map="cpu").save_pretrained(
         tmp_path / "ref", max_shard_size="40KB"
     )
-    stream_requantize(src, tmp_path / "out", progress=False)
+    stream_requantize(src, tmp_path / "out", progress=False, max_shard_size=OUT_SHARD)
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     ref_index = json.loads((tmp_path / "ref" / "model.safetensors.index.json").read_text())
     assert index["metadata"] == ref_index["metadata"]

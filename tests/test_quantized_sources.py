@@ -176,7 +176,7 @@ def test_bf16_output_is_transformers_dequantized_save(tmp_path: Path, kind: str)
     }[kind]
     src = make(tmp_path / "src")
     ref = transformers_dequantized(src, tmp_path / "ref", config)
-    result = stream_requantize(src, tmp_path / "out", quant_type="bf16", progress=False)
+    result = stream_requantize(src, tmp_path / "out", quant_type="bf16", progress=False, max_shard_size="300KB")
     assert result.tensors_quantized == 0 and result.shards > 1
     ours = load_tensors(tmp_path / "out")
     assert byte_mismatches(ours, load_tensors(ref)) == []
@@ -206,76 +206,53 @@ def test_cli_bf16_output_and_verify(tmp_path: Path, capsys) -> None:
     assert main(["verify", str(tmp_path / "out")]) == 0
 
 
-FP8_RSS_PROBE = """
-import json, sys
-from pathlib import Path
-from types import SimpleNamespace
-from streamq.arrival import Arrival
-from streamq.dequantizers import LogicalTensor
-from streamq.dequantizers.fp8_block import BlockFP8Dequantizer
-from streamq.plan import ShardPlan
-from streamq.quantize import quantize_shard
-from streamq.settings import QuantSettings
-from streamq.targets import TensorInfo, TensorRule
-
-def rss(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-
-def arrived(path):
-    arrival = Arrival()
-    arrival.begin_file(path)
-    arrival.finish()
-    return arrival
-
-path, keys = Path(sys.argv[1]), tuple(json.loads(sys.argv[2]))
-shape = (2048, 4096)
-stored = {k: TensorInfo("F8_E4M3", shape) for k in keys} | {k + "_scale_inv": TensorInfo("F32", (16, 32)) for k in keys}
-plan = SimpleNamespace(
-    rules={k: TensorRule("quantize", k, None, False) for k in keys},
-    tensor_info={k: TensorInfo("BF16", shape) for k in keys},
-    stored_info=stored,
-    logical={k: LogicalTensor(k, (k, k + "_scale_inv"), TensorInfo("BF16", shape)) for k in keys},
-    dequantizer=BlockFP8Dequantizer((128, 128)),
-    settings=QuantSettings("nf4", True, 64, "bfloat16", None),
-)
-size = path.stat().st_size
-quantize_shard(arrived(path), ShardPlan(path.name, size, None, keys[:1]), plan, "cpu")  # imports and kernel first
-before = rss("VmRSS")
-out = quantize_shard(arrived(path), ShardPlan(path.name, size, None, keys), plan, "cpu")
-print(json.dumps({"growth": rss("VmHWM") - before, "output": sum(t.numel() * t.element_size() for t in out.values())}))
+PEAK_RSS = """
+import resource, sys
+from streamq.cli import main
+code = main(sys.argv[1:])
+print("VmHWM", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)
+sys.exit(code)
 """
 
 
-def test_an_fp8_shard_is_dequantized_one_weight_at_a_time(tmp_path: Path) -> None:
-    """Resident memory while a 200 MB FP8 shard (24 weights, 400 MB once dequantized) is converted grows by
-    its output and about one weight's working copies, not by the shard nor by its dequantized form.
+def test_an_fp8_file_is_dequantized_one_weight_at_a_time(tmp_path: Path) -> None:
+    """Peak RSS of a run over what planning alone takes, for a 170 MB block-FP8 file (340 MB once
+    dequantized): about one weight's working copies, not the file nor its dequantized form.
 
-    The probe fixes glibc's mmap threshold: by default glibc raises it (up to 32 MB) as large blocks are
-    freed, and then keeps some freed float32 working copies in its arenas; on this shard that made the
-    growth vary from 182 to 444 MB between identical runs (one arena: 444 MB every time), which measures
-    the allocator, not what streamq holds."""
+    glibc's mmap threshold is fixed: by default glibc raises it (up to 32 MB) as large blocks are freed,
+    and then keeps some freed float32 working copies in its arenas, which measures the allocator, not
+    what streamq holds."""
     import os
     import subprocess
     import sys
 
-    from quantized_sources import block_fp8_quantize
+    from transformers import LlamaConfig
 
-    tensors = {}
-    for i in range(24):
-        q, scale = block_fp8_quantize(torch.full((2048, 4096), 0.01 * (i + 1), dtype=torch.bfloat16))
-        tensors[f"layer.{i}.weight"], tensors[f"layer.{i}.weight_scale_inv"] = q, scale
-    shard = tmp_path / "model.safetensors"
-    save_file(tensors, shard)
-    del tensors
-    keys = [f"layer.{i}.weight" for i in range(24)]
+    from quantized_sources import BLOCK_FP8, _rewrite, _save_random, block_fp8_quantize
+
+    config = LlamaConfig(vocab_size=128, hidden_size=2048, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16,
+                         num_key_value_heads=16, max_position_embeddings=64, tie_word_embeddings=False)
+    src = tmp_path / "src"
+    _save_random(config, src, 0, "50GB")
+
+    def convert(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not key.endswith("_proj.weight"):
+            return {key: tensor}
+        q, scale = block_fp8_quantize(tensor)
+        return {key: q, key.removesuffix("weight") + "weight_scale_inv": scale}
+
+    _rewrite(src, convert, dict(BLOCK_FP8))
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}
-    probe = subprocess.run([sys.executable, "-c", FP8_RSS_PROBE, str(shard), json.dumps(keys)], capture_output=True, text=True, check=True, env=env)
-    measured = json.loads(probe.stdout.strip().splitlines()[-1])
-    dequantized_bytes = 24 * 2048 * 4096 * 2
-    assert measured["output"] < dequantized_bytes / 3
-    assert measured["growth"] < measured["output"] + 128 * 2**20, measured  # output + one weight's fp32 copies + slack
+
+    def peak(*args: str) -> int:
+        done = subprocess.run([sys.executable, "-c", PEAK_RSS, *args], capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return int(done.stderr.rsplit("VmHWM", 1)[1].split()[0])
+
+    planned = peak("plan", str(src))
+    ran = peak("requantize", str(src), str(tmp_path / "out"), "--no-progress", "--max-shard-size", "200MB")
+    dequantized = 4 * 2 * (4 * 2048 * 2048 + 3 * 2048 * 4096)
+    assert ran - planned < 120 * 2**20 < dequantized / 2, (ran, planned)
 
 
 @pytest.mark.parametrize("family", ["llama", "deepseek"])
@@ -302,14 +279,15 @@ def test_an_interrupted_fp8_run_resumes_where_it_stopped(tmp_path: Path, monkeyp
     from tiny_models import fail_on_nth_shard
 
     src = make_mxfp4(tmp_path / "src")
-    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    options = dict(quant_type="bf16", progress=False, max_shard_size="100KB")
+    stream_requantize(src, tmp_path / "clean", **options)
+    shards = sorted(p.name for p in (tmp_path / "clean").glob("*.safetensors"))
     assert len(shards) >= 3
-    stream_requantize(src, tmp_path / "clean", quant_type="bf16", progress=False)
     calls = fail_on_nth_shard(monkeypatch, 2)
     with pytest.raises(OSError, match="injected"):
-        stream_requantize(src, tmp_path / "out", quant_type="bf16", progress=False)
+        stream_requantize(src, tmp_path / "out", **options)
     assert not (tmp_path / "out" / "config.json").exists()
     calls.clear()
-    result = stream_requantize(src, tmp_path / "out", quant_type="bf16", progress=False)
+    result = stream_requantize(src, tmp_path / "out", **options)
     assert calls == shards[1:] and result.shards_skipped == 1
     assert byte_mismatches(load_tensors(tmp_path / "out"), load_tensors(tmp_path / "clean")) == []

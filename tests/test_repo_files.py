@@ -118,7 +118,7 @@ def test_plan_lists_every_file_with_its_reason(st_model: Path, capsys) -> None:
     assert "carry     2_Dense/model.safetensors  (weights of the sentence-transformers module 2_Dense" in text
     assert "leave_out onnx/model.onnx  (the same model in another format (onnx/)" in text
     assert "convert   model.safetensors" in text
-    assert "largest output shard; a local source is read in place" in text
+    assert "two output shards; a local source is read in place" in text
 
 
 def test_left_out_files_are_listed_in_the_model_card_and_not_published(tmp_path: Path) -> None:

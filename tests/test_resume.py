@@ -9,7 +9,7 @@ import pytest
 
 import streamq
 from streamq import iter_requantize, stream_requantize
-from tiny_models import fail_on_nth_shard, load_tensors, make_model
+from tiny_models import OUT_SHARD, fail_on_nth_shard, load_tensors, make_model
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -23,32 +23,32 @@ def _files(path: Path) -> dict[str, bytes]:
 
 def test_failure_after_some_shards_then_resume_matches_clean_run(tmp_path: Path, monkeypatch) -> None:
     src = make_model(tmp_path / "src")
-    stream_requantize(src, tmp_path / "clean", progress=False)
+    stream_requantize(src, tmp_path / "clean", progress=False, max_shard_size=OUT_SHARD)
 
     calls = fail_on_nth_shard(monkeypatch, 3)
     with pytest.raises(OSError, match="injected"):
-        stream_requantize(src, tmp_path / "out", progress=False)
+        stream_requantize(src, tmp_path / "out", progress=False, max_shard_size=OUT_SHARD)
     manifest = json.loads((tmp_path / "out" / "streamq_manifest.json").read_text())
     assert manifest["status"] == "in_progress" and len(manifest["shards"]) == 2
     assert not (tmp_path / "out" / "config.json").exists()
 
     calls.clear()
-    result = stream_requantize(src, tmp_path / "out", progress=False)
-    shards = sorted(p.name for p in src.glob("*.safetensors"))
-    assert calls == shards[2:]  # the two finished shards are not read again
+    result = stream_requantize(src, tmp_path / "out", progress=False, max_shard_size=OUT_SHARD)
+    shards = sorted(p.name for p in (tmp_path / "clean").glob("*.safetensors"))
+    assert calls == shards[2:]  # the two finished shards are not made again
     assert result.shards_skipped == 2
     assert _files(tmp_path / "out") == _files(tmp_path / "clean")
 
 
 def test_iterator_closed_midway_resumes(tmp_path: Path) -> None:
     src = make_model(tmp_path / "src")
-    run = iter_requantize(src, tmp_path / "out", progress=False)
+    run = iter_requantize(src, tmp_path / "out", progress=False, max_shard_size=OUT_SHARD)
     first = next(run)
     assert first.index == 1 and not first.skipped and first.committed
     run.close()  # like a process that stops between shards
     published = json.loads((tmp_path / "out" / "streamq_manifest.json").read_text())["shards"]
     assert first.name in published
-    records = list(iter_requantize(src, tmp_path / "out", progress=False))
+    records = list(iter_requantize(src, tmp_path / "out", progress=False, max_shard_size=OUT_SHARD))
     assert {r.name for r in records if r.skipped} == set(published)
     assert len(published) < len(records) and [r.index for r in records] == sorted(r.index for r in records)
     assert len(load_tensors(tmp_path / "out")) > 0

@@ -58,21 +58,21 @@ def test_a_trickling_download_is_resumed_by_range_on_a_fresh_connection(
     oid = next(s.lfs.sha256 for s in api.model_info("org/model", files_metadata=True).siblings if s.rfilename == target)
     # 8 kB at full speed, then 128 bytes every 0.1 s: the remaining ~30 kB would take 25 s; no read ever times out
     trickle = Fault.trickle(8192, 128, 0.1, method="GET", path=rf"^/storage/.*/{oid}$", times=1)
-    real_fetch = HubSource.fetch
+    real_stream = HubSource.stream
 
-    def fetch(self, path, work_dir, arrival=None):  # armed for the download, not the header read of the plan
+    def stream(self, path, sink):  # armed for the download, not the header reads of the plan
         if path == target and trickle not in list(hub.faults):
             hub.faults.add(trickle)
-        return real_fetch(self, path, work_dir, arrival)
+        return real_stream(self, path, sink)
 
-    monkeypatch.setattr(HubSource, "fetch", fetch)
+    monkeypatch.setattr(HubSource, "stream", stream)
     hub.requests.clear()
     with caplog.at_level(logging.WARNING, logger="streamq"):
         stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False)
 
     assert trickle.fired == 1
-    # the plan's header read (a Range), the trickling download, then the rest by Range on another connection
-    assert gets_of(hub, oid) == [206, 200, 206]
+    # the plan's two header reads (Ranges), the trickling download, then the rest by Range on another connection
+    assert gets_of(hub, oid) == [206, 206, 200, 206]
     assert "giving up this connection" in caplog.text
     assert files(hub, "me/out", tmp_path / "o") == files(hub, "me/clean", tmp_path / "c")
     assert verify_output("me/out", endpoint=hub.endpoint).ok
