@@ -1,18 +1,20 @@
 """Issue 4, "the network is the bottleneck, never streamq": streamq Hub->Hub against a plain transfer.
 
-A synthetic Llama (bf16, safetensors shards) is served by streamq's loopback Hub emulator, throttled to a
+A synthetic Llama (bf16, safetensors files) is served by streamq's loopback Hub emulator, throttled to a
 user-like bandwidth, and the scenarios below run side by side, each in its own subprocess so that its peak RSS
 (VmHWM) and CPU time are its own, while the parent polls the size of its working area every 20 ms:
 
-1. raw      download every shard (hf_hub_download, deleted at once) and upload random files of the output
-            shards' sizes (preupload + one commit), pipelined like streamq but with no quantization;
-2. strict   streamq with its default disk budget (one input + one output shard);
-3. overlap  streamq with disk_budget = two input shards + one output shard (download overlaps quantization);
+1. raw      stream every source file over HTTP as hf_hub_download would (metadata request, GET of the location,
+            huggingface_hub's session and headers) and drop the bytes, so no file is ever on disk; upload a random
+            file of each of streamq's output shard sizes (its plan's, cut at max_shard_size) once the stream has passed
+            that shard's last source byte, one upload at a time, then one commit: streamq's pipeline without its work;
+2. strict   streamq with its default disk budget (the largest tensor + 1 GB of read-ahead + two output shards);
+3. overlap  streamq with 4 GB of read-ahead instead of 1 (disk_budget = largest tensor + 4 GB + two output shards);
 4. recipe   transformers from_pretrained(BitsAndBytesConfig nf4) through the HF cache, save_pretrained,
             HfApi.upload_folder; on the device streamq quantizes on (device_map "cuda" when --device resolves to
             CUDA, as from_pretrained does by itself on a GPU machine, else "cpu");
-5. int4     streamq writing compressed-tensors int4 W4A16 (group size 32) instead of NF4, with overlap's
-            kind of disk budget (its output shards are ~9% larger than NF4's, so the budget allows for that);
+5. int4     streamq writing compressed-tensors int4 W4A16 (group size 32) instead of NF4, with its default disk
+            budget (streamq sizes it from int4's own output shards);
 6. llmcompressor  llm-compressor's own route to the same int4 (issue 21's comparison), as a user runs it:
             model_free_ptq("org/model", <save dir>, scheme=W4A16 with int4's group size, ignore=<the modules
             streamq keeps, from its int4 plan>, device="cpu"), which fetches the whole repo through the HF cache
@@ -23,17 +25,19 @@ user-like bandwidth, and the scenarios below run side by side, each in its own s
             that venv has (no streamq, no bitsandbytes). It quantizes on the CPU whatever --device says (the
             reference venv holds a CPU torch), and --timeline records nothing for it.
 
-Only when named in --scenarios, an ablation: `unchecked` is overlap with the sha256 check of the downloaded
-input taken out (`ablation.py`), which measures what that check costs; streamq itself always checks.
+Only when named in --scenarios, an ablation: `unchecked` is overlap with the sha256 of the downloaded input
+taken out (`ablation.py`), which measures what that check costs; streamq itself always checks.
 
 Wall time is taken inside each child around the work itself, after its imports (torch, transformers and
 bitsandbytes for the quantizing scenarios), so start-up, the same for every run, does not blur the ratios.
 The emulator only throttles response bodies, so uploads are slowed by a per-request delay growing with
-their size instead (see `Network.faults`); `calibrate` checks that both directions run near nominal. The
-throttle is per connection, and transformers downloads a checkpoint's shards over up to 8 connections at
-once, and upload_folder sends up to 5 files at once, so the recipe's wall time under a throttle is
-optimistic, and llmcompressor's upload part (its model_free_ptq fetches one file at a time); their disk
-and RAM are not affected.
+their size instead (see `Network.faults`); `calibrate` checks that both directions run near nominal (a
+probe downloads the first --probe-mb of the largest file). The throttle is per connection, and transformers
+downloads a checkpoint's shards over up to 8 connections at once, and upload_folder sends up to 5 files at
+once, so the recipe's wall time under a throttle is optimistic, and llmcompressor's upload part (its
+model_free_ptq fetches one file at a time); their disk and RAM are not affected. Every run also records
+the bytes the emulator sent of each source file (`source_bytes_served`: each byte once, plus what planning
+reads of its header).
 
     python benchmarks/bench_pipeline.py                          # ~4.5 GB model in 10 shards, 200 MB/s, then unthrottled
     python benchmarks/bench_pipeline.py --layers 4 --repeat 2 --no-unthrottled --json /tmp/small.json
@@ -47,14 +51,25 @@ and RAM are not affected.
 in the stream. The recipe scenario does not run on it: transformers 5.25 cannot dequantize DeepSeek's partial
 FP8 blocks.
 
-At the seed's scale (a Gemma-4-31B-shaped model, 60.4 GB bf16 in 13 shards of 5 GB, Llama tensor names
-with Gemma's sizes and tied embedding), the emulator's repos held in a RAM-backed tmpfs and the source
-written straight into its storage; the quantizing scenarios run on both devices against one raw run:
+`--kill-resume kept,fresh` then kills streamq (strict's settings) with SIGKILL once the emulator has sent
+--kill-at (a fraction) of the largest source file, and runs the same command again to the same output, with
+the same work_dir and then, on another output, with a new one; --kill-json gets what the killed run left
+(committed, pending and journalled shards, hash checkpoints), what the second run downloaded again (bytes the
+emulator sent of each file, against the least a resumed run must fetch: every unchecked file from its saved
+hash state), how many output shards it made again or skipped, and whether its output equals strict's.
 
-    python benchmarks/bench_pipeline.py --hidden 5376 --layers 60 --intermediate 21504 --vocab 262144 \
-        --heads 32 --kv-heads 16 --head-dim 256 --tie-embeddings --shard-mb 5000 \
-        --hub-dir /dev/shm/bench-hub --source-direct --bandwidth-mbps 1000 --no-unthrottled \
-        --scenarios raw,strict@cuda,overlap@cuda,strict@cpu,overlap@cpu
+At the seed's scale (a Gemma-4-31B-shaped model, 60.4 GB bf16: Llama tensor names with Gemma's sizes and
+tied embedding), the emulator's repos on a RAM-backed tmpfs and the source written straight into its storage,
+sparse (each file its header and a hole: no disk, no RAM, tensors of zeros, the sha256 from sparse_sha256.json),
+in transformers 5's layout (`--shard-mb 50000`: one 49.9 GB file and one of 10.5 GB) with the kill and
+resume, then in the older one of 13 files of 5 GB:
+
+    GEMMA="--hidden 5376 --layers 60 --intermediate 21504 --vocab 262144 --heads 32 --kv-heads 16 --head-dim 256 \
+        --tie-embeddings --source-direct --sparse --bandwidth-mbps 1000 --no-unthrottled --calibration-rounds 2"
+    python benchmarks/bench_pipeline.py $GEMMA --shard-mb 50000 --hub-dir /dev/shm/hub-2shard --scenarios raw,strict \
+        --kill-resume kept,fresh --json pipeline_h200_gemma31b_2shard.json --kill-json kill_resume_gemma31b_2shard.json
+    python benchmarks/bench_pipeline.py $GEMMA --shard-mb 5000 --hub-dir /dev/shm/hub-13x5 --scenarios raw,strict \
+        --json pipeline_h200_gemma31b_13x5gb.json
 
 `--child-cpus N` pins every scenario to N cores and the emulator to the others, so that a machine with
 many cores measures what a small VM would see from a Hub elsewhere (on the 2-core machine itself the
@@ -71,6 +86,8 @@ import os
 import platform
 import re
 import shutil
+import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -162,31 +179,88 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def build_model(spec: ModelSpec, dest: Path, seed: int) -> None:
-    """Write config.json, the shards and the index; one shard's tensors in memory at a time."""
-    from safetensors.torch import save_file
+def llama_config(spec: ModelSpec) -> Any:
     from transformers import LlamaConfig
 
-    dest.mkdir(parents=True)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
         head_dim=spec.head_dim or spec.hidden // spec.heads, max_position_embeddings=2048,
         tie_word_embeddings=spec.tie_embeddings, dtype="bfloat16",
     )
-    config.save_pretrained(dest)
+
+
+def build_model(spec: ModelSpec, dest: Path, seed: int) -> None:
+    """Write config.json, the shards and the index; one shard's tensors in memory at a time."""
+    from safetensors.torch import save_file
+
+    dest.mkdir(parents=True)
+    llama_config(spec).save_pretrained(dest)
     groups = spec.shards()
     weight_map: dict[str, str] = {}
     total = 0
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         for number, group in enumerate(groups, 1):
-            name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+            name = shard_name(number, len(groups))
             tensors = {key: _random_weight(key, shape, seed, pool) for key, shape in group}
             save_file(tensors, dest / name, metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             weight_map.update(dict.fromkeys(tensors, name))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def shard_name(number: int, count: int) -> str:
+    return f"model-{number:05d}-of-{count:05d}.safetensors"
+
+
+def sparse_prefix(group: list[tuple[str, tuple[int, ...]]]) -> tuple[bytes, int]:
+    """The first bytes of a bf16 safetensors file holding `group` (its length and its header, padded with
+    spaces to 8 bytes as safetensors pads it; tensors laid out by name, as save_file lays them out), and
+    the data bytes that follow."""
+    entries, offset = {}, 0
+    for name, shape in sorted(group):
+        size = 2 * _numel(shape)
+        entries[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header, offset
+
+
+SPARSE_DIGESTS = Path(__file__).with_name("sparse_sha256.json")  # prefix sha256:data bytes -> file sha256
+
+
+def zeros_sha256(prefix: bytes, zeros: int) -> str:
+    """sha256 of `prefix` followed by `zeros` zero bytes (hashlib releases the GIL: files hash in parallel)."""
+    digest = hashlib.sha256(prefix)
+    block = memoryview(bytes(64 << 20))
+    while zeros:
+        step = min(zeros, len(block))
+        digest.update(block[:step])
+        zeros -= step
+    return digest.hexdigest()
+
+
+def sparse_digests(files: list[tuple[bytes, int]]) -> tuple[list[str], int]:
+    """The sha256 of each sparse file (prefix, data bytes): from SPARSE_DIGESTS when listed there (a
+    60 GB source hashes for half a minute or more: its zeros cannot be skipped), else computed, all
+    files at once, and added to that file. Returns the digests and how many were computed."""
+    try:
+        known = json.loads(SPARSE_DIGESTS.read_text())
+    except (FileNotFoundError, ValueError):
+        known = {}
+    keys = [f"{hashlib.sha256(prefix).hexdigest()}:{zeros}" for prefix, zeros in files]
+    missing = [i for i, key in enumerate(keys) if key not in known]
+    with ThreadPoolExecutor(max(1, min(len(missing), os.cpu_count() or 1))) as pool:
+        for i, digest in zip(missing, pool.map(lambda i: zeros_sha256(*files[i]), missing)):
+            known[keys[i]] = digest
+    if missing:
+        try:
+            SPARSE_DIGESTS.write_text(json.dumps(dict(sorted(known.items())), indent=1) + "\n")
+        except OSError:
+            pass  # a read-only copy: computed again next time
+    return [known[key] for key in keys], len(missing)
 
 
 RANDOM_PIECE = 1 << 24  # values per generator: pieces are filled on all cores at once
@@ -269,6 +343,34 @@ class Measurement:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+class Served:
+    """Bytes the emulator has sent of each source file, from its request log's count of response body
+    bytes by path (a storage URL ends with the object's sha256): whole files and Range requests alike."""
+
+    hub: Any = None  # the LocalHub of this process, once started
+
+    def snapshot(self, objects: dict[str, str]) -> dict[str, int]:
+        """Bytes sent so far of each source file (`objects`: sha256 -> name)."""
+        if self.hub is None:
+            return {name: 0 for name in objects.values()}
+        return {name: self.hub.requests.sent(rf"^/storage/.*/{sha}$") for sha, name in objects.items()}
+
+    def since(self, before: dict[str, int], objects: dict[str, str]) -> dict[str, int]:
+        now = self.snapshot(objects)
+        return {name: now[name] - before.get(name, 0) for name in now}
+
+
+SERVED = Served()
+
+
+def source_objects(endpoint: str) -> dict[str, str]:
+    """The source's LFS files: sha256 -> file name (what Served counts by)."""
+    from huggingface_hub import HfApi
+
+    info = HfApi(endpoint=endpoint, token=TOKEN).model_info(SOURCE, files_metadata=True)
+    return {s.lfs.sha256: s.rfilename for s in info.siblings or [] if s.lfs}
+
+
 def directory_bytes(root: Path) -> int:
     """Allocated bytes under `root`, tolerating files that vanish while we walk."""
     total = 0
@@ -316,12 +418,8 @@ def child_python(scenario: str) -> str:
     return path
 
 
-def run_child(scenario: str, params: dict[str, Any], area: Path, cpus: set[int] | None = None) -> Measurement:
-    """Run one scenario in a fresh interpreter, polling its working area for the peak disk use.
-
-    Peak RSS is the child's own VmHWM: ru_maxrss from wait4 would count the pages the child shared with
-    this (torch-importing) parent between fork and exec.
-    """
+def start_child(scenario: str, params: dict[str, Any], area: Path, cpus: set[int] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start one scenario in a fresh interpreter; it writes its figures to the returned file when done."""
     result_file = area.parent / f"{area.name}.result.json"
     area.mkdir(parents=True)
     payload = json.dumps({"scenario": scenario, "area": str(area), "result": str(result_file), **params})
@@ -331,12 +429,22 @@ def run_child(scenario: str, params: dict[str, Any], area: Path, cpus: set[int] 
     env = {**os.environ, "HF_HOME": str(area / "hf_home"), "HF_ENDPOINT": params["endpoint"], "HF_TOKEN": TOKEN,
            "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT), extra)))}
     # huggingface_hub reads HF_ENDPOINT at import
+    proc = subprocess.Popen(
+        [python, __file__, "--child", payload], env=env,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+    )
+    return proc, result_file
+
+
+def run_child(scenario: str, params: dict[str, Any], area: Path, cpus: set[int] | None = None, watch: Path | None = None) -> Measurement:
+    """Run one scenario in a fresh interpreter, polling its working area (or `watch`) for the peak disk use.
+
+    Peak RSS is the child's own VmHWM: ru_maxrss from wait4 would count the pages the child shared with
+    this (torch-importing) parent between fork and exec.
+    """
     started = time.monotonic()
-    with DiskPoller(area) as poller:
-        proc = subprocess.Popen(
-            [python, __file__, "--child", payload], env=env,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
-        )
+    with DiskPoller(watch or area) as poller:
+        proc, result_file = start_child(scenario, params, area, cpus)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     process_s = time.monotonic() - started
@@ -445,34 +553,83 @@ def _import_quantization_stack() -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401
 
 
+def _read_sockets_in_larger_pieces() -> None:
+    """What streamq.fetch does for its downloads (httpcore reads up to 1 MiB per socket read instead of
+    64 KiB), done here without importing streamq, so that the raw run imports no torch."""
+    import importlib
+
+    for name in ("httpcore2._sync.http11", "httpcore._sync.http11"):
+        try:
+            connection = importlib.import_module(name).HTTP11Connection
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(getattr(connection, "READ_NUM_BYTES", None), int) and connection.READ_NUM_BYTES < 1 << 20:
+            connection.READ_NUM_BYTES = 1 << 20
+
+
+def _stream_source(endpoint: str, name: str, progress: Callable[[int], None] = lambda got: None, limit: int | None = None) -> int:
+    """Download a source file as hf_hub_download does (its metadata request, then a GET of the location it
+    names, with huggingface_hub's session, headers, timeout and status retries) but keep none of it: the
+    bytes are counted and dropped, so a file of any size costs no disk. `progress(bytes so far)` after
+    each piece; `limit`: only the first bytes, by Range. Sockets are read in 1 MiB pieces, as streamq
+    reads them (`streamq.fetch`), so that neither side pays Python's bookkeeping per 64 KiB more than the other."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
+
+    _read_sockets_in_larger_pieces()
+    meta = get_hf_file_metadata(hf_hub_url(SOURCE, name, endpoint=endpoint), token=TOKEN, endpoint=endpoint)
+    headers = build_hf_headers(token=TOKEN)
+    if limit is not None:
+        headers["Range"] = f"bytes=0-{limit - 1}"
+    got = 0
+    with http_stream_backoff(
+        "GET", meta.location, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT, retry_on_exceptions=(),
+        retry_on_status_codes=(408, 429),
+    ) as response:
+        hf_raise_for_status(response)
+        for chunk in response.iter_bytes():
+            got += len(chunk)
+            progress(got)
+    expected = min(limit, meta.size) if limit is not None else meta.size
+    if got != expected:
+        raise RuntimeError(f"{name}: {got} bytes arrived, {expected} expected")
+    return got
+
+
 def probe(p: dict[str, Any], area: Path) -> Callable[[], dict[str, Any]]:
-    """One download, then one upload, of the largest shard sizes: the rates a lone transfer gets."""
-    from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
+    """One download (the first `download_bytes` of the largest source file), then one upload (the largest
+    output shard's size): the rates a lone transfer gets."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(endpoint=p["endpoint"], token=TOKEN)
+    _read_sockets_in_larger_pieces()  # and the imports it needs, before the clock
     name, size = p["input"]
     op = CommitOperationAdd("probe.bin", str(_random_file(area / "probe.bin", p["upload_bytes"])))
     api.create_repo(p["dst"])
 
     def work() -> dict[str, Any]:
         started = time.perf_counter()
-        Path(hf_hub_download(SOURCE, name, local_dir=area / "dl", endpoint=p["endpoint"], token=TOKEN)).unlink()
+        got = _stream_source(p["endpoint"], name, limit=p.get("download_bytes"))
         down = time.perf_counter() - started
         started = time.perf_counter()
         api.preupload_lfs_files(p["dst"], additions=[op])
-        return {"download_bytes_per_s": size / down, "upload_bytes_per_s": p["upload_bytes"] / (time.perf_counter() - started)}
+        return {"download_bytes_per_s": got / down, "upload_bytes_per_s": p["upload_bytes"] / (time.perf_counter() - started)}
 
     return work
 
 
 def raw_transfer(p: dict[str, Any], area: Path) -> Callable[[], dict[str, Any]]:
-    """Download each shard then delete it; upload a random file of the matching output size meanwhile."""
-    from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
+    """Stream each source file, in order, and drop its bytes; upload a random file of each output shard's
+    size as soon as the stream has passed that shard's last source byte (one upload at a time, as
+    streamq's publish thread), then one commit."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(endpoint=p["endpoint"], token=TOKEN)
     staging = Path(p["staging"])
     with ThreadPoolExecutor(os.cpu_count()) as pool:  # before the clock starts; os.urandom releases the GIL
         payloads = list(pool.map(lambda output: _random_file(staging / output[0], output[1]), p["outputs"]))
+    ready = [tuple(r) for r in p["ready"]]
+    _read_sockets_in_larger_pieces()  # and the imports it needs, before the clock
     api.create_repo(p["dst"])
 
     def upload(path: Path) -> tuple[CommitOperationAdd, float]:
@@ -485,11 +642,16 @@ def raw_transfer(p: dict[str, Any], area: Path) -> Callable[[], dict[str, Any]]:
         down: list[float] = []
         with ThreadPoolExecutor(1) as uploader:
             pending = []
-            for name, payload in zip(p["inputs"], payloads):
+
+            def submit_ready(position: tuple[int, int]) -> None:
+                while len(pending) < len(payloads) and ready[len(pending)] <= position:
+                    pending.append(uploader.submit(upload, payloads[len(pending)]))
+
+            for index, name in enumerate(p["inputs"]):
                 started = time.perf_counter()
-                Path(hf_hub_download(SOURCE, name, local_dir=area / "dl", endpoint=p["endpoint"], token=TOKEN)).unlink()
+                _stream_source(p["endpoint"], name, lambda got: submit_ready((index, got)))
                 down.append(time.perf_counter() - started)
-                pending.append(uploader.submit(upload, payload))
+            submit_ready((len(p["inputs"]), 0))
             done = [f.result() for f in pending]
         api.create_commit(p["dst"], operations=[op for op, _ in done], commit_message="raw transfer")
         return {"download_s": down, "upload_s": [s for _, s in done]}
@@ -512,12 +674,17 @@ def streamq_run(p: dict[str, Any], area: Path) -> Callable[[], dict[str, Any]]:
 
     _import_quantization_stack()
 
+    options = {"max_shard_size": p["max_shard_size"]} if p.get("max_shard_size") else {}
+
     def work() -> dict[str, Any]:
         result = stream_requantize(
-            SOURCE, p["dst"], endpoint=p["endpoint"], token=TOKEN, work_dir=area / "work",
-            disk_budget=p.get("disk_budget"), progress=False, device=p["device"], **p.get("quant", {}),
+            SOURCE, p["dst"], endpoint=p["endpoint"], token=TOKEN, work_dir=p.get("work_dir") or area / "work",
+            disk_budget=p.get("disk_budget"), progress=False, device=p["device"], **options, **p.get("quant", {}),
         )
-        return {"bytes_in": result.bytes_in, "bytes_out": result.bytes_out, "device": result.device}
+        return {
+            "bytes_in": result.bytes_in, "bytes_out": result.bytes_out, "device": result.device, "shards": result.shards,
+            "shards_skipped": result.shards_skipped,
+        }
 
     return work
 
@@ -582,10 +749,14 @@ def llmcompressor_route(p: dict[str, Any], area: Path) -> Callable[[], dict[str,
 
 @dataclass(frozen=True)
 class Shapes:
-    """What the targets are measured against: the source shards and streamq's output shards."""
+    """What the targets are measured against: the source files and streamq's output shards, as its plan has them."""
 
     inputs: list[tuple[str, int]]
-    outputs: list[tuple[str, int]]
+    outputs: list[tuple[str, int]]  # expected sizes (an upper bound: the header reserve is counted whole)
+    ready: list[tuple[int, int]] = field(default_factory=list)  # per output: (source file, offset) of its last byte in the stream
+    largest_tensor: int = 0  # bytes of the largest stored tensor: the window must hold it whole
+    output_pair: int = 0  # two consecutive output shards: the output pool
+    max_shard_size: int | None = None  # as given to streamq (None: its default)
 
     @property
     def largest_in(self) -> int:
@@ -595,15 +766,29 @@ class Shapes:
     def largest_out(self) -> int:
         return max(size for _, size in self.outputs)
 
+    @property
+    def default_budget(self) -> int:
+        """streamq's default disk_budget: the largest tensor plus its 1 GB read-ahead, plus two output shards."""
+        from streamq.budget import pools
 
-def shard_shapes(endpoint: str) -> Shapes:
-    """Input sizes from the Hub, output sizes as streamq's plan expects them (the raw run uploads these)."""
+        return sum(pools(self.largest_tensor, self.output_pair, True))
+
+
+def shard_shapes(endpoint: str, max_shard_size: int | str | None = None) -> Shapes:
+    """Input sizes from the Hub, output shards as streamq's plan cuts them (the raw run uploads files of
+    these sizes, each once the stream has passed its last source byte)."""
     from streamq import plan_requantize
-    from streamq.report import plan_summary
 
-    summary = plan_summary(plan_requantize(SOURCE, endpoint=endpoint, token=TOKEN), downloads=True)
-    shards = summary["shards"]
-    return Shapes([(s["name"], s["input_bytes"]) for s in shards], [(s["name"], s["expected_output_bytes"]) for s in shards])
+    plan = plan_requantize(SOURCE, endpoint=endpoint, token=TOKEN, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    layout = plan.layout
+    ready = []
+    for output in plan.outputs:
+        parts = [plan.stored_at[part] for item in output.items for part in layout.parts[item]]
+        ready.append(max((p.file, p.end) for p in parts))
+    return Shapes(
+        [(s.name, s.size) for s in plan.shards], [(o.name, o.expected_size) for o in plan.outputs], ready,
+        plan.largest_tensor(), plan.output_pair(), plan.settings.max_shard_size if max_shard_size else None,
+    )
 
 
 @functools.cache
@@ -616,17 +801,23 @@ def int4_kept_modules(endpoint: str) -> list[str]:
     return sorted(k.removesuffix(".weight") for k, r in plan.rules.items() if r.action == "keep" and k.endswith(".weight"))
 
 
-def scenario_params(scenario: str, shapes: Shapes, endpoint: str, scratch: Path, device: str, timed: bool = False) -> dict[str, Any]:
-    timed = timed and scenario != "llmcompressor"  # the timeline patches streamq, which the reference venv lacks
+OVERLAP_READ_AHEAD = 4 * GB  # overlap's read-ahead, against streamq's default of 1 GB
+
+
+def scenario_params(scenario: str, shapes: Shapes, endpoint: str, scratch: Path, device: str, setup: Setup | None = None) -> dict[str, Any]:
+    setup = setup or Setup()
+    timed = setup.timeline and scenario != "llmcompressor"  # the timeline patches streamq, which the reference venv lacks
     params: dict[str, Any] = {"endpoint": endpoint, "dst": f"{OUTPUT_NAMESPACE}/{scenario}-{uuid.uuid4().hex[:8]}", "device": device, "timeline": timed}
     if scenario == "probe":
-        params.update(input=max(shapes.inputs, key=lambda s: s[1]), upload_bytes=shapes.largest_out)
+        params.update(input=max(shapes.inputs, key=lambda s: s[1]), upload_bytes=shapes.largest_out, download_bytes=setup.probe_bytes)
     if scenario == "raw":
-        params.update(inputs=[n for n, _ in shapes.inputs], outputs=shapes.outputs, staging=str(scratch / "staging"))
+        params.update(inputs=[n for n, _ in shapes.inputs], outputs=shapes.outputs, ready=shapes.ready, staging=str(scratch / "staging"))
+    if scenario in ("strict", "overlap", "unchecked", "int4"):
+        params["max_shard_size"] = shapes.max_shard_size
     if scenario in ("overlap", "unchecked"):
-        params["disk_budget"] = 2 * shapes.largest_in + shapes.largest_out
-    if scenario == "int4":  # shapes are NF4's outputs; int4's at group 32 take 0.5625 bytes a weight against ~0.52
-        params.update(disk_budget=2 * shapes.largest_in + int(1.2 * shapes.largest_out), quant={"quant_type": "int4", "blocksize": INT4_GROUP})
+        params["disk_budget"] = shapes.largest_tensor + OVERLAP_READ_AHEAD + shapes.output_pair
+    if scenario == "int4":  # the default disk budget: streamq sizes the output pool from int4's own plan
+        params.update(quant={"quant_type": "int4", "blocksize": INT4_GROUP})
     if scenario == "llmcompressor":
         params.update(group_size=INT4_GROUP, ignore=int4_kept_modules(endpoint))
     return params
@@ -634,11 +825,13 @@ def scenario_params(scenario: str, shapes: Shapes, endpoint: str, scratch: Path,
 
 @dataclass(frozen=True)
 class Setup:
-    """How every scenario child runs: its cores (None: all) and streamq's device option."""
+    """How every scenario child runs: its cores (None: all) and streamq's device option; how much of the
+    largest source file a calibration probe downloads (None: all of it)."""
 
     cpus: set[int] | None = None
     device: str = "auto"
     timeline: bool = False
+    probe_bytes: int | None = 2 * GB
 
 
 def split_run(name: str, default_device: str) -> tuple[str, str]:
@@ -652,11 +845,16 @@ def run_scenario(name: str, shapes: Shapes, endpoint: str, scratch: Path, setup:
     from huggingface_hub import HfApi
 
     scenario, device = split_run(name, setup.device)
-    params = scenario_params(scenario, shapes, endpoint, scratch, device, setup.timeline)
+    params = scenario_params(scenario, shapes, endpoint, scratch, device, setup)
     area = scratch / params["dst"].split("/")[1]
+    objects = source_objects(endpoint)
+    served = SERVED.snapshot(objects)
     try:
         measured = replace(run_child(scenario, params, area, setup.cpus), scenario=name)
-        measured.details["output_shard_bytes"] = _output_shards(endpoint, params["dst"])
+        measured.details["source_bytes_served"] = SERVED.since(served, objects)
+        shards = output_shards(endpoint, params["dst"])
+        measured.details["output_shard_bytes"] = {name: size for name, (size, _) in shards.items()}
+        measured.details["output_shard_sha256"] = {name: sha for name, (_, sha) in shards.items()}
         return measured
     finally:
         shutil.rmtree(area, ignore_errors=True)
@@ -664,11 +862,12 @@ def run_scenario(name: str, shapes: Shapes, endpoint: str, scratch: Path, setup:
         HfApi(endpoint=endpoint, token=TOKEN).delete_repo(params["dst"], missing_ok=True)
 
 
-def _output_shards(endpoint: str, repo_id: str) -> dict[str, int]:
+def output_shards(endpoint: str, repo_id: str) -> dict[str, tuple[int, str | None]]:
+    """The output repo's shards: name -> (size, sha256)."""
     from huggingface_hub import HfApi
 
     info = HfApi(endpoint=endpoint, token=TOKEN).model_info(repo_id, files_metadata=True)
-    return {s.rfilename: s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors")}
+    return {s.rfilename: (s.size or 0, s.lfs.sha256 if s.lfs else None) for s in info.siblings or [] if s.rfilename.endswith(".safetensors")}
 
 
 def probe_rates(hub: Any, network: Network | None, shapes: Shapes, scratch: Path, setup: Setup, tries: int = 2) -> dict[str, float]:
@@ -683,7 +882,8 @@ def calibrate(hub: Any, bandwidth: float, shapes: Shapes, scratch: Path, setup: 
 
     The emulator is a Python server on this machine: sending or receiving a byte costs it time on top of
     the throttle's waits, so a naive throttle runs below nominal. Each round adds the measured shortfall
-    (seconds per byte) to the cost the waits leave room for, then probes again.
+    (seconds per byte) to the cost the waits leave room for, then probes again; an upload already sent
+    without delay cannot gain from another round (the emulator's own speed is the limit), so it stops there.
     """
     network = Network(bandwidth)
     history = []
@@ -691,7 +891,8 @@ def calibrate(hub: Any, bandwidth: float, shapes: Shapes, scratch: Path, setup: 
         rates = probe_rates(hub, network, shapes, scratch, setup)
         history.append({"network": asdict(network), **rates})
         down, up = rates["download_bytes_per_s"], rates["upload_bytes_per_s"]
-        if all(abs(rate / bandwidth - 1) <= 0.1 for rate in (down, up)):
+        upload_unthrottled = network.upload_cost >= 1 / bandwidth  # no delay left to take off: the emulator is the limit
+        if abs(down / bandwidth - 1) <= 0.1 and (abs(up / bandwidth - 1) <= 0.1 or upload_unthrottled):
             break
         network = Network(
             bandwidth,
@@ -764,10 +965,13 @@ def targets(best: dict[str, dict[str, float]], shapes: Shapes) -> dict[str, dict
 
 
 def device_targets(best: dict[str, dict[str, float]], shapes: Shapes) -> dict[str, dict[str, Any]]:
-    """The issue's targets that the scenarios run can show, each with the measured value and whether it holds."""
-    overlap_budget = 2 * shapes.largest_in + shapes.largest_out
-    disk_limit = shapes.largest_in + shapes.largest_out + METADATA_ALLOWANCE
-    rss_limit = shapes.largest_in + GB
+    """The issue's targets that the scenarios run can show, each with the measured value and whether it holds.
+
+    Disk: strict runs with streamq's default disk_budget (the largest tensor, 1 GB of read-ahead, two
+    output shards), overlap with 4 GB of read-ahead; work_dir must stay within it whatever the source
+    files' sizes. RSS: about one tensor and one output shard beside the imports, never a source file."""
+    overlap_budget = shapes.largest_tensor + OVERLAP_READ_AHEAD + shapes.output_pair
+    rss_limit = shapes.largest_tensor + shapes.largest_out + GB
     streamq_rss = max((best[s]["peak_rss"] for s in ("strict", "overlap") if s in best), default=None)
 
     def target(value: float, limit: float, at_most: bool) -> dict[str, Any]:
@@ -777,14 +981,17 @@ def device_targets(best: dict[str, dict[str, float]], shapes: Shapes) -> dict[st
         return all(name in best for name in names)
 
     found = {}
-    if ran("raw", "overlap"):
-        found["overlap wall / raw wall <= 1.15"] = target(best["overlap"]["wall_s"] / best["raw"]["wall_s"], 1.15, True)
+    for name in ("strict", "overlap"):
+        if ran("raw", name):
+            found[f"{name} wall / raw wall <= 1.15"] = target(best[name]["wall_s"] / best["raw"]["wall_s"], 1.15, True)
     if ran("strict", "overlap"):
         found["overlap speed-up over strict"] = target(best["strict"]["wall_s"] / best["overlap"]["wall_s"], 1.0, False)
     if ran("strict"):
-        found["strict peak disk <= largest in + out shard"] = target(best["strict"]["peak_disk"], disk_limit, True)
+        found["strict peak disk <= the default disk_budget"] = target(best["strict"]["peak_disk"], shapes.default_budget + METADATA_ALLOWANCE, True)
+    if ran("overlap"):
+        found["overlap peak disk <= its disk_budget"] = target(best["overlap"]["peak_disk"], overlap_budget + METADATA_ALLOWANCE, True)
     if streamq_rss is not None:
-        found["streamq peak RSS <= largest shard + 1 GB"] = target(streamq_rss, rss_limit, True)
+        found["streamq peak RSS <= largest tensor + largest output shard + 1 GB"] = target(streamq_rss, rss_limit, True)
     if ran("recipe", "strict"):
         found["recipe / strict peak disk >= 5"] = target(best["recipe"]["peak_disk"] / best["strict"]["peak_disk"], 5, False)
     if ran("recipe") and streamq_rss is not None:
@@ -792,9 +999,131 @@ def device_targets(best: dict[str, dict[str, float]], shapes: Shapes) -> dict[st
     if ran("int4", "llmcompressor"):  # issue 21: keep streamq's lead over llm-compressor's route for int4
         for what, key in (("wall", "wall_s"), ("peak disk", "peak_disk"), ("peak RSS", "peak_rss")):
             found[f"llmcompressor / int4 {what} >= 1"] = target(best["llmcompressor"][key] / best["int4"][key], 1.0, False)
-    if ran("overlap"):
-        found["check: overlap peak disk <= its disk_budget"] = target(best["overlap"]["peak_disk"], overlap_budget + METADATA_ALLOWANCE, True)
     return found
+
+
+# ---------------------------------------------------------------- kill -9 and resume
+
+
+def _vm_hwm(pid: int) -> int:
+    """A live child's peak resident set (VmHWM), 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _output_record(endpoint: str, repo_id: str, work: Path) -> dict[str, Any]:
+    """What a killed run left: the output's committed manifest (shards, pending ones, hash checkpoints) and
+    the upload journal in its work_dir."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    from streamq.journal import JOURNAL_NAME
+    from streamq.manifest import MANIFEST_NAME
+
+    record: dict[str, Any] = {"committed": [], "pending": [], "checkpoints": {}, "journal": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            manifest = json.loads(Path(hf_hub_download(repo_id, MANIFEST_NAME, local_dir=tmp, endpoint=endpoint, token=TOKEN)).read_text())
+        except (EntryNotFoundError, RepositoryNotFoundError):
+            manifest = None
+    if manifest is not None:
+        record.update(
+            committed=sorted(manifest["shards"]), pending=sorted(manifest["pending"]), verified=sorted(manifest["verified"]),
+            checkpoints={name: point["offset"] for name, point in manifest["checkpoints"].items()},
+        )
+    journal = work / JOURNAL_NAME
+    if journal.is_file():
+        data = json.loads(journal.read_text())
+        record["journal"] = sorted(data.get("shards", {}))
+        record["journal_checkpoints"] = {name: point["offset"] for name, point in data.get("checkpoints", {}).items()}
+    return record
+
+
+def kill_and_resume(
+    hub: Any, shapes: Shapes, scratch: Path, setup: Setup, mode: str, fraction: float, reference: dict[str, str] | None,
+) -> dict[str, Any]:
+    """streamq (strict's settings) killed with SIGKILL once the emulator has sent `fraction` of the largest
+    source file, then the same command again to the same output, with the same work_dir (`mode` "kept")
+    or a new one ("fresh"). Returns what each run did, what the second downloaded again (bytes the
+    emulator sent of each source file during it) and how many output shards it made again or skipped;
+    the finished output's shards are compared with `reference` (an uninterrupted run's sha256s)."""
+    from huggingface_hub import HfApi
+
+    objects = source_objects(hub.endpoint)
+    name, size = max(shapes.inputs, key=lambda s: s[1])
+    _, device = split_run("strict", setup.device)
+    params = scenario_params("strict", shapes, hub.endpoint, scratch, device, setup)
+    params["dst"] = f"{OUTPUT_NAMESPACE}/kill-{mode}-{uuid.uuid4().hex[:8]}"
+    first = scratch / f"kill-{mode}-1"
+    work = first / "work"
+    params["work_dir"] = str(work)
+    sizes = dict(shapes.inputs)
+    try:
+        before = SERVED.snapshot(objects)
+        started = time.monotonic()
+        peak_disk = peak_rss = 0
+        proc, _ = start_child("strict", params, first, setup.cpus)
+        sent = 0
+        while True:
+            sent = SERVED.since(before, objects)[name]
+            peak_disk, peak_rss = max(peak_disk, directory_bytes(first)), max(peak_rss, _vm_hwm(proc.pid))
+            if sent >= fraction * size:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"the run to be killed ended by itself (exit code {proc.returncode}) after {sent} bytes of {name}")
+            time.sleep(POLL_SECONDS)
+        killed_after = time.monotonic() - started
+        proc.wait()
+        time.sleep(0.5)  # the emulator's last pieces to the dead connection
+        run1 = {
+            "killed_after_s": round(killed_after, 2), "killed_at_bytes_of_largest": sent,
+            "source_bytes_served": SERVED.since(before, objects), "peak_disk_polled": peak_disk, "peak_rss_polled": peak_rss,
+            "work_dir_bytes_left": directory_bytes(work), **_output_record(hub.endpoint, params["dst"], work),
+        }
+        recorded = set(run1["committed"]) | set(run1["pending"]) | set(run1["journal"] if mode == "kept" else [])
+        second = scratch / f"kill-{mode}-2"
+        if mode == "fresh":
+            params["work_dir"] = str(second / "work")
+        before = SERVED.snapshot(objects)
+        measured = run_child("strict", params, second, setup.cpus, watch=first if mode == "kept" else second)
+        served = SERVED.since(before, objects)
+        shards = output_shards(hub.endpoint, params["dst"])
+        details = measured.details
+        made_again = details["shards"] - details["shards_skipped"]
+        points = {**run1["checkpoints"], **(run1.get("journal_checkpoints", {}) if mode == "kept" else {})}
+        checkpoint = points.get(name, 0)
+        # what a resumed run must download at least: every file not checked yet, from its saved hash state on
+        least = sum(0 if n in run1.get("verified", []) else s - points.get(n, 0) for n, s in shapes.inputs)
+        run2 = {
+            "wall_s": measured.wall_s, "peak_disk": measured.peak_disk, "peak_rss": measured.peak_rss, "cpu_s": measured.cpu_s,
+            "source_bytes_served": served,
+            "served_over_size": {n: round(served[n] / sizes[n], 4) for n in sizes},
+            "served_total": sum(served.values()), "source_total": sum(sizes.values()),
+            "least_to_download": least,  # from the hash checkpoint of the killed file on, and every file after it
+            "shards": details["shards"], "shards_skipped": details["shards_skipped"], "shards_made_again": made_again,
+            "recorded_by_run1": len(recorded),
+            "uploaded_by_run1_but_made_again": len(recorded) - details["shards_skipped"],
+            "thread_cpu_s": details.get("thread_cpu_s"),
+        }
+        same = None if reference is None else {n: sha for n, (_, sha) in shards.items()} == reference
+        print(f"  [kill -9, {mode} work_dir] run 1 killed after {killed_after:.1f} s at {sent / GB:.2f} of {size / GB:.2f} GB of {name} "
+              f"({len(run1['committed'])} shards committed, {len(run1['pending'])} pending, {len(run1['journal'])} in the journal, "
+              f"checkpoint of {name} at {checkpoint / GB:.2f} GB); run 2: {measured.wall_s:.1f} s, downloaded "
+              f"{', '.join(f'{served[n] / GB:.2f}/{sizes[n] / GB:.2f} GB' for n in sizes)} (least {least / GB:.2f} GB), "
+              f"made {made_again} of {details['shards']} shards again, skipped {details['shards_skipped']}; "
+              f"disk {measured.peak_disk / GB:.2f} GB, rss {measured.peak_rss / GB:.2f} GB; output same as uninterrupted: {same}", flush=True)
+        return {"mode": mode, "kill_fraction": fraction, "killed_file": name, "killed_file_bytes": size, "run1": run1, "run2": run2,
+                "output_same_as_uninterrupted": same}
+    finally:
+        for area in (first, scratch / f"kill-{mode}-2"):
+            shutil.rmtree(area, ignore_errors=True)
+        HfApi(endpoint=hub.endpoint, token=TOKEN).delete_repo(params["dst"], missing_ok=True)
 
 
 # ---------------------------------------------------------------- report
@@ -809,7 +1138,7 @@ def print_network(result: dict[str, Any]) -> None:
           f"{'RSS-imports':>11} {'CPU s':>7}")
     for name, row in result["best"].items():
         print(f"{name:<13} {row['wall_s']:7.1f} {row['wall_s'] / raw['wall_s']:6.2f} {row['peak_disk'] / GB:8.2f} "
-              f"{row['peak_disk'] / raw['peak_disk']:6.2f} {row['peak_rss'] / GB:7.2f} "
+              f"{row['peak_disk'] / raw['peak_disk'] if raw['peak_disk'] >= MB else float('nan'):6.2f} {row['peak_rss'] / GB:7.2f} "
               f"{row['peak_rss'] / raw['peak_rss']:6.2f} {row['rss_above_setup'] / GB:11.2f} {row['cpu_s']:7.1f}")
     if result["network"]:
         print("  (the throttle is per connection: transformers fetches the shards over up to 8 at once and upload_folder "
@@ -843,6 +1172,9 @@ def machine_facts() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": {m.__name__: m.__version__ for m in (torch, transformers, huggingface_hub, bitsandbytes, safetensors)},
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_model": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                           if line.startswith("model name")), None),
     }
 
 
@@ -888,6 +1220,19 @@ def parse_args() -> argparse.Namespace:
                              "a source built there from the same model and seed is used again")
     parser.add_argument("--source-direct", action="store_true",
                         help="write the source straight into the emulator's storage instead of uploading it through the emulator")
+    parser.add_argument("--sparse", action="store_true",
+                        help="with --source-direct: each source file is its header and a hole (zeros), costing no disk or RAM; "
+                             "its sha256 comes from sparse_sha256.json when listed there")
+    parser.add_argument("--max-shard-size", default=None,
+                        help="streamq's max_shard_size for its output shards (\"1GB\", \"200MB\", or bytes; default: streamq's own)")
+    parser.add_argument("--probe-mb", type=int, default=2000,
+                        help="MB of the largest source file each calibration probe downloads (0: all of it)")
+    parser.add_argument("--kill-resume", type=lambda v: [m for m in v.split(",") if m], default=[],
+                        help="after the scenarios, kill -9 streamq in the middle of the largest source file and run it again, "
+                             "with the same work_dir (kept) and/or a new one (fresh): kept,fresh")
+    parser.add_argument("--kill-at", type=float, default=0.5,
+                        help="--kill-resume: kill once this fraction of the largest source file has been sent")
+    parser.add_argument("--kill-json", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "kill_resume.json")
     parser.add_argument("--timeline", action="store_true", help="print when each stage of each run started and ended, by thread")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "pipeline.json")
@@ -898,13 +1243,16 @@ def parse_args() -> argparse.Namespace:
 SOURCE_MARK = "bench-source.json"  # in the hub's root: the model and seed its source repo was built from
 
 
-def publish_model(hub: Any, spec: ModelSpec | MoESpec, seed: int, scratch: Path, direct: bool) -> tuple[Shapes, dict[str, Any]]:
+def publish_model(
+    hub: Any, spec: ModelSpec | MoESpec, seed: int, scratch: Path, direct: bool, sparse: bool = False, max_shard_size: int | str | None = None,
+) -> tuple[Shapes, dict[str, Any]]:
     """Put the source model on the emulator, unthrottled, keeping no other copy of it; a source already
     there from the same model and seed (a kept --hub-dir) is used as it is."""
     from huggingface_hub import HfApi
 
     started = time.monotonic()
-    mark, wanted = hub.root / SOURCE_MARK, {"model": asdict(spec), "seed": seed}
+    mark, wanted = hub.root / SOURCE_MARK, {"model": asdict(spec), "seed": seed, **({"sparse": True} if sparse else {})}
+    facts: dict[str, Any] = {}
     if mark.is_file() and json.loads(mark.read_text()) == wanted:
         how = "reused"
     else:
@@ -912,8 +1260,8 @@ def publish_model(hub: Any, spec: ModelSpec | MoESpec, seed: int, scratch: Path,
         api = HfApi(endpoint=hub.endpoint, token=TOKEN)
         api.delete_repo(SOURCE, missing_ok=True)
         if direct:
-            write_source_direct(hub.root, spec, seed)
-            how = "written into the emulator's storage"
+            facts = write_source_direct(hub.root, spec, seed, sparse)
+            how = "written sparse into the emulator's storage" if sparse else "written into the emulator's storage"
         else:
             _builder(spec)(spec, scratch / "src", seed)
             api.create_repo(SOURCE)
@@ -921,42 +1269,76 @@ def publish_model(hub: Any, spec: ModelSpec | MoESpec, seed: int, scratch: Path,
             shutil.rmtree(scratch / "src")
             how = "uploaded"
         mark.write_text(json.dumps(wanted))  # only once the source is whole
-    shapes = shard_shapes(hub.endpoint)
     seconds = time.monotonic() - started
-    print(f"model: {len(shapes.inputs)} shards, {sum(s for _, s in shapes.inputs) / GB:.2f} GB "
-          f"{'fp8' if isinstance(spec, MoESpec) else 'bf16'} -> "
-          f"{sum(s for _, s in shapes.outputs) / GB:.2f} GB nf4 output (source {how} in {seconds:.0f} s)", flush=True)
-    return shapes, {"source": how, "seconds": round(seconds, 1)}
+    shapes = shard_shapes(hub.endpoint, max_shard_size)
+    print(f"model: {len(shapes.inputs)} source files ({', '.join(f'{s / GB:.2f}' for _, s in shapes.inputs)} GB), "
+          f"{sum(s for _, s in shapes.inputs) / GB:.2f} GB {'fp8' if isinstance(spec, MoESpec) else 'bf16'} -> "
+          f"{len(shapes.outputs)} output shards, {sum(s for _, s in shapes.outputs) / GB:.2f} GB nf4 (at most); largest tensor "
+          f"{shapes.largest_tensor / GB:.2f} GB; default disk budget {shapes.default_budget / GB:.2f} GB "
+          f"(source {how} in {seconds:.0f} s)", flush=True)
+    return shapes, {"source": how, "seconds": round(seconds, 1), **facts}
 
 
 def _builder(spec: ModelSpec | MoESpec) -> Callable[[Any, Path, int], None]:
     return build_fp8_model if isinstance(spec, MoESpec) else build_model
 
 
-def write_source_direct(root: Path, spec: ModelSpec | MoESpec, seed: int) -> None:
+def write_source_direct(root: Path, spec: ModelSpec | MoESpec, seed: int, sparse: bool = False) -> dict[str, Any]:
     """Build the model inside the emulator's storage and commit it there, as upload_folder would have:
-    pushing 61 GB through the emulator's HTTP uploads takes minutes, a rename takes nothing."""
+    pushing 61 GB through the emulator's HTTP uploads takes minutes, a rename takes nothing.
+
+    `sparse`: each shard is its safetensors header followed by a hole as long as its data (truncate), so
+    its tensors read as zeros and the file takes neither disk nor RAM, however large; the emulator
+    serves it like any file. Only the sha256 must read the zeros (or come from SPARSE_DIGESTS)."""
     from streamq.testing.auth import DEFAULT_USER
     from streamq.testing.storage import Entry, Put, RepoStore
 
     repo = RepoStore(root).create("model", SOURCE, private=False)
     assert repo is not None, "publish_model deleted the source repo first"
     staging = repo.tmp_file()  # on the objects' file system: a shard enters the store by a rename
+    facts: dict[str, Any] = {}
 
-    def stored(path: Path) -> Put:
+    def stored(path: Path, sha256: str | None = None) -> Put:
         if path.suffix != ".safetensors":  # config.json and the index: regular files
             return Put(path.name, repo.add_bytes(path.read_bytes()))
-        with path.open("rb") as f:  # LFS under the default .gitattributes, as preupload would answer
-            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        if sha256 is None:  # LFS under the default .gitattributes, as preupload would answer
+            with path.open("rb") as f:
+                sha256 = hashlib.file_digest(f, "sha256").hexdigest()
         entry = Entry.large(sha256, path.stat().st_size)
         repo.adopt(path, sha256)
         return Put(path.name, entry)
 
-    _builder(spec)(spec, staging, seed)
-    with ThreadPoolExecutor(os.cpu_count()) as pool:  # hashing releases the GIL
-        operations = list(pool.map(stored, sorted(staging.iterdir())))
+    if sparse:
+        if not isinstance(spec, ModelSpec):
+            raise SystemExit("--sparse builds the bf16 Llama-shaped model only (not --fp8-moe)")
+        staging.mkdir(parents=True)
+        llama_config(spec).save_pretrained(staging)
+        groups = spec.shards()
+        files, weight_map = [], {}
+        for number, group in enumerate(groups, 1):
+            name = shard_name(number, len(groups))
+            prefix, data = sparse_prefix(group)
+            with (staging / name).open("wb") as f:
+                f.write(prefix)
+                f.truncate(len(prefix) + data)  # the data: a hole
+            files.append((prefix, data))
+            weight_map.update(dict.fromkeys((key for key, _ in group), name))
+        total = sum(data for _, data in files)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        started = time.monotonic()
+        digests, computed = sparse_digests(files)
+        facts = {"sparse": True, "sha256_computed": computed, "sha256_seconds": round(time.monotonic() - started, 1)}
+        names = [shard_name(n, len(groups)) for n in range(1, len(groups) + 1)]
+        operations = [stored(staging / name, digest) for name, digest in zip(names, digests)]
+        operations += [stored(path) for path in sorted(staging.iterdir()) if path.suffix != ".safetensors"]
+    else:
+        _builder(spec)(spec, staging, seed)
+        with ThreadPoolExecutor(os.cpu_count()) as pool:  # hashing releases the GIL
+            operations = list(pool.map(stored, sorted(staging.iterdir())))
     repo.commit_changes("main", operations, title="Upload folder using huggingface_hub", message="", author=DEFAULT_USER)
     shutil.rmtree(staging)
+    return facts
 
 
 def remove_outputs(root: Path) -> None:
@@ -1011,13 +1393,19 @@ def main() -> None:
         return
     from streamq.testing import LocalHub
 
+    if any(mode not in ("kept", "fresh") for mode in args.kill_resume):
+        raise SystemExit("--kill-resume: kept, fresh or both (kept,fresh)")
+    if args.sparse and not args.source_direct:
+        raise SystemExit("--sparse writes the source into the emulator's storage: add --source-direct")
     runs = [split_run(name, args.device) for name in args.scenarios]
     if "raw" not in args.scenarios or any(s not in SCENARIOS + ABLATIONS or d not in DEVICES for s, d in runs):
         raise SystemExit(f"--scenarios: a subset of {','.join(SCENARIOS + ABLATIONS)} that includes raw (the baseline), "
                          f"each but raw optionally @{'/@'.join(DEVICES)}")
     for scenario, _ in runs:
         child_python(scenario)  # refused now rather than after the source is built
-    setup = replace(pin(args.child_cpus, args.device), timeline=args.timeline)  # pinned before the emulator starts
+    setup = replace(  # pinned before the emulator starts
+        pin(args.child_cpus, args.device), timeline=args.timeline, probe_bytes=args.probe_mb * MB if args.probe_mb else None,
+    )
     spec: ModelSpec | MoESpec = ModelSpec(
         args.hidden, args.intermediate, args.layers, args.vocab, args.heads, args.kv_heads, args.shard_mb * MB,
         args.head_dim, args.tie_embeddings,
@@ -1044,15 +1432,36 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
 
+    kills: list[dict[str, Any]] = []
+
+    def save_kills() -> None:
+        report = {
+            "git": git_before, "machine": machine_facts(), "model": {"kind": "bf16", **asdict(spec)}, "shards": asdict(shapes),
+            "source": source, "network": network, "setup": {"child_cpus": sorted(setup.cpus) if setup.cpus else None, "device": setup.device},
+            "runs": kills,
+        }
+        args.kill_json.parent.mkdir(parents=True, exist_ok=True)
+        args.kill_json.write_text(json.dumps(report, indent=2))
+
     try:
         with LocalHub(hub_root) as hub:
-            shapes, source = publish_model(hub, spec, args.seed, scratch, args.source_direct)
+            SERVED.hub = hub
+            shapes, source = publish_model(hub, spec, args.seed, scratch, args.source_direct, args.sparse, args.max_shard_size)
             results = run_all(hub, shapes, scratch, args, setup, save)
+            for result in results:
+                print_network(result)
+            print(f"\nwritten {args.json}", flush=True)
+            if args.kill_resume:  # under the first network measured (the calibrated throttle)
+                network = results[0]["network"]
+                use_network(hub, Network(**network) if network else None)
+                strict = results[0]["runs"].get("strict")
+                reference = strict[0]["details"]["output_shard_sha256"] if strict else None
+                for mode in args.kill_resume:
+                    kills.append(kill_and_resume(hub, shapes, scratch, setup, mode, args.kill_at, reference))
+                    save_kills()
+                print(f"written {args.kill_json}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    for result in results:
-        print_network(result)
-    print(f"\nwritten {args.json}")
 
 
 if __name__ == "__main__":
