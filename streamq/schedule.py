@@ -44,7 +44,7 @@ class ShardRecord:
     output_bytes: int
     skipped: bool  # done by an earlier run: not made again
     committed: bool  # False while its bytes are uploaded but wait for a later commit
-    seconds: float
+    seconds: float  # since the run started, when it was published
 
 
 class Scheduler:
@@ -88,7 +88,7 @@ class Scheduler:
                     for made in convert_stream(self.plan, self.layout, self._window, set(todo), floor, self.work / "out", self.device, self.budget):
                         yield from self._completed()
                         digest = self._hasher.submit(file_sha256, made.written.path)
-                        self._published.append(self._publisher.submit(self._publish, made, digest, len(todo)))
+                        self._published.append(self._publisher.submit(self._publish, made, digest))
                 except WindowFailed:
                     self._raise_download_error()
                     raise
@@ -155,7 +155,7 @@ class Scheduler:
         raise exc
 
     # The publish thread: the only one that touches the manifest and the sink
-    def _publish(self, made: Made, digest: Future[str], count: int) -> ShardRecord:
+    def _publish(self, made: Made, digest: Future[str]) -> ShardRecord:
         name = made.shard.name
         try:
             if self._publish_failed.is_set():
