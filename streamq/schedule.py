@@ -83,9 +83,11 @@ class Scheduler:
         if todo:
             (self.work / "out").mkdir(parents=True, exist_ok=True)
             warm_up(self.plan, self.device)  # while the first bytes arrive
+            self._phase(todo[0])
             with disk_full_is_clear(self.work):
                 try:
                     for made in convert_stream(self.plan, self.layout, self._window, set(todo), floor, self.work / "out", self.device, self.budget):
+                        self._phase(min((i for i in todo if i > made.index), default=made.index))
                         yield from self._completed()
                         digest = self._hasher.submit(file_sha256, made.written.path)
                         self._published.append(self._publisher.submit(self._publish, made, digest))
@@ -101,6 +103,9 @@ class Scheduler:
             yield self._published.popleft().result()
         self._publisher.submit(lambda: None).result()  # promotions of the last files done
         self.bar.set_postfix_str("")
+
+    def _phase(self, index: int) -> None:
+        self.bar.set_description(f"shard {index + 1}/{len(self.layout.outputs)} download + convert")
 
     # The download
     def _start_download(self, todo: list[int], floor: Position | None) -> Window | InPlace:

@@ -112,7 +112,7 @@ def choose_disk_budget(summary: dict[str, Any], free: int) -> int | None:
     shortfall) when even that share is below the least the model needs."""
     cap = int(free * FREE_DISK_SHARE)
     if summary["disk_needed_bytes"] <= cap:
-        return None
+        return summary["disk_needed_bytes"]
     return cap if cap >= summary["disk_least_bytes"] else None
 
 
