@@ -184,3 +184,54 @@ def test_memory_holds_about_one_tensor_not_the_file_nor_an_output_shard(big, tmp
     planned = _peak_rss("plan", "org/big", *common)
     ran = _peak_rss("requantize", "org/big", "me/big-rss", *common, "--no-progress", "--work-dir", str(tmp_path / "w"))
     assert ran - planned < 100 * MB, (ran, planned)
+
+
+def test_int4_from_one_file_of_1_gb_matches_llm_compressor(big, tmp_path: Path) -> None:
+    from int4_cases import kept_modules, reference_python, run_reference
+
+    python = reference_python()
+    if python is None:
+        pytest.skip("no llm-compressor virtualenv (STREAMQ_INT4_REFERENCE)")
+    root, src, hub = big
+    options = dict(quant_type="int4", max_shard_size=OUT_SHARD, endpoint=hub.endpoint)
+    run_reference(python, src, tmp_path / "ref", 128, kept_modules(plan_requantize("org/big", **options)))
+    work = tmp_path / "work"
+    work.mkdir()
+    with DiskWatch(work) as watch:
+        stream_requantize("org/big", "me/big-int4", progress=False, work_dir=work, disk_budget=BUDGET, **options)
+    assert 0 < watch.peak <= BUDGET, watch.peak
+    _check_output(_download(hub, "me/big-int4", tmp_path / "out"), tmp_path / "ref")
+
+
+def test_an_fp8_source_of_one_file_of_1_gb_matches_transformers(tmp_path: Path) -> None:
+    """A block-FP8 checkpoint (1.04 GB, one file; transformers' own FP8 quantizer) into NF4 within the
+    small budget: the bytes transformers writes when it loads it dequantized, then in 4 bit."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config, LlamaConfig
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    from quantized_sources import BLOCK_FP8, PROJ, _rewrite, _save_random, transformers_dequantized
+    from types import SimpleNamespace
+
+    config = LlamaConfig(vocab_size=8000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=19, num_attention_heads=16,
+                         num_key_value_heads=16, max_position_embeddings=64, tie_word_embeddings=False)
+    src = tmp_path / "src"
+    _save_random(config, src, 0, "50GB")
+    quantize = Fp8Quantize(SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=[128, 128])))
+    _rewrite(src, lambda key, tensor: quantize.convert({key: tensor}) if PROJ.search(key) else {key: tensor}, dict(BLOCK_FP8))
+    assert [p.name for p in src.glob("*.safetensors")] == ["model.safetensors"] and (src / "model.safetensors").stat().st_size > 1_000 * MB
+    dequantized = transformers_dequantized(src, tmp_path / "deq", FineGrainedFP8Config(dequantize=True))
+    AutoModelForCausalLM.from_pretrained(dequantized, quantization_config=bnb_config(), device_map="cpu").save_pretrained(tmp_path / "ref")
+    import shutil
+
+    shutil.rmtree(dequantized)
+    with LocalHub(tmp_path / "hub") as hub:
+        api = HfApi(endpoint=hub.endpoint, token="hf_test")
+        api.create_repo("org/fp8")
+        api.upload_folder(repo_id="org/fp8", folder_path=src)
+        work = tmp_path / "work"
+        work.mkdir()
+        with DiskWatch(work) as watch:
+            stream_requantize("org/fp8", "me/fp8-nf4", endpoint=hub.endpoint, progress=False, work_dir=work,
+                              disk_budget=BUDGET, max_shard_size=OUT_SHARD)
+        assert 0 < watch.peak <= BUDGET, watch.peak
+        _check_output(_download(hub, "me/fp8-nf4", tmp_path / "out"), tmp_path / "ref")
