@@ -15,7 +15,7 @@ import mmap
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -30,11 +30,11 @@ _NOWHERE = Position(1 << 62, 0)  # past every byte: nothing more is kept
 class TensorBytes(Protocol):
     """Where the converter reads stored tensors from, in stream order."""
 
-    def mapped(self, stored: Stored) -> contextmanager: ...
+    def mapped(self, stored: Stored) -> AbstractContextManager[memoryview]: ...
 
     def read(self, stored: Stored) -> bytearray: ...
 
-    def located(self, stored: Stored) -> contextmanager: ...
+    def located(self, stored: Stored) -> AbstractContextManager[tuple[int, int]]: ...
 
     def release(self, upto: Position) -> None: ...
 
