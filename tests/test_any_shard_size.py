@@ -18,7 +18,7 @@ from huggingface_hub import HfApi, snapshot_download
 import streamq
 from streamq import plan_requantize, stream_requantize
 from streamq.testing import LocalHub
-from tiny_models import bnb_config, byte_mismatches, load_tensors
+from tiny_models import bnb_config, byte_mismatches, load_tensors, peak_rss
 
 RUNNER = Path(__file__).with_name("crash_runner.py")
 MB = 1_000_000
@@ -161,28 +161,13 @@ def test_kill_9_inside_the_file_costs_about_one_output_shard(big, tmp_path: Path
     _check_output(_download(hub, repo, tmp_path / "out"), root / "ref")
 
 
-PEAK_RSS = """
-import resource, sys
-from streamq.cli import main
-code = main(sys.argv[1:])
-print("VmHWM", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)
-sys.exit(code)
-"""
-
-
-def _peak_rss(*args: str) -> int:
-    done = subprocess.run([sys.executable, "-c", PEAK_RSS, *args], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return int(done.stderr.rsplit("VmHWM", 1)[1].split()[0])
-
-
 def test_memory_holds_about_one_tensor_not_the_file_nor_an_output_shard(big, tmp_path: Path) -> None:
     """Peak RSS of a run over what planning alone (imports, the meta model) takes: well below the 1.07 GB
     file and below one 200 MB output shard (measured here: nothing over planning's own peak)."""
     _, _, hub = big
     common = ["--endpoint", hub.endpoint, "--max-shard-size", "200MB"]
-    planned = _peak_rss("plan", "org/big", *common)
-    ran = _peak_rss("requantize", "org/big", "me/big-rss", *common, "--no-progress", "--work-dir", str(tmp_path / "w"))
+    planned = peak_rss("plan", "org/big", *common)
+    ran = peak_rss("requantize", "org/big", "me/big-rss", *common, "--no-progress", "--work-dir", str(tmp_path / "w"))
     assert ran - planned < 100 * MB, (ran, planned)
 
 

@@ -15,7 +15,7 @@ from huggingface_hub import HfApi, snapshot_download
 from streamq import stream_requantize, verify_output
 from streamq.commits import HOUR, CommitBudget
 from streamq.testing import LocalHub
-from tiny_models import OUT_SHARD, make_model
+from tiny_models import OUT_SHARD, header_reads, make_model
 
 RUNNER = Path(__file__).with_name("crash_runner.py")
 
@@ -167,7 +167,7 @@ def source_downloads(hub: LocalHub, api: HfApi) -> float:
     """Bytes of the source's LFS objects streamed, in source files, over the header reads every run makes
     while planning (huggingface_hub's first 100,001 bytes of each file, and streamq's 8-byte read)."""
     sizes = {s.lfs.sha256: s.size for s in api.model_info("org/model", files_metadata=True).siblings if s.lfs}
-    headers = sum(min(size, 100_001) + 8 for size in sizes.values())
+    headers = header_reads(sizes.values())
     return (sum(hub.requests.sent(oid) for oid in sizes) - headers) / (sum(sizes.values()) / len(sizes))
 
 

@@ -9,7 +9,7 @@ import pytest
 
 import streamq
 from streamq import stream_requantize
-from tiny_models import OUT_SHARD, load_tensors, make_model
+from tiny_models import OUT_SHARD, header_reads, load_tensors, make_model
 
 
 @pytest.fixture()
@@ -44,7 +44,7 @@ def test_a_hub_run_on_a_disk_below_its_budget_is_refused_before_the_first_byte(t
         hub.requests.clear()
         with pytest.raises(streamq.InsufficientDiskError, match=r"needs 1\.\d+ GB \(the disk budget\) but has 0\.00 GB free"):
             stream_requantize("org/model", "me/out", endpoint=hub.endpoint, work_dir=tiny_fs / "work", progress=False)
-        headers = sum(min(p.stat().st_size, 100_001) + 8 for p in src.glob("*.safetensors"))
+        headers = header_reads(p.stat().st_size for p in src.glob("*.safetensors"))
         assert hub.requests.sent(r"^/storage/") == headers  # the plan's header reads, not one byte of a tensor
         assert not api.repo_exists("me/out")
     assert [p for p in (tiny_fs / "work").rglob("*") if p.is_file() and p.parent.name == "in"] == []

@@ -13,7 +13,7 @@ from huggingface_hub import HfApi, snapshot_download
 import streamq
 from streamq import iter_requantize, stream_requantize, verify_output
 from streamq.testing import LocalHub
-from tiny_models import OUT_SHARD, byte_mismatches, fail_on_nth_shard, load_tensors, logits_of, make_model, reference
+from tiny_models import OUT_SHARD, byte_mismatches, fail_on_nth_shard, header_reads, load_tensors, logits_of, make_model, reference
 
 @pytest.fixture()
 def hub(tmp_path: Path):
@@ -35,8 +35,7 @@ def download(hub: LocalHub, repo_id: str, dest: Path, revision: str | None = Non
 def source_bytes(hub: LocalHub, src: Path) -> int:
     """Bytes of the source's weight files streamed from storage, over the header reads every run makes
     while planning (huggingface_hub's first 100,001 bytes of each file, and streamq's 8-byte read)."""
-    headers = sum(min(p.stat().st_size, 100_001) + 8 for p in src.glob("*.safetensors"))
-    return hub.requests.sent(r"^/storage/") - headers
+    return hub.requests.sent(r"^/storage/") - header_reads(p.stat().st_size for p in src.glob("*.safetensors"))
 
 
 def test_hub_to_hub_matches_transformers_and_loads(tmp_path: Path, hub: LocalHub) -> None:

@@ -14,7 +14,7 @@ import streamq.pipeline
 import streamq.retry
 from streamq import stream_requantize, verify_output
 from streamq.testing import Fault, LocalHub
-from tiny_models import OUT_SHARD, make_model
+from tiny_models import OUT_SHARD, header_reads, make_model
 
 SHARD_BYTES = r"^/storage/"  # LFS objects (the shards) are served from storage URLs
 
@@ -159,7 +159,7 @@ def test_a_download_that_gives_up_is_resumed_by_the_next_run_inside_its_file(tmp
     hub.requests.clear()
     result = run(hub, work_dir=tmp_path / "w2", max_shard_size="2MB")
     sizes = {s.rfilename: s.size for s in api.model_info("org/model", files_metadata=True).siblings if s.rfilename.endswith(".safetensors")}
-    headers = sum(min(size, 100_001) + 8 for size in sizes.values())
+    headers = header_reads(sizes.values())
     assert hub.requests.sent(SHARD_BYTES) - headers == sum(sizes.values()) - resume_at  # from the checkpoint on
     assert result.shards_skipped == len(manifest["pending"])
     assert verify_output("me/out", endpoint=hub.endpoint).ok

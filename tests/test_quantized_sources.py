@@ -206,15 +206,6 @@ def test_cli_bf16_output_and_verify(tmp_path: Path, capsys) -> None:
     assert main(["verify", str(tmp_path / "out")]) == 0
 
 
-PEAK_RSS = """
-import resource, sys
-from streamq.cli import main
-code = main(sys.argv[1:])
-print("VmHWM", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)
-sys.exit(code)
-"""
-
-
 def test_an_fp8_file_is_dequantized_one_weight_at_a_time(tmp_path: Path) -> None:
     """Peak RSS of a run over what planning alone takes, for a 170 MB block-FP8 file (340 MB once
     dequantized): about one weight's working copies, not the file nor its dequantized form.
@@ -223,11 +214,10 @@ def test_an_fp8_file_is_dequantized_one_weight_at_a_time(tmp_path: Path) -> None
     and then keeps some freed float32 working copies in its arenas, which measures the allocator, not
     what streamq holds."""
     import os
-    import subprocess
-    import sys
 
     from transformers import LlamaConfig
 
+    from tiny_models import peak_rss
     from quantized_sources import BLOCK_FP8, _rewrite, _save_random, block_fp8_quantize
 
     config = LlamaConfig(vocab_size=128, hidden_size=2048, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16,
@@ -243,14 +233,8 @@ def test_an_fp8_file_is_dequantized_one_weight_at_a_time(tmp_path: Path) -> None
 
     _rewrite(src, convert, dict(BLOCK_FP8))
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}
-
-    def peak(*args: str) -> int:
-        done = subprocess.run([sys.executable, "-c", PEAK_RSS, *args], capture_output=True, text=True, env=env, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return int(done.stderr.rsplit("VmHWM", 1)[1].split()[0])
-
-    planned = peak("plan", str(src))
-    ran = peak("requantize", str(src), str(tmp_path / "out"), "--no-progress", "--max-shard-size", "200MB")
+    planned = peak_rss("plan", str(src), env=env)
+    ran = peak_rss("requantize", str(src), str(tmp_path / "out"), "--no-progress", "--max-shard-size", "200MB", env=env)
     dequantized = 4 * 2 * (4 * 2048 * 2048 + 3 * 2048 * 4096)
     assert ran - planned < 120 * 2**20 < dequantized / 2, (ran, planned)
 

@@ -91,6 +91,31 @@ def byte_mismatches(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor])
     return bad
 
 
+def header_reads(sizes) -> int:
+    """Bytes every run reads of the source's weight files while planning, whatever it converts:
+    huggingface_hub's header read (the first 100,001 bytes of each) and streamq's 8-byte header length."""
+    return sum(min(size, 100_001) + 8 for size in sizes)
+
+
+_PEAK_RSS = """
+import resource, sys
+from streamq.cli import main
+code = main(sys.argv[1:])
+print("VmHWM", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def peak_rss(*cli_args: str, env: dict | None = None) -> int:
+    """The peak resident memory of `streamq CLI_ARGS` run in a process of its own, in bytes."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS, *cli_args], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stderr.rsplit("VmHWM", 1)[1].split()[0])
+
+
 def fail_on_nth_shard(monkeypatch, n: int, error: Exception | None = None) -> list[str]:
     """Make the pipeline raise `error` (OSError by default) when it starts writing its n-th output shard
     (once); returns the names of the output shards it started, so a test can check what a resumed run redid."""
