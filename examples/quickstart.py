@@ -25,7 +25,7 @@ from streamq.testing import LocalHub  # noqa: E402
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, LocalHub(Path(tmp) / "hub") as hub:
-        # 1. A small random Llama, saved in 4 shards and pushed to the emulated Hub as "org/tiny-llama".
+        # 1. A small random Llama (5.8 MB), saved in shards of 1 MB and pushed to the emulated Hub as "org/tiny-llama".
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)
@@ -36,8 +36,8 @@ def main() -> None:
         api.upload_folder(repo_id="org/tiny-llama", folder_path=Path(tmp) / "tiny-llama")
         print(f"source: {hub.endpoint}/org/tiny-llama ({len(api.list_repo_files('org/tiny-llama'))} files)")
 
-        # 2. The streamq call: Hub -> Hub, one shard at a time.
-        result = stream_requantize("org/tiny-llama", "me/tiny-llama-nf4", endpoint=hub.endpoint, token="hf_demo")
+        # 2. The streamq call: Hub -> Hub, tensor by tensor, into output shards of at most 500 kB (1 GB by default).
+        result = stream_requantize("org/tiny-llama", "me/tiny-llama-nf4", endpoint=hub.endpoint, token="hf_demo", max_shard_size="500KB")
         print(f"streamq: {result.shards} shards, {result.bytes_in / 1e6:.1f} MB -> {result.bytes_out / 1e6:.1f} MB "
               f"({result.ratio:.2f}x) in {result.elapsed:.1f} s")
 
