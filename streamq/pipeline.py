@@ -243,8 +243,9 @@ def _work_dir(work_dir: str | Path | None, stack: ExitStack) -> Path:
     path = Path(work_dir).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()  # a read-only one fails here, not halfway through the plan
     except OSError as exc:
-        raise OutputNotWritableError(f"cannot create work_dir {path}: {exc.strerror or exc}") from exc
+        raise OutputNotWritableError(f"cannot write to work_dir {path}: {exc.strerror or exc}; choose a writable work_dir (--work-dir)") from exc
     return path
 
 

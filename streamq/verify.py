@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .converters import converter_for
-from .errors import CorruptShardError, StreamqError
+from .errors import CorruptShardError, SourceNotFoundError, StreamqError
 from .fetch import Source, file_sha256, open_source
 from .hub import make_api
-from .location import source_location
+from .location import LocalDir, source_location
 from .manifest import MANIFEST_NAME, Manifest
 from .plan import INDEX_NAME
 from .settings import QuantSettings
@@ -43,7 +43,10 @@ def read_status(dst: str | Path, *, branch: str | None = None, token: str | bool
 
 
 def _open_output(dst: str | Path, branch: str | None, token: str | bool | None, endpoint: str | None) -> Source:
-    return open_source(source_location(dst, branch), make_api(token, endpoint))
+    location = source_location(dst, branch)
+    if isinstance(location, LocalDir) and not location.path.is_dir():
+        raise SourceNotFoundError(f"output directory {location.path} does not exist; name the directory a run wrote")
+    return open_source(location, make_api(token, endpoint))
 
 
 def read_manifest(output: Source) -> Manifest:

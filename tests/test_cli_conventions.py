@@ -69,3 +69,40 @@ def test_offline_refusals_are_not_retried() -> None:
 
     assert transient_delay(OfflineModeIsEnabled("offline"), 0) is None
     assert transient_delay(ConnectionError("reset"), 0) is not None
+
+
+def test_v_logs_the_run_and_vv_also_every_http_request(tmp_path: Path) -> None:
+    from huggingface_hub import HfApi
+
+    from streamq.testing import LocalHub
+
+    with LocalHub(tmp_path / "hub") as hub:
+        api = HfApi(endpoint=hub.endpoint)
+        api.create_repo("org/model")
+        api.upload_folder(repo_id="org/model", folder_path=make_model(tmp_path / "src"))
+        env = {**os.environ, "HF_HUB_DISABLE_XET": "1"}
+        runs = {
+            flag: subprocess.run([sys.executable, "-m", "streamq", "requantize", "org/model", str(tmp_path / flag), "--endpoint", hub.endpoint,
+                                  flag], capture_output=True, text=True, env=env, timeout=300)
+            for flag in ("-v", "-vv")
+        }
+    assert all(run.returncode == 0 for run in runs.values())
+    http = ("HTTP Request", "httpcore", "httpx")
+    assert "INFO streamq" in runs["-v"].stderr and not any(h in runs["-v"].stderr for h in http)
+    assert any(h in runs["-vv"].stderr for h in http)
+
+
+def test_a_read_only_work_dir_and_a_missing_output_are_one_line_errors(tmp_path: Path) -> None:
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(read_only)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        run = subprocess.run([sys.executable, "-m", "streamq", "requantize", str(make_model(tmp_path / "src")), str(tmp_path / "out"),
+                              "--work-dir", str(read_only)], capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["umount", str(read_only)], check=True)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1
+    assert "cannot write to work_dir" in run.stderr and "Read-only file system" in run.stderr and "--work-dir" in run.stderr
+    missing = subprocess.run([sys.executable, "-m", "streamq", "verify", str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and missing.stderr == f"streamq: error: output directory {tmp_path / 'missing'} does not exist; name the directory a run wrote\n"
