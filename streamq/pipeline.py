@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .budget import DiskBudget, pools
 from .commits import DEFAULT_COMMITS_PER_HOUR
+from .converters import converter_for
 from .errors import InsufficientDiskError, OutputNotWritableError, StreamqError
 from .fetch import HubSource, Source, open_source
 from .layout import OutputShard
@@ -114,6 +115,7 @@ def iter_requantize(
     """
     started = time.monotonic()
     settings = _settings(quant_type, double_quant, blocksize, compute_dtype, skip_modules, max_shard_size)
+    converter_for(settings)  # a missing extra (int4's compressed-tensors) is said before anything is planned or created
     src_loc = source_location(src, revision)
     dst_loc = parse_location(dst, allow_revision=False)
     if create_pr and not isinstance(dst_loc, HubRepo):
@@ -202,6 +204,7 @@ def plan_requantize(
     """What a run would do, from config, index and safetensors headers (weights are read only for a
     checkpoint that stores both ends of a tied weight, to see whether they are equal, as transformers does)."""
     settings = _settings(quant_type, double_quant, blocksize, compute_dtype, skip_modules, max_shard_size)
+    converter_for(settings)
     source = open_source(source_location(src, revision), make_api(token, endpoint))
     with tempfile.TemporaryDirectory(prefix="streamq-plan-") as tmp:
         return build_plan(source, settings, Path(tmp), trust_remote_code=trust_remote_code)

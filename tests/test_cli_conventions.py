@@ -106,3 +106,14 @@ def test_a_read_only_work_dir_and_a_missing_output_are_one_line_errors(tmp_path:
     assert "cannot write to work_dir" in run.stderr and "Read-only file system" in run.stderr and "--work-dir" in run.stderr
     missing = subprocess.run([sys.executable, "-m", "streamq", "verify", str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and missing.stderr == f"streamq: error: output directory {tmp_path / 'missing'} does not exist; name the directory a run wrote\n"
+
+
+def test_a_missing_int4_extra_is_said_at_once_and_creates_nothing(tmp_path: Path) -> None:
+    """Without compressed-tensors: one line naming the extra, before any planning warning or output folder."""
+    src, out = make_model(tmp_path / "src"), tmp_path / "out"
+    code = "import sys; sys.modules['compressed_tensors'] = None; from streamq.cli import main; sys.exit(main(sys.argv[1:]))"
+    run = subprocess.run([sys.executable, "-c", code, "requantize", str(src), str(out), "--quant-type", "int4", "--blocksize", "32"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert run.stderr == "streamq: error: quant_type int4 writes with the compressed-tensors package: pip install 'streamq[int4]'\n"
+    assert not out.exists()
