@@ -162,13 +162,13 @@ def _requantize(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**asdict(result), "ratio": result.ratio}, indent=2))
         return 0
-    rate = result.bytes_in / result.elapsed / 1e6 if result.elapsed else 0.0
+    rate = result.bytes_converted / result.elapsed / 1e6 if result.elapsed else 0.0
     rows = [
         ("output", result.output),
         ("shards", f"{result.shards} ({result.shards_skipped} already done)"),
         ("tensors", f"{result.tensors_quantized} quantized, {result.tensors_kept} kept"),
         ("size", f"{human_size(result.bytes_in)} -> {human_size(result.bytes_out)} ({result.ratio:.2f}x smaller)"),
-        ("time", f"{result.elapsed:.1f} s ({rate:.1f} MB/s of input)"),
+        ("time", f"{result.elapsed:.1f} s ({rate:.1f} MB/s of input converted by this run)"),
     ]
     print("\n".join(f"{k:<8} {v}" for k, v in rows))
     return 0

@@ -47,6 +47,7 @@ class RequantizeResult:
     shards: int
     shards_skipped: int
     bytes_in: int
+    bytes_converted: int  # of the source's tensors, by this run (a resumed run skips what is done)
     bytes_out: int
     tensors_quantized: int
     tensors_kept: int
@@ -178,6 +179,7 @@ def iter_requantize(
         shards=len(plan.outputs),
         shards_skipped=len(plan.outputs) - len(todo),
         bytes_in=plan.input_bytes,
+        bytes_converted=sum(scheduler.input_bytes(i) for i in todo),
         bytes_out=sum(e.output_size for e in entries),
         tensors_quantized=sum(1 for r in rules if r.action == "quantize"),
         tensors_kept=sum(1 for r in rules if r.action == "keep"),

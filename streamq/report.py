@@ -9,6 +9,7 @@ from .converters import converter_for
 from .manifest import Manifest, stats_total
 from .budget import pools
 from .plan import Plan
+from .settings import BNB_TYPES
 
 
 def plan_summary(plan: Plan, *, downloads: bool) -> dict[str, Any]:
@@ -106,7 +107,7 @@ def format_status(manifest: Manifest, total_shards: int | None = None) -> str:
     lines = [
         f"status: {manifest.status}  ({len(done)}{total} shards published{pending})",
         f"source: {manifest.source}" + (f" @ {manifest.source_revision}" if manifest.source_revision else ""),
-        f"settings: {manifest.settings}   device: {manifest.device}   streamq {manifest.streamq_version}",
+        f"settings: {_settings_shown(manifest.settings)}   device: {manifest.device}   streamq {manifest.streamq_version}",
         f"started: {manifest.created_at}   last update: {manifest.updated_at}",
     ]
     for entry in sorted(done, key=lambda e: e.output_name):
@@ -116,6 +117,13 @@ def format_status(manifest: Manifest, total_shards: int | None = None) -> str:
         lines.append(f"grid-exact groups: {totals['groups_exact']} of {totals['groups']} "
                      f"({totals['weights_exact']} of {totals['weights']} weights entirely)")
     return "\n".join(lines)
+
+
+def _settings_shown(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that mean something for the output's format (bitsandbytes' own only for NF4/FP4)."""
+    if settings.get("quant_type") in BNB_TYPES:
+        return settings
+    return {k: v for k, v in settings.items() if k not in ("double_quant", "compute_dtype")}
 
 
 def human_size(n: int) -> str:

@@ -121,3 +121,21 @@ def test_help_shows_examples(capsys) -> None:
 def test_status_of_a_non_streamq_directory(tmp_path: Path) -> None:
     with pytest.raises(streamq.StreamqError, match="not written by streamq"):
         read_status(tmp_path)
+
+
+def test_a_finished_output_run_again_converts_nothing_and_says_so(converted, capsys) -> None:
+    src, out = converted
+    assert main(["requantize", str(src), str(out), "--max-shard-size", OUT_SHARD, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "already done" in printed and "(0.0 MB/s of input converted by this run)" in printed
+
+
+def test_status_shows_only_the_settings_of_the_output_format() -> None:
+    from streamq.manifest import Manifest
+    from streamq.report import format_status
+
+    settings = {"quant_type": "int4", "blocksize": 32, "double_quant": True, "compute_dtype": "bfloat16", "skip_modules": None}
+    int4 = format_status(Manifest("org/model", None, settings, "cpu", "0.1.0"))
+    assert "blocksize" in int4 and "double_quant" not in int4 and "compute_dtype" not in int4
+    nf4 = format_status(Manifest("org/model", None, {**settings, "quant_type": "nf4"}, "cpu", "0.1.0"))
+    assert "double_quant" in nf4 and "compute_dtype" in nf4
