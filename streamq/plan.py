@@ -108,14 +108,8 @@ class Plan:
         return largest_pair(o.expected_size for o in self.outputs)
 
 
-def build_plan(
-    source: Source, settings: QuantSettings, meta_dir: Path, *, trust_remote_code: bool = False,
-    on_weight_files: Callable[[list[str]], None] = lambda names: None,
-) -> Plan:
-    """Read config, index and headers; refuse inputs streamq cannot convert faithfully.
-
-    `on_weight_files` gets the shard names, in the order they will be converted, as soon as the index
-    is read: the caller can start the first download while headers and the model are read."""
+def build_plan(source: Source, settings: QuantSettings, meta_dir: Path, *, trust_remote_code: bool = False) -> Plan:
+    """Read config, index and headers; refuse inputs streamq cannot convert faithfully."""
     files = source.files()
     if "config.json" not in files:
         raise UnsupportedModelError(f"{source.name} has no config.json; streamq converts transformers model repos")
@@ -126,7 +120,6 @@ def build_plan(
     elif settings.quant_type == "bf16":
         raise UnsupportedModelError(f"{source.name} is not quantized; quant_type bf16 writes a quantized (FP8, MXFP4) source dequantized")
     shard_names, index = _weight_files(source, files)
-    on_weight_files(shard_names)
     weight_map = index["weight_map"] if index is not None else None
     file_headers = source.headers(shard_names)
     headers = {name: file_headers[name].tensors for name in shard_names}
