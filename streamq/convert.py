@@ -23,7 +23,7 @@ import torch
 from .budget import DiskBudget
 from .converters import Stats
 from .layout import Layout, OutputShard, Position, Stored
-from .plan import STORED_DTYPES, Plan
+from .plan import STORED_DTYPES, Plan, stored_tensor
 from .quantize import quantize_weight
 from .targets import FLOAT_CODES, TensorInfo, TensorRule
 from .window import TensorBytes
@@ -119,7 +119,7 @@ def _keep(source: TensorBytes, stored: Stored, info: TensorInfo, rule: TensorRul
             writer.add_from_file(rule.out_key, dtype, shape, fd, offset)
         return
     with source.mapped(stored) as view:
-        flat = torch.frombuffer(view, dtype=dtype) if len(view) else torch.empty(0, dtype=dtype)
+        flat = stored_tensor(view, info).reshape(-1)
         chunks = (flat[i:i + CAST_CHUNK].to(target) for i in range(0, flat.numel(), CAST_CHUNK))
         writer.add_chunks(rule.out_key, target, shape, chunks)
         del flat
@@ -131,10 +131,8 @@ def _tensor(plan: Plan, source: TensorBytes, item: str, stored: dict[str, Stored
     with ExitStack() as stack:
         parts = {}
         for key, where in stored.items():
-            info = plan.stored_info[key]
-            dtype = STORED_DTYPES[info.dtype]
             view = held.pop(key) if key in held else stack.enter_context(source.mapped(where))
-            parts[key] = torch.frombuffer(view, dtype=dtype).reshape(info.shape) if len(view) else torch.empty(info.shape, dtype=dtype)
+            parts[key] = stored_tensor(view, plan.stored_info[key])
         if item not in plan.logical:
             yield parts[item]
             return

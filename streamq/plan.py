@@ -33,7 +33,15 @@ TORCH_DTYPES = {  # the safetensors dtype codes streamq reads, and what they are
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
-STORED_DTYPES = TORCH_DTYPES | {"F8_E4M3": torch.float8_e4m3fn}  # what the shard reader reads: also a dequantized source's FP8
+STORED_DTYPES = TORCH_DTYPES | {"F8_E4M3": torch.float8_e4m3fn}  # what the stream reads: also a dequantized source's FP8
+
+
+def stored_tensor(buffer: bytes | bytearray | memoryview, info: TensorInfo) -> torch.Tensor:
+    """A stored tensor over its bytes, without a copy (an empty one has no buffer to view)."""
+    dtype = STORED_DTYPES[info.dtype]
+    return torch.frombuffer(buffer, dtype=dtype).reshape(info.shape) if len(buffer) else torch.empty(info.shape, dtype=dtype)
+
+
 QUANTIZED_KEY = re.compile(r"\.(absmax|quant_map|quant_state\.[\w]+|qweight|qzeros|scales|g_idx|weight_scale|weight_scale_inv|input_scale|weight_packed|SCB)$")
 
 
@@ -221,9 +229,7 @@ def _tensor_reader(source: Source, stored: dict[str, Stored], names: list[str], 
         for key in keys:
             where = stored[key]
             logger.info("reading %s from %s to compare tied weights", key, names[where.file])
-            data = bytearray(source.read_range(names[where.file], where.start, where.end))
-            dtype = STORED_DTYPES[info[key].dtype]
-            found[key] = torch.frombuffer(data, dtype=dtype).reshape(info[key].shape) if data else torch.empty(info[key].shape, dtype=dtype)
+            found[key] = stored_tensor(bytearray(source.read_range(names[where.file], where.start, where.end)), info[key])
         return found
 
     return read
