@@ -56,7 +56,8 @@ class Scheduler:
         self.layout = plan.layout
         assert self.layout is not None
         self.files = [InputFile(s.name, s.size, s.sha256 or "") for s in plan.shards]
-        self._checked = {name for name in manifest.verified} if isinstance(source, HubSource) else {f.name for f in self.files}
+        self._file_index = {f.name: i for i, f in enumerate(self.files)}
+        self._checked = set(manifest.verified) if isinstance(source, HubSource) else set(self._file_index)
         self._snapshots: dict[int, dict[int, Checkpoint]] = {}
         self._publisher = ThreadPoolExecutor(1, "streamq-publish")
         self._hasher = ThreadPoolExecutor(1, "streamq-output-sha256")
@@ -112,18 +113,18 @@ class Scheduler:
         if isinstance(self.source, LocalSource):
             return InPlace([self.source.path(f.name) for f in self.files])
         assert isinstance(self.source, HubSource)
-        names = [f.name for f in self.files]
+        index = self._file_index
         needed = [floor] if floor is not None else []
         unchecked = {f for e in self.manifest.pending.values() for f in e.inputs if f not in self._checked}
         for name in unchecked:  # pending shards wait for these files' check: hash them from their checkpoint
             point = self.manifest.checkpoints.get(name, {})
-            needed.append(Position(names.index(name), point.get("offset", 0)))
-        last = max([names.index(n) for n in unchecked] + [names.index(f) for i in todo for f in self.layout.outputs[i].files], default=-1)
+            needed.append(Position(index[name], point.get("offset", 0)))
+        last = max([index[n] for n in unchecked] + [index[f] for i in todo for f in self.layout.outputs[i].files], default=-1)
         window = Window(self.work / "in", self.budget, self.layout.order, [f.size for f in self.files], floor or Position(1 << 62, 0))
         if not needed:
             return window
         start = min(needed)
-        saved = self.manifest.checkpoints.get(names[start.file], {})
+        saved = self.manifest.checkpoints.get(self.files[start.file].name, {})
         begin = resume_point(start, Checkpoint(saved["offset"], saved.get("state")) if saved else None)
 
         def run() -> None:
@@ -132,7 +133,7 @@ class Scheduler:
             except BaseException as exc:
                 self._download_error = exc
                 if isinstance(exc, ChecksumMismatch):
-                    self._publisher.submit(self._discard, names[exc.file])
+                    self._publisher.submit(self._discard, self.files[exc.file].name)
                 window.fail(exc)
 
         self._downloader = threading.Thread(target=run, name="streamq-download", daemon=True)
@@ -192,7 +193,7 @@ class Scheduler:
         return ShardRecord(made.index + 1, len(self.layout.outputs), name, size, entry.output_size, False, committed, time.monotonic() - self._started)
 
     def _sha(self, name: str) -> str | None:
-        return self.files[[f.name for f in self.files].index(name)].sha256 or None
+        return self.files[self._file_index[name]].sha256 or None
 
     def _note_checkpoints(self) -> None:
         """For each file still being checked, the latest saved hash state a resumed run can start from:
