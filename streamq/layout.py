@@ -87,13 +87,14 @@ def plan_layout(
     its output data; `entries`: its output tensors' (names, ndim), for the header reserve."""
     order = sorted(stored.values(), key=lambda s: (s.file, s.start, s.end, s.key))
     rank = {s.key: i for i, s in enumerate(order)}
-    last_part = {max(parts, key=rank.__getitem__): key for key, parts in items.items()}
+    completing = {key: max(parts, key=rank.__getitem__) for key, parts in items.items()}  # the part a tensor waits for last
+    last_part = {part: key for key, part in completing.items()}
     waiting: dict[str, tuple[str, ...]] = {}
     for key, parts in items.items():
         for part in parts:
             if last_part.get(part) != key:
                 waiting[part] = (*waiting.get(part, ()), key)
-    ready = sorted(items, key=lambda key: rank[max(items[key], key=rank.__getitem__)])
+    ready = sorted(items, key=lambda key: rank[completing[key]])
     reserves = {key: header_reserve(entries[key]) for key in ready}
     split = split_state_dict_into_shards_factory(
         {key: sizes[key] + reserves[key] for key in ready},
