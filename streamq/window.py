@@ -78,9 +78,11 @@ class Window:
     def begin_file(self, file: int) -> None:
         """The download of `file` starts (at whatever offset): plan its segments from the floor on."""
         base = self._floor.offset if file == self._floor.file else 0
-        bounds = [base]
-        for start, end in self._tensors.get(file, []):
-            if start > bounds[-1] and end - bounds[-1] > SEGMENT:  # cut before a tensor that would overflow
+        tensors = self._tensors.get(file, [])
+        bounds = [max(base, tensors[0][0]) if tensors else base]  # the header was read at plan time: not kept
+        most = min(SEGMENT, self._budget.limits["window"])  # never more than the pool, which holds the largest tensor
+        for start, end in tensors:
+            if start > bounds[-1] and end - bounds[-1] > most:  # cut before a tensor that would overflow
                 bounds.append(start)
         bounds.append(self._sizes[file])
         kept = Position(file, base) >= self._floor
