@@ -66,6 +66,13 @@ class UploadJournal:
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
 
+    def holds_shards(self) -> bool:
+        """Whether it lists any shard, for whichever run: a work folder without one has nothing to resume."""
+        try:
+            return bool(json.loads(self.path.read_text()).get("shards"))
+        except (OSError, ValueError, AttributeError):
+            return False
+
     def _write(self, ident: dict[str, Any], shards: dict[str, ShardEntry], progress: dict[str, Any]) -> None:
         partial = self.path.with_name(self.path.name + ".partial")
         data = json.dumps({"identity": ident, "shards": {n: asdict(e) for n, e in shards.items()}, "progress": progress}, indent=1, sort_keys=True)

@@ -35,6 +35,7 @@ from .plan import INDEX_NAME, Plan, build_plan
 from .publish import HubSink, LocalSink, Payload, Sink
 from .schedule import Scheduler, ShardRecord
 from .settings import DEFAULT_MAX_SHARD_SIZE, QuantSettings
+from .workdir import WorkDir, default_root, folder_for
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,9 @@ def iter_requantize(
 
     `src`/`dst`: a `Path` or a string starting with `/`, `.` or `~` is a local directory, any other string
     a Hub repo id (`src` may be `id@revision`). `work_dir` holds the read-ahead window of the source's
-    bytes and the output shards being written and uploaded (default: a temporary directory; a kept one
-    also lets a resumed run commit the shards a killed run uploaded without committing).
+    bytes and the output shards being written and uploaded (default: a folder for this output under
+    STREAMQ_WORK_DIR or the temp dir, see `workdir.py`); a resumed run that finds it commits the shards
+    a killed run uploaded without committing. A finished run removes what it wrote there.
     `max_shard_size` (bytes or transformers' spelling, "1GB") cuts the output into shards of at most
     that size, however the source is sharded. `commits_per_hour` caps Hub commits in any rolling hour, counting
     the output's own recent ones (the Hub limits them): each shard is committed when uploaded while the
@@ -127,10 +129,13 @@ def iter_requantize(
         require_online(dst_loc.repo_id)
     device = _resolve_device(device)
 
+    api = make_api(token, endpoint)
+    finished = False
     with ExitStack() as stack:
-        work = _work_dir(work_dir, stack)
+        workdir = WorkDir.open(work_dir, folder_for(default_root(), dst_loc, api.endpoint, branch))
+        stack.callback(lambda: workdir.close(finished=finished))
+        work = workdir.path
         stack.enter_context(disable_progress_bars())  # one streamq bar instead of one per file transfer
-        api = make_api(token, endpoint)
         source = open_source(src_loc, api)
         downloads = isinstance(source, HubSource)
         plan = build_plan(source, settings, work / "meta", trust_remote_code=trust_remote_code)
@@ -147,7 +152,6 @@ def iter_requantize(
         )
         stack.callback(sink.close)
         manifest = _open_manifest(sink, plan, settings, device, work, overwrite)
-        _clean_leftovers(work)
         todo = [i for i, o in enumerate(plan.outputs) if not _done(manifest, o, plan)]
 
         bar = stack.enter_context(tqdm_class(total=plan.input_bytes, unit="B", unit_scale=True, disable=not progress, desc="streamq"))
@@ -169,6 +173,7 @@ def iter_requantize(
             manifest.status = "done"
             sink.finalize(_final_files(source, plan, manifest, work, dst_loc, trust_remote_code), manifest)
         bar.set_description("done")
+        finished = True
 
     entries = manifest.shards.values()
     rules = plan.rules.values()
@@ -239,21 +244,6 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _work_dir(work_dir: str | Path | None, stack: ExitStack) -> Path:
-    """The given directory (kept, so a partial download can be reused), or a temporary one (removed)."""
-    if work_dir is None:
-        path = Path(tempfile.mkdtemp(prefix="streamq-"))
-        stack.callback(shutil.rmtree, path, ignore_errors=True)
-        return path
-    path = Path(work_dir).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()  # a read-only one fails here, not halfway through the plan
-    except OSError as exc:
-        raise OutputNotWritableError(f"cannot write to work_dir {path}: {exc.strerror or exc}; choose a writable work_dir (--work-dir)") from exc
-    return path
-
-
 def _open_manifest(sink: Sink, plan: Plan, settings: QuantSettings, device: str, work: Path, overwrite: bool) -> Manifest:
     """Resume the manifest already in the output, after checking it describes the same job."""
     fresh = Manifest(plan.source, plan.revision, settings.as_dict(), device, __version__)
@@ -270,12 +260,6 @@ def _open_manifest(sink: Sink, plan: Plan, settings: QuantSettings, device: str,
     if leftovers:
         sink.clear()
     return fresh
-
-
-def _clean_leftovers(work: Path) -> None:
-    """What a dead run left in work_dir is never trusted: its window and its output shards are remade."""
-    for leftover in ("in", "out", "extra", "card"):
-        shutil.rmtree(work / leftover, ignore_errors=True)
 
 
 def _disk_budget(work: Path, plan: Plan, downloads: bool, disk_budget: int | None) -> DiskBudget:

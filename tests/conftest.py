@@ -15,3 +15,24 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bitsandbytes.nn.modules as _bnb_modules  # noqa: E402
 
 _bnb_modules.has_avx512bf16 = lambda: False
+
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_work_root(tmp_path_factory: pytest.TempPathFactory):
+    """Default work folders of module-scoped fixtures' runs go under the session's temp dir, not the machine's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STREAMQ_WORK_DIR", str(tmp_path_factory.mktemp("session-work-root")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def work_root(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's runs keep their default work folders under a root of its own (subprocesses inherit it),
+    so that no test finds another's."""
+    root = tmp_path_factory.mktemp("work-root")
+    monkeypatch.setenv("STREAMQ_WORK_DIR", str(root))
+    return root

@@ -184,13 +184,17 @@ def test_peak_disk_in_work_dir_stays_within_the_least_budget(tmp_path: Path, hub
 
 
 def test_concurrent_run_is_refused_and_repo_stays_consistent(tmp_path: Path, hub: LocalHub) -> None:
+    """The first run is paused after its first shard (its publish thread may still commit the next one).
+    A second run of the same output on this machine is refused at once (the default work folder is
+    locked); one from elsewhere (another work_dir) writes the same repo: whichever commits on a head the
+    other moved is refused."""
     push(hub, make_model(tmp_path / "src"))
-    """The first run is paused after its first shard (its publish thread may still commit the next one)
-    while a second run writes the same repo: whichever commits on a head the other moved is refused."""
     first = iter_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False)
     next(first)
+    with pytest.raises(streamq.ConcurrentRunError, match="another streamq run is using the work dir"):
+        stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False)
     refused = []
-    for run in (lambda: stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False),
+    for run in (lambda: stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, work_dir=tmp_path / "elsewhere"),
                 lambda: list(first)):
         try:
             run()

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import constants
 from tqdm import tqdm
 
 from ..errors import StreamqError
@@ -25,6 +24,7 @@ from ..location import HubRepo, parse_location
 from ..budget import bytes_in
 from ..pipeline import RequantizeResult, ShardRecord, iter_requantize, plan_requantize
 from ..report import plan_summary
+from ..workdir import ROOT_ENV, default_root, folder_for
 
 # The quant types the page offers, in order: name -> (label, whether bitsandbytes' double_quant and
 # compute_dtype apply). Another output format is one more entry.
@@ -92,18 +92,13 @@ def default_output(source: str, quant_type: str, user: str | None) -> str:
 def work_root(explicit: str | os.PathLike[str] | None = None) -> Path:
     """Where conversions keep their partial downloads between restarts: the given directory, else
     STREAMQ_WORK_DIR, else a Space's persistent storage (/data) when it is mounted, else the temp dir."""
-    chosen = explicit or os.environ.get("STREAMQ_WORK_DIR")
+    chosen = explicit or os.environ.get(ROOT_ENV)
     if chosen:
         return Path(chosen).expanduser()
     data = Path("/data")
     if data.is_dir() and os.access(data, os.W_OK):
         return data / "streamq"
-    return Path(tempfile.gettempdir()) / "streamq-app"
-
-
-def work_dir_for(root: Path, output: str) -> Path:
-    """One folder per output: the same conversion started again finds its partial download there."""
-    return root / re.sub(r"[^A-Za-z0-9._-]+", "--", output)
+    return default_root()
 
 
 def choose_disk_budget(summary: dict[str, Any], free: int) -> int | None:
@@ -140,7 +135,7 @@ class RunProgress:
 
     def __init__(self, conversion: Conversion, root: Path) -> None:
         self.conversion, self.root = conversion, root
-        self.work_dir = work_dir_for(root, conversion.output)
+        self.work_dir = folder_for(root, parse_location(conversion.output), conversion.endpoint or constants.ENDPOINT)  # as `streamq requantize` names it
         self.disk_budget: int | None = None
         self.summary: dict[str, Any] | None = None  # the plan, once read
         self.bar: tqdm | None = None

@@ -1,0 +1,137 @@
+"""The work directory: where a run keeps the source's bytes and the output shards in flight.
+
+By default each output gets a folder of its own under one root (`STREAMQ_WORK_DIR`, else the temp dir's
+`streamq/`), named after the output, so the same command run again after a crash finds it (its upload
+journal: shards uploaded but not committed). A run holds its folder's lock while it runs. What a run
+writes there is removed when it ends: all of it when it finished, all but the journal when it failed.
+A run killed outright (`kill -9`) removes nothing, so every run started on the default root also clears
+the bulk of the folders whose lock is free (their runs are dead); a source's bytes or an output shard
+left by a dead run are never trusted anyway.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO
+
+from .errors import ConcurrentRunError, OutputNotWritableError
+from .journal import JOURNAL_NAME, UploadJournal
+from .location import LocalDir, Location
+
+ROOT_ENV = "STREAMQ_WORK_DIR"
+LOCK_NAME = ".streamq-work.lock"
+# Remade by every run and never trusted from an earlier one: the window of the source's bytes, output
+# shards, carried-over files, the source's model card, the meta model's config, the output's manifest.
+SCRATCH = ("in", "out", "extra", "card", "meta", "meta-out")
+
+
+def default_root() -> Path:
+    return Path(os.environ.get(ROOT_ENV) or Path(tempfile.gettempdir()) / "streamq").expanduser()
+
+
+def folder_for(root: Path, output: Location, endpoint: str, branch: str | None = None) -> Path:
+    """`root/<output's name>-<hash of where it is>`: one folder per output, found again by the same command."""
+    if isinstance(output, LocalDir):
+        name, key = output.path.name, str(output.path.resolve())
+    else:
+        name, key = output.repo_id, f"{endpoint.rstrip('/')}/{output.repo_id}" + (f"@{branch}" if branch else "")
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "--", name)[-80:].strip("-.")
+    return root / f"{readable}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+class WorkDir:
+    """A work folder held by this run: `open` it, use `path`, `close(finished=...)` it."""
+
+    def __init__(self, path: Path, lock: IO[bytes], default: bool) -> None:
+        self.path, self._lock, self._default = path, lock, default
+
+    @classmethod
+    def open(cls, explicit: str | os.PathLike[str] | None, default: Path) -> WorkDir:
+        """The given folder, else `default` (a `folder_for` the output); writable, locked, with no scratch left."""
+        path = default if explicit is None else Path(explicit).expanduser()
+        if explicit is None:
+            _clear_dead(path.parent)
+        while True:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                lock = open(path / LOCK_NAME, "a+b")  # noqa: SIM115 (held for the run)
+            except OSError as exc:
+                where = f"the default work dir {path} (under {ROOT_ENV} or the temp dir)" if explicit is None else f"work_dir {path}"
+                raise OutputNotWritableError(f"cannot write to {where}: {exc.strerror or exc}; choose a writable work_dir (--work-dir)") from exc
+            if not _try_lock(lock):
+                lock.close()
+                raise ConcurrentRunError(f"another streamq run is using the work dir {path}; let it finish, or choose another work_dir (--work-dir)")
+            if os.fstat(lock.fileno()).st_nlink:
+                break
+            lock.close()  # another run's clean-up removed this folder as dead between our open and our lock
+        _remove(path, SCRATCH)
+        return cls(path, lock, explicit is None)
+
+    def close(self, *, finished: bool) -> None:
+        """Remove what this run wrote: everything once finished, else all but the upload journal."""
+        _remove(self.path, SCRATCH + ((JOURNAL_NAME,) if finished else ()))
+        if finished or _only_lock_left(self.path):
+            (self.path / LOCK_NAME).unlink(missing_ok=True)
+            if self._default:
+                _rmdir(self.path)
+        self._lock.close()
+
+
+def _clear_dead(root: Path) -> None:
+    """The scratch of default folders whose run is dead (their lock is free); a folder left with nothing
+    to resume is removed."""
+    if not root.is_dir():
+        return
+    for folder in root.iterdir():
+        lock_path = folder / LOCK_NAME
+        try:
+            lock = open(lock_path, "r+b")  # noqa: SIM115 (a folder without one is not a work folder, or is being made)
+        except OSError:
+            continue
+        with lock:
+            if not _try_lock(lock):
+                continue  # a live run
+            _remove(folder, SCRATCH)
+            if _only_lock_left(folder):
+                lock_path.unlink(missing_ok=True)
+                _rmdir(folder)
+
+
+def _try_lock(lock: IO[bytes]) -> bool:
+    """Take the lock without waiting; the OS releases it when its holder exits, even by kill -9."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _only_lock_left(folder: Path) -> bool:
+    """Nothing in `folder` worth keeping: at most the lock and an upload journal listing no shard."""
+    names = {p.name for p in folder.iterdir()} - {LOCK_NAME}
+    if names == {JOURNAL_NAME}:
+        return not UploadJournal(folder / JOURNAL_NAME).holds_shards()
+    return not names
+
+
+def _remove(folder: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        (folder / f"{name}.partial").unlink(missing_ok=True)
+
+
+def _rmdir(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # something else was put there: leave it

@@ -1,0 +1,149 @@
+"""The work directory: where the default one lives, what a finished, failed or killed run leaves there, and
+that a rerun finds it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi, hf_hub_download
+
+from streamq import stream_requantize, verify_output
+from streamq.errors import ConcurrentRunError
+from streamq.manifest import Manifest
+from streamq.testing import LocalHub
+from streamq.workdir import LOCK_NAME, SCRATCH, WorkDir, default_root
+from tiny_models import OUT_SHARD, fail_on_nth_shard, make_model
+
+RUNNER = Path(__file__).with_name("crash_runner.py")
+
+
+@pytest.fixture()
+def hub(tmp_path: Path):
+    with LocalHub(tmp_path / "hub") as hub:
+        api = HfApi(endpoint=hub.endpoint, token="hf_test")
+        api.create_repo("org/model")
+        api.upload_folder(repo_id="org/model", folder_path=make_model(tmp_path / "src"))
+        yield hub
+
+
+def run_cli(*args: str, die_at: str | None = None, nth: int = 1) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(RUNNER), die_at or "before-download", str(nth if die_at else 10**9), "--", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+
+
+def everything_in(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) if root.exists() else []
+
+
+def test_the_default_work_root_is_streamq_work_dir_else_the_temp_dir(work_root: Path, monkeypatch) -> None:
+    assert default_root() == work_root
+    monkeypatch.delenv("STREAMQ_WORK_DIR")
+    import tempfile
+
+    assert default_root() == Path(tempfile.gettempdir()) / "streamq"
+
+
+def test_a_finished_run_leaves_nothing_behind(tmp_path: Path, hub: LocalHub, work_root: Path) -> None:
+    stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, max_shard_size=OUT_SHARD)
+    assert everything_in(work_root) == []  # the default folder is gone
+
+    given = tmp_path / "given"
+    given.mkdir()
+    stream_requantize("org/model", "me/out2", endpoint=hub.endpoint, progress=False, max_shard_size=OUT_SHARD, work_dir=given)
+    assert everything_in(given) == []  # a folder the user named is kept, empty
+    assert verify_output("me/out2", endpoint=hub.endpoint).ok
+
+
+def test_a_failed_run_removes_its_scratch_and_keeps_only_what_a_rerun_uses(tmp_path: Path, hub: LocalHub, work_root: Path, monkeypatch) -> None:
+    """Batched commits (commits_per_hour=4): when the 4th output shard fails, shards 2-3 are uploaded but not
+    committed; the journal listing them is all that stays, and the rerun, which finds it, does not upload them again."""
+    fail_on_nth_shard(monkeypatch, 4)
+    hub.requests.clear()
+    with pytest.raises(OSError):
+        stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, commits_per_hour=4, max_shard_size=OUT_SHARD)
+    [folder] = work_root.iterdir()
+    assert folder.name.startswith("me--out-")
+    assert sorted(p.name for p in folder.iterdir()) == sorted([LOCK_NAME, "uploaded-not-committed.json"])
+    monkeypatch.undo()  # the failure injected above, and the test's own root: put the root back
+    monkeypatch.setenv("STREAMQ_WORK_DIR", str(work_root))
+
+    uploaded = hub.requests.count("PUT")
+    hub.requests.clear()
+    stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, commits_per_hour=4, max_shard_size=OUT_SHARD)
+    assert hub.requests.count("PUT") == 7 - uploaded  # the journal's shards were committed, not sent again
+    assert everything_in(work_root) == []
+    assert verify_output("me/out", endpoint=hub.endpoint).ok
+
+
+def test_kill_9_with_the_default_work_dir_then_the_same_command_finds_it(tmp_path: Path, hub: LocalHub, work_root: Path) -> None:
+    """Batched commits: the killed run's shards uploaded since the last commit are journaled in the default
+    folder; the same command, with no --work-dir, finds the journal and commits them instead of sending them again."""
+    args = ("requantize", "org/model", "me/out", "--endpoint", hub.endpoint, "--max-shard-size", OUT_SHARD, "--commits-per-hour", "4")
+    killed = run_cli(*args, die_at="after-write", nth=5)  # the 5th output shard written: 2-4 uploaded, not committed
+    assert killed.returncode == -9, killed.stderr
+    [folder] = work_root.iterdir()
+    journal = json.loads((folder / "uploaded-not-committed.json").read_text())["shards"]
+    assert journal and {"out", "in"} & {p.name for p in folder.iterdir()}  # resumable state, and the dead run's bulk
+    committed = Manifest.from_json(Path(hf_hub_download("me/out", "streamq_manifest.json", endpoint=hub.endpoint, local_dir=tmp_path / "m")).read_text())
+    known = set(committed.shards) | set(committed.pending) | set(journal)
+
+    hub.requests.clear()
+    done = run_cli(*args, "--json")
+    assert done.returncode == 0, done.stderr
+    assert hub.requests.count("PUT") == 7 - len(known)  # the journal's shards were committed, not sent again
+    assert everything_in(work_root) == []
+    assert verify_output("me/out", endpoint=hub.endpoint).ok
+
+
+def test_a_later_run_of_another_output_clears_a_dead_runs_bulk(tmp_path: Path, hub: LocalHub, work_root: Path) -> None:
+    killed = run_cli("requantize", "org/model", "me/dead", "--endpoint", hub.endpoint, "--max-shard-size", OUT_SHARD, die_at="during-quantize", nth=5)
+    assert killed.returncode == -9, killed.stderr
+    [dead] = work_root.iterdir()
+    assert any((dead / name).exists() for name in ("in", "out"))
+
+    stream_requantize("org/model", "me/other", endpoint=hub.endpoint, progress=False, max_shard_size=OUT_SHARD)
+    # nothing of the dead run is worth keeping (every shard it uploaded was committed): its folder is gone
+    assert everything_in(work_root) == []
+
+
+def test_a_live_runs_work_dir_is_neither_shared_nor_cleared(tmp_path: Path, hub: LocalHub, work_root: Path) -> None:
+    live = WorkDir.open(tmp_path / "shared", tmp_path / "unused")
+    (live.path / "in").mkdir()
+    (live.path / "in" / "segment").write_bytes(b"x" * 100)
+    with pytest.raises(ConcurrentRunError, match="another streamq run is using the work dir .*shared; let it finish"):
+        stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, work_dir=tmp_path / "shared")
+    assert (live.path / "in" / "segment").exists()
+
+    other = WorkDir.open(None, work_root / "a-live-output")  # a live default folder, while another run clears dead ones
+    (other.path / "out").mkdir()
+    stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, max_shard_size=OUT_SHARD)
+    assert (other.path / "out").exists()
+    other.close(finished=True)
+    live.close(finished=False)
+    assert everything_in(work_root) == [] and everything_in(tmp_path / "shared") == []
+
+
+def test_scratch_names_cover_what_a_run_writes(tmp_path: Path, hub: LocalHub) -> None:
+    """Everything a run puts in its work folder is either scratch, the lock or the journal: sampled during a run."""
+    seen: set[str] = set()
+    import streamq.schedule as schedule
+
+    real = schedule.Scheduler.run
+
+    def run(self, todo):
+        for record in real(self, todo):
+            seen.update(p.name for p in self.work.iterdir())
+            yield record
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(schedule.Scheduler, "run", run)
+    try:
+        stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, max_shard_size=OUT_SHARD, commits_per_hour=4)
+    finally:
+        mp.undo()
+    assert seen and seen <= set(SCRATCH) | {LOCK_NAME, "uploaded-not-committed.json", "uploaded-not-committed.json.partial"}
