@@ -244,7 +244,7 @@ class HubSource:
         self.api = api
         self.repo_id = repo_id
         self.name = repo_id
-        self._speeds = SpeedHistory()  # what this source's downloads have recently done, to see one trickle
+        self._speeds = SpeedHistory(resumable=True)  # what this source's downloads have recently done, to see one trickle
         with hub.reading(repo_id if revision is None else f"{repo_id}@{revision}"):
             info = retrying(lambda: api.model_info(repo_id, revision=revision, files_metadata=True), f"info of {repo_id}")
         self.revision = info.sha

@@ -2,11 +2,17 @@
 
 A read timeout only fires when nothing arrives at all; a connection that a proxy left delivering a few
 kB every few seconds never times out, and a shard over it takes hours. Download managers drop such a
-connection and resume by Range on a new one; streamq does the same: a transfer whose throughput over
-the last `WINDOW_SECONDS` stays below `SLOW_FRACTION` of the best recent window of its kind (this
-source's downloads, this output's uploads) for `STALL_SECONDS`, and also below `FLOOR_BYTES_PER_S`, fails
-with `TransferStalled`, which the callers retry as a network error. The module constants are read at
-each check, so tests can shorten them.
+connection and resume by Range on a new one; streamq does the same. A transfer is slow while a window's
+throughput is below `FLOOR_BYTES_PER_S` and also either
+- below `SLOW_FRACTION` of the best recent window of its kind (this source's downloads, this output's
+  uploads), or
+- no window of its kind has reached the floor yet, and no connection of its kind was given up for that
+  reason in the last `MEMORY_SECONDS`: a connection that trickles from its first bytes has no faster one
+  to be compared with, so one fresh connection is tried to learn what the link does. If it is as slow,
+  the link is slow and is left alone; if it is faster, it is the reference from then on.
+Slow for `DOWNLOAD_STALL_SECONDS` (a download resumes by Range: a fresh connection loses nothing) or
+`STALL_SECONDS` (an upload starts over), the transfer fails with `TransferStalled`, which the callers
+retry as a network error. The module constants are read at each check, so tests can shorten them.
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ from pathlib import Path
 # Throughput is measured over windows this long: long enough that a socket buffer filling at the start
 # of a connection, or a TCP burst, does not read as the link's speed.
 WINDOW_SECONDS = 5.0
-# Slow this long in a row before the connection is given up: far longer than a congestion dip, a
-# retransmission timeout or a pause of the server, so a connection that recovers by itself is kept.
+# Slow this long in a row before an upload's connection is given up: far longer than a congestion dip, a
+# retransmission timeout or a pause of the server, so a connection that recovers by itself is kept; a PUT
+# given up is sent again whole.
 STALL_SECONDS = 30.0
+# A download given up resumes by Range on a fresh connection, which costs one request: two windows.
+DOWNLOAD_STALL_SECONDS = 10.0
 # Slow means below a tenth of the best recent window: ordinary variation of a link (other traffic,
 # disk waits) stays well above it, while a trickling connection is hundreds of times below.
 SLOW_FRACTION = 0.1
@@ -33,7 +42,8 @@ SLOW_FRACTION = 0.1
 # reliably do better. A link that is slower than this all along is not slow *relative to itself*.
 FLOOR_BYTES_PER_S = 1_000_000.0
 # The best window of the last ten minutes is the reference: recent enough to describe the link as it
-# is now, long enough to span the connections before a trickling one (which may trickle from byte 0).
+# is now, long enough to span the connections before a trickling one. Also how often a link with no
+# window above the floor gets a fresh connection to learn its speed: once in that time, no churn.
 MEMORY_SECONDS = 600.0
 
 
@@ -53,11 +63,14 @@ class TransferStalled(_timeout_base()):  # type: ignore[misc]
 
 
 class SpeedHistory:
-    """Recent window throughputs of one kind of transfer, shared by its connections (thread-safe)."""
+    """Recent window throughputs of one kind of transfer, shared by its connections (thread-safe).
+    `resumable`: a connection given up loses nothing (downloads, by Range)."""
 
-    def __init__(self) -> None:
+    def __init__(self, resumable: bool = False) -> None:
+        self.resumable = resumable
         self._lock = threading.Lock()
         self._rates: deque[tuple[float, float]] = deque()  # (time, bytes/s), times increasing
+        self._probed: float | None = None  # when a connection was last given up to learn the link's speed
 
     def note(self, now: float, rate: float) -> float:
         """Record a window's rate; return the best of the last `MEMORY_SECONDS`."""
@@ -66,6 +79,18 @@ class SpeedHistory:
             while self._rates and self._rates[0][0] < now - MEMORY_SECONDS:
                 self._rates.popleft()
             return max(r for _, r in self._rates)
+
+    def may_probe(self, now: float) -> bool:
+        with self._lock:
+            return self._probed is None or now - self._probed >= MEMORY_SECONDS
+
+    def probe(self, now: float) -> bool:
+        """Claim the one fresh connection allowed per `MEMORY_SECONDS` to learn the link's speed."""
+        with self._lock:
+            if self._probed is not None and now - self._probed < MEMORY_SECONDS:
+                return False
+            self._probed = now
+            return True
 
 
 class StallWatch:
@@ -96,15 +121,21 @@ class StallWatch:
         rate = (moved - start_bytes) / (now - start)
         self._window = (now, moved)
         best = self._history.note(now, rate)
-        if rate < SLOW_FRACTION * best and rate < FLOOR_BYTES_PER_S:
-            self._slow_since = start if self._slow_since is None else self._slow_since
-            if now - self._slow_since >= STALL_SECONDS:
-                raise TransferStalled(
-                    f"{self._what}: {_speed(rate)} for {now - self._slow_since:.0f} s against {_speed(best)} "
-                    "recently; giving up this connection"
-                )
-        else:
+        unknown_link = best < FLOOR_BYTES_PER_S and self._history.may_probe(now)
+        if rate >= FLOOR_BYTES_PER_S or not (rate < SLOW_FRACTION * best or unknown_link):
             self._slow_since = None
+            return
+        self._slow_since = start if self._slow_since is None else self._slow_since
+        slow_for = now - self._slow_since
+        if slow_for < (DOWNLOAD_STALL_SECONDS if self._history.resumable else STALL_SECONDS):
+            return
+        if rate < SLOW_FRACTION * best:
+            raise TransferStalled(f"{self._what}: {_speed(rate)} for {slow_for:.0f} s against {_speed(best)} recently; giving up this connection")
+        if self._history.probe(now):
+            raise TransferStalled(
+                f"{self._what}: {_speed(rate)} for {slow_for:.0f} s, and no connection has been faster yet; giving up this "
+                "connection once, to learn from a fresh one whether the link itself is this slow"
+            )
 
 
 def _speed(rate: float) -> str:

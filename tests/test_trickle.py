@@ -18,8 +18,10 @@ from tiny_models import make_model
 
 @pytest.fixture()
 def quick_judgement(monkeypatch) -> None:
-    """The same rules on a shorter clock: windows of 0.2 s, slow for 0.6 s (the floor stays 1 MB/s)."""
+    """The same rules on a shorter clock: windows of 0.2 s, slow for 0.4 s (downloads) or 0.6 s (uploads);
+    the floor stays 1 MB/s."""
     monkeypatch.setattr(stall, "WINDOW_SECONDS", 0.2)
+    monkeypatch.setattr(stall, "DOWNLOAD_STALL_SECONDS", 0.4)
     monkeypatch.setattr(stall, "STALL_SECONDS", 0.6)
 
 
@@ -78,8 +80,83 @@ def test_a_trickling_download_is_resumed_by_range_on_a_fresh_connection(
     assert verify_output("me/out", endpoint=hub.endpoint).ok
 
 
-def test_a_steadily_slow_download_is_not_given_up(tmp_path: Path, hub: LocalHub, quick_judgement, monkeypatch, caplog) -> None:
-    """About 40 kB/s on every connection, far below the 1 MB/s floor: slow, but not slow for this link."""
+def oids_in_order(api: HfApi) -> list[str]:
+    """The source's weight files' LFS oids, in the order the run streams them."""
+    infos = {s.rfilename: s.lfs.sha256 for s in api.model_info("org/model", files_metadata=True).siblings if s.lfs}
+    return [infos[name] for name in sorted(infos) if name.endswith(".safetensors")]
+
+
+def arm_on_first_download(monkeypatch, hub: LocalHub, *faults: Fault) -> None:
+    """Add `faults` when the run's first download starts: the plan's header reads are not affected."""
+    real_stream = HubSource.stream
+
+    def stream(self, path, sink):
+        if not any(f in list(hub.faults) for f in faults):
+            for fault in faults:
+                hub.faults.add(fault)
+        return real_stream(self, path, sink)
+
+    monkeypatch.setattr(HubSource, "stream", stream)
+
+
+@pytest.fixture()
+def small_link(monkeypatch) -> Fault:
+    """A link scaled down with the files: every download moves about 60 kB/s (a 30 kB file spans two windows,
+    so fast connections are measured), and the floor is 20 kB/s. A trickle is 1.3 kB/s."""
+    monkeypatch.setattr(stall, "FLOOR_BYTES_PER_S", 20_000.0)
+    return Fault.throttle(2048, 0.033, method="GET", path=r"^/storage/", times=None)
+
+
+def trickle_of(oid: str) -> Fault:
+    """A connection that delivers 256 bytes, then 64 bytes every 0.05 s (a 30 kB file would take ~25 s)."""
+    return Fault.trickle(256, 64, 0.05, method="GET", path=rf"^/storage/.*/{oid}$", times=1)
+
+
+def test_a_download_trickling_from_its_first_bytes_gets_one_fresh_connection(
+    tmp_path: Path, hub: LocalHub, quick_judgement, small_link, monkeypatch, caplog
+) -> None:
+    """The run's very first download connection trickles: no faster connection has been seen, so it is compared
+    with the floor, given up once, and the fresh connection finishes the file at the link's speed."""
+    api = push(hub, make_model(tmp_path / "src"))
+    stream_requantize("org/model", "me/clean", endpoint=hub.endpoint, progress=False)
+    first = oids_in_order(api)[0]
+    trickle = trickle_of(first)
+    arm_on_first_download(monkeypatch, hub, trickle, small_link)
+    hub.requests.clear()
+    with caplog.at_level(logging.WARNING, logger="streamq"):
+        stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False)
+
+    assert trickle.fired == 1
+    assert caplog.text.count("giving up this connection") == 1
+    assert "no connection has been faster yet; giving up this connection once" in caplog.text
+    assert gets_of(hub, first) == [206, 206, 200, 206]  # header reads, the trickle, the rest by Range
+    assert files(hub, "me/out", tmp_path / "o") == files(hub, "me/clean", tmp_path / "c")
+
+
+def test_some_trickling_connections_each_get_a_fresh_one(
+    tmp_path: Path, hub: LocalHub, quick_judgement, small_link, monkeypatch, caplog
+) -> None:
+    """The proxy of the field report: some download connections (here the 1st, 3rd and 5th files') trickle after
+    their first bytes. The first is given up as a probe, the later ones against the speed the fresh ones showed."""
+    api = push(hub, make_model(tmp_path / "src"))
+    oids = oids_in_order(api)
+    trickles = [trickle_of(oids[i]) for i in (0, 2, 4)]
+    arm_on_first_download(monkeypatch, hub, *trickles, small_link)
+    hub.requests.clear()
+    with caplog.at_level(logging.WARNING, logger="streamq"):
+        stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False)
+
+    assert [t.fired for t in trickles] == [1, 1, 1]
+    assert caplog.text.count("giving up this connection once") == 1  # the probe
+    assert caplog.text.count("recently; giving up this connection") == 2  # judged against the fresh connections
+    for i in (0, 2, 4):
+        assert gets_of(hub, oids[i]) == [206, 206, 200, 206]
+    assert verify_output("me/out", endpoint=hub.endpoint).ok
+
+
+def test_a_steadily_slow_download_is_not_churned(tmp_path: Path, hub: LocalHub, quick_judgement, monkeypatch, caplog) -> None:
+    """About 40 kB/s on every connection, far below the 1 MB/s floor: the first connection is given up once
+    to learn the link's speed; the fresh one is as slow, so the link is slow, and no other is given up."""
     src = make_model(tmp_path / "src")
     api = push(hub, src)
     windows = []
@@ -91,10 +168,11 @@ def test_a_steadily_slow_download_is_not_given_up(tmp_path: Path, hub: LocalHub,
         stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False)
 
     assert len(windows) >= 10 and max(windows) < stall.FLOOR_BYTES_PER_S  # it was judged, all below the floor
-    assert "giving up this connection" not in caplog.text
-    oids = {s.lfs.sha256 for s in api.model_info("org/model", files_metadata=True).siblings if s.lfs}
-    full = sum(gets_of(hub, oid).count(200) for oid in oids)
-    assert full == len(list(src.glob("*.safetensors")))  # each shard downloaded once, in one piece
+    assert caplog.text.count("giving up this connection") == 1  # the one probe
+    oids = oids_in_order(api)
+    gets = [gets_of(hub, oid)[2:] for oid in oids]  # after the plan's two header reads
+    assert gets.count([200]) == len(oids) - 1 and gets.count([200, 206]) == 1  # one file resumed once, every other in one piece
+    assert len(oids) == len(list(src.glob("*.safetensors")))
     assert verify_output("me/out", endpoint=hub.endpoint).ok
 
 
@@ -131,3 +209,27 @@ def test_a_trickling_upload_is_sent_again_on_a_fresh_connection(tmp_path: Path, 
     puts = [r.status for r in hub.requests if r.method == "PUT" and "/me/out/" in r.path]
     assert [status for status in puts if status is not None] == [200]
     assert verify_output("me/out", endpoint=hub.endpoint).ok
+
+
+def test_a_link_below_the_floor_is_probed_once_per_memory() -> None:
+    """The rule on a fake clock, at the real constants: a connection at 40 kB/s with no faster reference is
+    given up after DOWNLOAD_STALL_SECONDS; the next one, as slow, is followed for as long as it lasts; only
+    when MEMORY_SECONDS have passed since the probe is the link probed again."""
+    now = [0.0]
+    history = stall.SpeedHistory(resumable=True)
+
+    def connection(seconds: float) -> float | None:
+        """Move 40 kB/s for `seconds` (one update per second); when it was given up, or None."""
+        watch = stall.StallWatch(history, "download", clock=lambda: now[0])
+        watch.restart(0)
+        for second in range(1, int(seconds) + 1):
+            now[0] += 1.0
+            try:
+                watch.update(40_000 * second)
+            except stall.TransferStalled:
+                return float(second)
+        return None
+
+    assert connection(60) == stall.DOWNLOAD_STALL_SECONDS  # two windows below the floor, nothing faster seen
+    assert connection(stall.MEMORY_SECONDS) is None  # as slow: the link is slow, not this connection
+    assert connection(120) == stall.DOWNLOAD_STALL_SECONDS  # more than ten minutes after the probe: once more
