@@ -16,6 +16,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from huggingface_hub import HfApi, snapshot_download
@@ -148,6 +149,7 @@ def test_gradio_client_converts_and_the_output_loads(app: App, tmp_path: Path) -
     assert result["url"] == f"{app.hub.endpoint}/me/model-nf4" and result["url"] in link
     assert result["shards"] == 1 and result["shards_skipped"] == 0 and result["tensors_quantized"] > 0  # 1 GB shards
     assert "Phase:** done" in progress and "1 of 1 published" in progress
+    assert f"**Elapsed:** {result['elapsed']:.1f} s" in progress  # the page's time is the result's
 
     out = Path(snapshot_download("me/model-nf4", endpoint=app.hub.endpoint, token=SENTINEL, local_dir=tmp_path / "dl"))
     config = json.loads((out / "config.json").read_text())
@@ -350,6 +352,28 @@ def test_on_a_space_the_visitors_own_token_is_used_and_login_is_required(app: Ap
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "fp4"
     assert config["quantization_config"]["bnb_4bit_use_double_quant"] is False
     assert SENTINEL not in progress + link + json.dumps(result)
+
+
+def test_a_run_plans_the_model_once_and_the_page_shows_the_results_elapsed(app: App, monkeypatch, tmp_path: Path) -> None:
+    """The disk budget comes from the run's own plan, so the page's clock and the result time the same run."""
+    import streamq.pipeline
+    from streamq.app.page import render_progress
+    from streamq.app.run import Conversion, RunProgress
+
+    plans = []
+    build_plan = streamq.pipeline.build_plan
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        plans.append(args[0])
+        return build_plan(*args, **kwargs)
+
+    monkeypatch.setattr(streamq.pipeline, "build_plan", counted)
+    run = RunProgress(Conversion("org/model", "me/planned-once-nf4", token=SENTINEL, endpoint=app.hub.endpoint), tmp_path).start()
+    assert run.wait(120)
+    snap = run.snapshot()
+    assert snap.error is None and snap.result is not None and len(plans) == 1
+    assert snap.disk_budget is not None  # chosen from that one plan
+    assert snap.elapsed == snap.result.elapsed and f"**Elapsed:** {snap.result.elapsed:.1f} s" in render_progress(snap)
 
 
 def test_rules_default_output_disk_budget_and_hub_only() -> None:
