@@ -16,7 +16,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from huggingface_hub import HfApi, snapshot_download
@@ -283,6 +283,30 @@ def test_bad_input_on_the_page_shows_one_line_and_publishes_nothing(app: App, br
         assert "fp4" in shown  # names the setting that differs
 
 
+USER_ERRORS = [  # gradio's two ways of running a handler (a function; a generator) and the run's own refusal
+    ("/plan", ("org/missing", "nf4", True, "bfloat16")),
+    ("/requantize", ("org/model", "./out", "nf4", True, "bfloat16", False)),
+    ("/requantize", ("org/missing", "me/missing-nf4", "nf4", True, "bfloat16", False)),
+]
+
+
+@pytest.mark.parametrize("api_name, args", USER_ERRORS, ids=[f"{a}({c[0]}, {c[1]})" for a, c in USER_ERRORS])
+def test_a_users_mistake_is_one_line_in_the_servers_log_not_a_traceback(app: App, api_name: str, args: tuple) -> None:
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(app.url, verbose=False, analytics_enabled=False)
+    start = app.log.stat().st_size
+    with pytest.raises(AppError) as raised:
+        client.predict(*args, api_name=api_name)
+    message = str(raised.value)
+    with open(app.log, "rb") as log:  # gradio answers the client after it has logged the error
+        log.seek(start)
+        logged = log.read().decode(errors="replace")
+    assert "Traceback" not in logged and "gradio.exceptions.Error" not in logged, logged
+    assert [line for line in logged.splitlines() if message in line] == [f"WARNING streamq.app: {message}"], logged
+
+
 def test_the_token_never_appears_in_pages_api_answers_or_logs(app: App) -> None:
     assert len(app.seen) >= 5, "run the tests above first (they collect what the page showed)"
     for path in ("config", "gradio_api/info"):
@@ -374,6 +398,20 @@ def test_a_run_plans_the_model_once_and_the_page_shows_the_results_elapsed(app: 
     assert snap.error is None and snap.result is not None and len(plans) == 1
     assert snap.disk_budget is not None  # chosen from that one plan
     assert snap.elapsed == snap.result.elapsed and f"**Elapsed:** {snap.result.elapsed:.1f} s" in render_progress(snap)
+
+
+def test_a_crash_is_one_line_on_the_page_and_its_traceback_once_in_the_log(monkeypatch, tmp_path: Path, caplog) -> None:
+    from streamq.app import run as app_run
+
+    def crash(*args: Any, **kwargs: Any) -> NoReturn:
+        raise RuntimeError("the disk caught fire\nsecond line")
+
+    monkeypatch.setattr(app_run, "iter_requantize", crash)
+    run = app_run.RunProgress(app_run.Conversion("org/model", "me/crash-nf4"), tmp_path).start()
+    assert run.wait(30)
+    assert run.snapshot().error == "unexpected RuntimeError: the disk caught fire"
+    logged = [r for r in caplog.records if r.exc_info]
+    assert len(logged) == 1 and logged[0].name == "streamq.app" and logged[0].exc_info[0] is RuntimeError
 
 
 def test_rules_default_output_disk_budget_and_hub_only() -> None:

@@ -4,6 +4,7 @@ No `from __future__ import annotations` here: gradio finds the `gr.OAuthToken`/`
 parameters it fills in by their type hints at run time.
 """
 
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -31,11 +32,21 @@ from .run import (  # noqa: E402
     work_root,
 )
 
+logger = logging.getLogger("streamq.app")
+
 POLL_SECONDS = 0.5
 DEFAULT_GROUP_SIZE = DEFAULT_BLOCKSIZE["int4"]
 INTRO = """# streamq: a 4-bit copy of any Hub model
 Converts the model **tensor by tensor** (tensors stream in by range, are quantized and written into output shards of 1 GB, which are uploaded and deleted), so
 this machine needs neither the model's memory nor its disk. Starting the same conversion again resumes it."""
+
+
+def page_error(message: str) -> gr.Error:
+    """The error the page shows and API callers get (a repo that is not there, an output that is a local
+    path). gradio prints an Error's traceback unless `print_exception=False`, which for a user's mistake
+    is noise: the server logs it as one line. A crash's traceback is logged where it happens (`RunProgress`)."""
+    logger.warning("%s", message)
+    return gr.Error(message, print_exception=False)
 
 
 def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None) -> gr.Blocks:
@@ -54,7 +65,7 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
         if oauth_token is not None:
             return oauth_token.token
         if in_space:
-            raise gr.Error("Log in with the Hugging Face button first: the conversion runs with your account.")
+            raise page_error("Log in with the Hugging Face button first: the conversion runs with your account.")
         return None
 
     def user_of(profile: Optional[gr.OAuthProfile], token: Optional[str]) -> Optional[str]:
@@ -82,7 +93,7 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
             job = Conversion(source.strip(), "", quant_type, double_quant, compute_dtype, group_size=int(group_size), token=token_of(oauth_token), endpoint=endpoint)
             summary = plan_conversion(job)
         except (StreamqError, ValueError) as exc:
-            raise gr.Error(str(exc)) from None
+            raise page_error(str(exc)) from None
         root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(root).free
         budget = choose_disk_budget(summary, free)
@@ -110,14 +121,14 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
             )
         except ValueError as exc:
             yield "**Phase:** failed", f"**Error:** {exc}", None
-            raise gr.Error(str(exc)) from None
+            raise page_error(str(exc)) from None
         run = RunProgress(job, root).start()
         while not run.wait(POLL_SECONDS):
             yield render_progress(run.snapshot()), "", None
         snap = run.snapshot()
         if snap.error is not None:
             yield render_progress(snap), f"**Error:** {snap.error}", None
-            raise gr.Error(snap.error)  # API callers get it as an exception with this message
+            raise page_error(snap.error)  # API callers get it as an exception with this message
         result = snap.result
         assert result is not None
         details = {**asdict(result), "ratio": result.ratio, "url": result.output}

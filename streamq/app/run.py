@@ -8,6 +8,7 @@ minutes and the page wants to show the phase, the bytes and the speed meanwhile.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ from ..budget import bytes_in
 from ..pipeline import RequantizeResult, ShardRecord, iter_requantize, plan_requantize
 from ..plan import Plan
 from ..report import plan_summary
+
+logger = logging.getLogger("streamq.app")
 
 # The quant types the page offers, in order: name -> (label, whether bitsandbytes' double_quant and
 # compute_dtype apply). Another output format is one more entry.
@@ -183,7 +186,8 @@ class RunProgress:
             shutil.rmtree(self.work_dir, ignore_errors=True)  # kept after a failure, for the next try to reuse
         except (StreamqError, ValueError) as exc:
             self.error = str(exc)
-        except Exception as exc:  # an unexpected failure still ends as one line on the page, not a traceback
+        except Exception as exc:  # a crash: one line on the page, its traceback once in the server's log
+            logger.exception("the conversion crashed")
             self.error = f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         finally:
             self._done.set()
