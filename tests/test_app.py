@@ -190,9 +190,28 @@ def test_a_script_converts_with_its_own_token(app: App) -> None:
     from gradio_client import Client
 
     client = Client(app.url, verbose=False, analytics_enabled=False, oauth_token=VISITOR)
-    progress, link, result = client.predict("org/model", "", "nf4", True, "bfloat16", False, api_name="/requantize")
+    progress, link, result = client.predict("org/page", "", "nf4", True, "bfloat16", False, api_name="/requantize")
     app.seen += [progress, link, json.dumps(result)]
-    assert result["url"] == f"{app.hub.endpoint}/you/model-nf4"  # the default name is the token's user's
+    assert result["url"] == f"{app.hub.endpoint}/you/page-nf4"  # the default name is the token's user's
+    assert HfApi(endpoint=app.hub.endpoint, token=VISITOR).file_exists("you/page-nf4", "config.json")
+
+
+def test_the_api_example_the_page_shows_runs_as_shown(app: App) -> None:
+    """The call in the page's footer is the README's, and it converts when run against the page: only the
+    page's address and the token are filled in (a script's own token, as a Space needs)."""
+    with urllib.request.urlopen(app.url + "config", timeout=10) as response:
+        components = json.loads(response.read())["components"]
+    shown = next(c["props"]["value"] for c in components if c.get("props", {}).get("elem_id") == "api-example")
+    code = shown.removeprefix("```python\n").removesuffix("\n```")
+    assert code != shown and code in (Path(__file__).parents[1] / "README.md").read_text()
+    for placeholder, value in (('"http://127.0.0.1:7860/"', repr(app.url)), ('"hf_..."', repr(VISITOR))):
+        assert code.count(placeholder) == 1, placeholder
+        code = code.replace(placeholder, value)
+    names: dict[str, object] = {}
+    exec(code, names)
+    progress, link, result = names["progress"], names["link"], names["result"]
+    app.seen += [progress, link, json.dumps(result)]
+    assert result["url"] == f"{app.hub.endpoint}/you/model-nf4" and result["shards_skipped"] == 0 and "Done" in link
     assert HfApi(endpoint=app.hub.endpoint, token=VISITOR).file_exists("you/model-nf4", "config.json")
 
 

@@ -39,6 +39,13 @@ DEFAULT_GROUP_SIZE = DEFAULT_BLOCKSIZE["int4"]
 INTRO = """# streamq: a 4-bit copy of any Hub model
 Converts the model **tensor by tensor** (tensors stream in by range, are quantized and written into output shards of 1 GB, which are uploaded and deleted), so
 this machine needs neither the model's memory nor its disk. Starting the same conversion again resumes it."""
+# A script's call of `/requantize`, shown on the page and in the README (a test runs it against the page):
+# `oauth_token=` is the token the conversion runs with, which a Space needs (gradio_client sends it only to
+# endpoints taking a gr.OAuthToken); gradio_client's `token=` only lets the script into a private Space.
+API_EXAMPLE = """from gradio_client import Client
+client = Client("http://127.0.0.1:7860/", oauth_token="hf_...")  # a Space: Client("you/streamq-4bit", ...)
+progress, link, result = client.predict("org/model", "you/model-nf4", "nf4", True, "bfloat16", False, 128, api_name="/requantize")
+# source, output ("" = the default name), quant_type, double_quant, compute_dtype, private, int4 group size"""
 
 
 def page_error(message: str) -> gr.Error:
@@ -162,8 +169,9 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
         gr.Markdown(
             f"One conversion runs at a time; others wait in the queue. The disk budget is two output shards, the largest "
             f"tensor and 1 GB of read-ahead, at most {FREE_DISK_SHARE:.0%} of the work directory's free space. "
-            "Scripts: `gradio_client.Client(url, oauth_token=...).predict(source, output, quant_type, double_quant, compute_dtype, private, group_size, api_name='/requantize')`."
+            "Scripts convert through the API, with their own Hub token:"
         )
+        gr.Markdown(f"```python\n{API_EXAMPLE}\n```", elem_id="api-example")
 
         def format_options(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
             bnb = QUANT_TYPES[name][1]
