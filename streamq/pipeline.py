@@ -10,7 +10,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +91,7 @@ def iter_requantize(
     trust_remote_code: bool = False,
     commits_per_hour: int = DEFAULT_COMMITS_PER_HOUR,
     branch: str | None = None,
-    disk_budget: int | None = None,
+    disk_budget: int | Callable[[Plan], int | None] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     create_pr: bool = False,
     tqdm_class: type[tqdm] = tqdm,
@@ -111,7 +111,9 @@ def iter_requantize(
     branch of the output repo (created from main if missing) instead of main. `create_pr` stages the
     output on `branch` (default "streamq-4bit") and then opens it as a pull request. `disk_budget` (bytes)
     is the most work_dir holds: two output shards plus the window, which must hold the largest tensor;
-    what is left of it lets the download run ahead (default: 1 GB of read-ahead).
+    what is left of it lets the download run ahead (default: 1 GB of read-ahead). It may be a function
+    of the run's plan (bytes, or None for the default), for a caller that sizes it from the model
+    without planning it a second time.
     `tqdm_class` makes the run's one progress bar (as in huggingface_hub's `snapshot_download`): its
     `desc` and `postfix` name the phase, `n` of `total` the input bytes published; a subclass can
     show them elsewhere, as the web app (`streamq.app`) does.
@@ -141,7 +143,8 @@ def iter_requantize(
         plan = build_plan(source, settings, work / "meta", trust_remote_code=trust_remote_code)
         for warning in plan.warnings:
             logger.warning(warning)
-        budget = _disk_budget(work, plan, downloads, disk_budget)  # refused here, before a byte is written
+        chosen = disk_budget(plan) if callable(disk_budget) else disk_budget
+        budget = _disk_budget(work, plan, downloads, chosen)  # refused here, before a byte is written
         sink: Sink = (
             HubSink(
                 api, dst_loc.repo_id, private=private, commits_per_hour=commits_per_hour, branch=branch, create_pr=create_pr,

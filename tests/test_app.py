@@ -16,6 +16,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 from huggingface_hub import HfApi, snapshot_download
@@ -148,6 +149,7 @@ def test_gradio_client_converts_and_the_output_loads(app: App, tmp_path: Path) -
     assert result["url"] == f"{app.hub.endpoint}/me/model-nf4" and result["url"] in link
     assert result["shards"] == 1 and result["shards_skipped"] == 0 and result["tensors_quantized"] > 0  # 1 GB shards
     assert "Phase:** done" in progress and "1 of 1 published" in progress
+    assert f"**Elapsed:** {result['elapsed']:.1f} s" in progress  # the page's time is the result's
 
     out = Path(snapshot_download("me/model-nf4", endpoint=app.hub.endpoint, token=SENTINEL, local_dir=tmp_path / "dl"))
     config = json.loads((out / "config.json").read_text())
@@ -188,9 +190,28 @@ def test_a_script_converts_with_its_own_token(app: App) -> None:
     from gradio_client import Client
 
     client = Client(app.url, verbose=False, analytics_enabled=False, oauth_token=VISITOR)
-    progress, link, result = client.predict("org/model", "", "nf4", True, "bfloat16", False, api_name="/requantize")
+    progress, link, result = client.predict("org/page", "", "nf4", True, "bfloat16", False, api_name="/requantize")
     app.seen += [progress, link, json.dumps(result)]
-    assert result["url"] == f"{app.hub.endpoint}/you/model-nf4"  # the default name is the token's user's
+    assert result["url"] == f"{app.hub.endpoint}/you/page-nf4"  # the default name is the token's user's
+    assert HfApi(endpoint=app.hub.endpoint, token=VISITOR).file_exists("you/page-nf4", "config.json")
+
+
+def test_the_api_example_the_page_shows_runs_as_shown(app: App) -> None:
+    """The call in the page's footer is the README's, and it converts when run against the page: only the
+    page's address and the token are filled in (a script's own token, as a Space needs)."""
+    with urllib.request.urlopen(app.url + "config", timeout=10) as response:
+        components = json.loads(response.read())["components"]
+    shown = next(c["props"]["value"] for c in components if c.get("props", {}).get("elem_id") == "api-example")
+    code = shown.removeprefix("```python\n").removesuffix("\n```")
+    assert code != shown and code in (Path(__file__).parents[1] / "README.md").read_text()
+    for placeholder, value in (('"http://127.0.0.1:7860/"', repr(app.url)), ('"hf_..."', repr(VISITOR))):
+        assert code.count(placeholder) == 1, placeholder
+        code = code.replace(placeholder, value)
+    names: dict[str, object] = {}
+    exec(code, names)
+    progress, link, result = names["progress"], names["link"], names["result"]
+    app.seen += [progress, link, json.dumps(result)]
+    assert result["url"] == f"{app.hub.endpoint}/you/model-nf4" and result["shards_skipped"] == 0 and "Done" in link
     assert HfApi(endpoint=app.hub.endpoint, token=VISITOR).file_exists("you/model-nf4", "config.json")
 
 
@@ -281,6 +302,30 @@ def test_bad_input_on_the_page_shows_one_line_and_publishes_nothing(app: App, br
         assert "fp4" in shown  # names the setting that differs
 
 
+USER_ERRORS = [  # gradio's two ways of running a handler (a function; a generator) and the run's own refusal
+    ("/plan", ("org/missing", "nf4", True, "bfloat16")),
+    ("/requantize", ("org/model", "./out", "nf4", True, "bfloat16", False)),
+    ("/requantize", ("org/missing", "me/missing-nf4", "nf4", True, "bfloat16", False)),
+]
+
+
+@pytest.mark.parametrize("api_name, args", USER_ERRORS, ids=[f"{a}({c[0]}, {c[1]})" for a, c in USER_ERRORS])
+def test_a_users_mistake_is_one_line_in_the_servers_log_not_a_traceback(app: App, api_name: str, args: tuple) -> None:
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(app.url, verbose=False, analytics_enabled=False)
+    start = app.log.stat().st_size
+    with pytest.raises(AppError) as raised:
+        client.predict(*args, api_name=api_name)
+    message = str(raised.value)
+    with open(app.log, "rb") as log:  # gradio answers the client after it has logged the error
+        log.seek(start)
+        logged = log.read().decode(errors="replace")
+    assert "Traceback" not in logged and "gradio.exceptions.Error" not in logged, logged
+    assert [line for line in logged.splitlines() if message in line] == [f"WARNING streamq.app: {message}"], logged
+
+
 def test_the_token_never_appears_in_pages_api_answers_or_logs(app: App) -> None:
     assert len(app.seen) >= 5, "run the tests above first (they collect what the page showed)"
     for path in ("config", "gradio_api/info"):
@@ -350,6 +395,42 @@ def test_on_a_space_the_visitors_own_token_is_used_and_login_is_required(app: Ap
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "fp4"
     assert config["quantization_config"]["bnb_4bit_use_double_quant"] is False
     assert SENTINEL not in progress + link + json.dumps(result)
+
+
+def test_a_run_plans_the_model_once_and_the_page_shows_the_results_elapsed(app: App, monkeypatch, tmp_path: Path) -> None:
+    """The disk budget comes from the run's own plan, so the page's clock and the result time the same run."""
+    import streamq.pipeline
+    from streamq.app.page import render_progress
+    from streamq.app.run import Conversion, RunProgress
+
+    plans = []
+    build_plan = streamq.pipeline.build_plan
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        plans.append(args[0])
+        return build_plan(*args, **kwargs)
+
+    monkeypatch.setattr(streamq.pipeline, "build_plan", counted)
+    run = RunProgress(Conversion("org/model", "me/planned-once-nf4", token=SENTINEL, endpoint=app.hub.endpoint), tmp_path).start()
+    assert run.wait(120)
+    snap = run.snapshot()
+    assert snap.error is None and snap.result is not None and len(plans) == 1
+    assert snap.disk_budget is not None  # chosen from that one plan
+    assert snap.elapsed == snap.result.elapsed and f"**Elapsed:** {snap.result.elapsed:.1f} s" in render_progress(snap)
+
+
+def test_a_crash_is_one_line_on_the_page_and_its_traceback_once_in_the_log(monkeypatch, tmp_path: Path, caplog) -> None:
+    from streamq.app import run as app_run
+
+    def crash(*args: Any, **kwargs: Any) -> NoReturn:
+        raise RuntimeError("the disk caught fire\nsecond line")
+
+    monkeypatch.setattr(app_run, "iter_requantize", crash)
+    run = app_run.RunProgress(app_run.Conversion("org/model", "me/crash-nf4"), tmp_path).start()
+    assert run.wait(30)
+    assert run.snapshot().error == "unexpected RuntimeError: the disk caught fire"
+    logged = [r for r in caplog.records if r.exc_info]
+    assert len(logged) == 1 and logged[0].name == "streamq.app" and logged[0].exc_info[0] is RuntimeError
 
 
 def test_rules_default_output_disk_budget_and_hub_only() -> None:

@@ -4,6 +4,7 @@ No `from __future__ import annotations` here: gradio finds the `gr.OAuthToken`/`
 parameters it fills in by their type hints at run time.
 """
 
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -31,11 +32,28 @@ from .run import (  # noqa: E402
     work_root,
 )
 
+logger = logging.getLogger("streamq.app")
+
 POLL_SECONDS = 0.5
 DEFAULT_GROUP_SIZE = DEFAULT_BLOCKSIZE["int4"]
 INTRO = """# streamq: a 4-bit copy of any Hub model
 Converts the model **tensor by tensor** (tensors stream in by range, are quantized and written into output shards of 1 GB, which are uploaded and deleted), so
 this machine needs neither the model's memory nor its disk. Starting the same conversion again resumes it."""
+# A script's call of `/requantize`, shown on the page and in the README (a test runs it against the page):
+# `oauth_token=` is the token the conversion runs with, which a Space needs (gradio_client sends it only to
+# endpoints taking a gr.OAuthToken); gradio_client's `token=` only lets the script into a private Space.
+API_EXAMPLE = """from gradio_client import Client
+client = Client("http://127.0.0.1:7860/", oauth_token="hf_...")  # a Space: Client("you/streamq-4bit", ...)
+progress, link, result = client.predict("org/model", "you/model-nf4", "nf4", True, "bfloat16", False, 128, api_name="/requantize")
+# source, output ("" = the default name), quant_type, double_quant, compute_dtype, private, int4 group size"""
+
+
+def page_error(message: str) -> gr.Error:
+    """The error the page shows and API callers get (a repo that is not there, an output that is a local
+    path). gradio prints an Error's traceback unless `print_exception=False`, which for a user's mistake
+    is noise: the server logs it as one line. A crash's traceback is logged where it happens (`RunProgress`)."""
+    logger.warning("%s", message)
+    return gr.Error(message, print_exception=False)
 
 
 def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None) -> gr.Blocks:
@@ -54,7 +72,7 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
         if oauth_token is not None:
             return oauth_token.token
         if in_space:
-            raise gr.Error("Log in with the Hugging Face button first: the conversion runs with your account.")
+            raise page_error("Log in with the Hugging Face button first: the conversion runs with your account.")
         return None
 
     def user_of(profile: Optional[gr.OAuthProfile], token: Optional[str]) -> Optional[str]:
@@ -82,7 +100,7 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
             job = Conversion(source.strip(), "", quant_type, double_quant, compute_dtype, group_size=int(group_size), token=token_of(oauth_token), endpoint=endpoint)
             summary = plan_conversion(job)
         except (StreamqError, ValueError) as exc:
-            raise gr.Error(str(exc)) from None
+            raise page_error(str(exc)) from None
         root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(root).free
         budget = choose_disk_budget(summary, free)
@@ -110,14 +128,14 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
             )
         except ValueError as exc:
             yield "**Phase:** failed", f"**Error:** {exc}", None
-            raise gr.Error(str(exc)) from None
+            raise page_error(str(exc)) from None
         run = RunProgress(job, root).start()
         while not run.wait(POLL_SECONDS):
             yield render_progress(run.snapshot()), "", None
         snap = run.snapshot()
         if snap.error is not None:
             yield render_progress(snap), f"**Error:** {snap.error}", None
-            raise gr.Error(snap.error)  # API callers get it as an exception with this message
+            raise page_error(snap.error)  # API callers get it as an exception with this message
         result = snap.result
         assert result is not None
         details = {**asdict(result), "ratio": result.ratio, "url": result.output}
@@ -151,8 +169,9 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
         gr.Markdown(
             f"One conversion runs at a time; others wait in the queue. The disk budget is two output shards, the largest "
             f"tensor and 1 GB of read-ahead, at most {FREE_DISK_SHARE:.0%} of the work directory's free space. "
-            "Scripts: `gradio_client.Client(url, oauth_token=...).predict(source, output, quant_type, double_quant, compute_dtype, private, group_size, api_name='/requantize')`."
+            "Scripts convert through the API, with their own Hub token:"
         )
+        gr.Markdown(f"```python\n{API_EXAMPLE}\n```", elem_id="api-example")
 
         def format_options(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
             bnb = QUANT_TYPES[name][1]

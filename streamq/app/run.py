@@ -8,6 +8,7 @@ minutes and the page wants to show the phase, the bytes and the speed meanwhile.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import threading
@@ -23,8 +24,11 @@ from ..errors import StreamqError
 from ..location import HubRepo, parse_location
 from ..budget import bytes_in
 from ..pipeline import RequantizeResult, ShardRecord, iter_requantize, plan_requantize
+from ..plan import Plan
 from ..report import plan_summary
 from ..workdir import ROOT_ENV, default_root, folder_for
+
+logger = logging.getLogger("streamq.app")
 
 # The quant types the page offers, in order: name -> (label, whether bitsandbytes' double_quant and
 # compute_dtype apply). Another output format is one more entry.
@@ -137,7 +141,6 @@ class RunProgress:
         self.conversion, self.root = conversion, root
         self.work_dir = folder_for(root, parse_location(conversion.output), conversion.endpoint or constants.ENDPOINT)  # as `streamq requantize` names it
         self.disk_budget: int | None = None
-        self.summary: dict[str, Any] | None = None  # the plan, once read
         self.bar: tqdm | None = None
         self.records: list[ShardRecord] = []
         self.result: RequantizeResult | None = None
@@ -161,11 +164,10 @@ class RunProgress:
                 self.waiting = True
                 _one_run.acquire()
             try:
-                self.waiting, self._started = False, time.monotonic()
-                self._plan()
+                self.waiting, self._started = False, time.monotonic()  # the run's own clock starts with it
                 run = iter_requantize(
                     self.conversion.source, self.conversion.output, **self.conversion.options(),
-                    private=self.conversion.private, work_dir=self.work_dir, disk_budget=self.disk_budget,
+                    private=self.conversion.private, work_dir=self.work_dir, disk_budget=self._choose_budget,
                     progress=True, tqdm_class=_bar_class(self),
                 )
                 while True:
@@ -179,21 +181,23 @@ class RunProgress:
             shutil.rmtree(self.work_dir, ignore_errors=True)  # kept after a failure, for the next try to reuse
         except (StreamqError, ValueError) as exc:
             self.error = str(exc)
-        except Exception as exc:  # an unexpected failure still ends as one line on the page, not a traceback
+        except Exception as exc:  # a crash: one line on the page, its traceback once in the server's log
+            logger.exception("the conversion crashed")
             self.error = f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         finally:
             self._done.set()
 
-    def _plan(self) -> None:
-        """The plan (headers only; the run reads them again) decides the disk budget."""
-        self.summary = plan_conversion(self.conversion)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.disk_budget = choose_disk_budget(self.summary, shutil.disk_usage(self.work_dir).free)
+    def _choose_budget(self, plan: Plan) -> int | None:
+        """The disk budget, from the run's own plan: the model is planned once, so the page's clock and the
+        result's `elapsed` time the same run (a plan of the page's own first made the page's the longer)."""
+        self.disk_budget = choose_disk_budget(plan_summary(plan, downloads=True), shutil.disk_usage(self.work_dir).free)
+        return self.disk_budget
 
     def snapshot(self) -> Snapshot:
         bar, records = self.bar, list(self.records)
         done = [r for r in records if not r.skipped]
-        elapsed = time.monotonic() - self._started
+        # a finished run shows the result's own `elapsed`, the number the API returns
+        elapsed = self.result.elapsed if self.result is not None else time.monotonic() - self._started
         phase = "planning (reading the model's config and headers)"
         if bar is not None:
             phase = " - ".join(p for p in (bar.desc, bar.postfix) if p) or phase
