@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InsufficientDiskError
+from .surface import remedy
 
 
 DEFAULT_READ_AHEAD = 1_000_000_000  # window bytes beyond the largest tensor: the download runs this far ahead
@@ -34,7 +35,7 @@ def pools(largest_tensor: int, output_pair: int, downloads: bool, disk_budget: i
         raise InsufficientDiskError(
             f"disk_budget {disk_budget / 1e9:.2f} GB is below the {(largest_tensor + output_pair) / 1e9:.2f} GB this model needs "
             f"(its largest tensor, {largest_tensor / 1e9:.2f} GB, plus two output shards, {output_pair / 1e9:.2f} GB); "
-            "raise it, or lower max_shard_size"
+            f"{remedy('more_budget')}"
         )
     return disk_budget - output_pair, output_pair
 

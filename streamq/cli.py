@@ -14,6 +14,7 @@ from . import __version__
 from .commits import DEFAULT_COMMITS_PER_HOUR
 from .errors import StreamqError
 from .settings import DEFAULT_MAX_SHARD_SIZE, QUANT_TYPES
+from .surface import using
 
 EXAMPLES = """examples:
   streamq requantize meta-llama/Llama-3.1-8B-Instruct me/Llama-3.1-8B-Instruct-nf4
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("httpx", "httpx2", "httpcore", "httpcore2"):
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        return COMMANDS[args.command](args)
+        with using("cli"):
+            return COMMANDS[args.command](args)
     except (StreamqError, ValueError) as exc:
         print(f"streamq: error: {exc}", file=sys.stderr)
         return 1

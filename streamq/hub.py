@@ -17,6 +17,7 @@ from huggingface_hub.errors import (
 
 from .retry import TRANSPORT_ERRORS
 from .errors import AccessDeniedError, OutputNotWritableError, SourceNotFoundError, StreamqError
+from .surface import remedy
 
 
 def make_api(token: str | bool | None, endpoint: str | None) -> HfApi:
@@ -50,8 +51,8 @@ def reading(repo: str) -> Iterator[None]:
         raise
     except RepositoryNotFoundError as exc:
         raise SourceNotFoundError(
-            f"repo {repo} not found, or private and your token cannot see it; check the name, or log in "
-            "(HF_TOKEN or token=) with an account that can read it"
+            f"repo {repo} not found, or private and your token cannot see it; check the name, or "
+            f"{remedy('log_in')} with an account that can read it"
         ) from exc
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
@@ -70,16 +71,22 @@ def writing(repo: str) -> Iterator[None]:
     try:
         yield
     except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        if status in (401, 403):
-            raise OutputNotWritableError(
-                f"cannot write to {repo} (HTTP {status}): use a token with write access to it (HF_TOKEN or token=)"
-            ) from exc
-        raise StreamqError(f"publishing to {repo} failed: {_short(exc)}; run again to resume") from exc
+        raise _write_refused(repo, exc) from exc
+    except RuntimeError as exc:  # huggingface_hub wraps a failed LFS upload: "Error while uploading ..."
+        if not isinstance(exc.__cause__, HfHubHTTPError):
+            raise
+        raise _write_refused(repo, exc.__cause__) from exc
     except OfflineModeIsEnabled as exc:
         raise StreamqError(_offline(repo)) from exc
     except TRANSPORT_ERRORS as exc:
         raise StreamqError(f"network error publishing to {repo} ({_short(exc)}); run again to resume") from exc
+
+
+def _write_refused(repo: str, exc: HfHubHTTPError) -> StreamqError:
+    status = exc.response.status_code if exc.response is not None else None
+    if status in (401, 403):
+        return OutputNotWritableError(f"cannot write to {repo} (HTTP {status}): {remedy('log_in')} with an account that can write to it")
+    return StreamqError(f"publishing to {repo} failed: {_short(exc)}; run again to resume")
 
 
 def _short(exc: Exception) -> str:

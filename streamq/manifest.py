@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .errors import ManifestMismatchError
+from .surface import remedy
 
 MANIFEST_NAME = "streamq_manifest.json"
 FORMAT_VERSION = 2
@@ -62,7 +63,7 @@ class Manifest:
         if data.get("format") != FORMAT_VERSION:
             raise ManifestMismatchError(
                 f"{MANIFEST_NAME} has format {data.get('format')!r}, this streamq reads format {FORMAT_VERSION}; "
-                "use the streamq version that wrote it, or start over with overwrite=True (--overwrite)"
+                f"use the streamq version that wrote it, or {remedy('overwrite')} to start over"
             )
         shards = {name: ShardEntry(**entry) for name, entry in data.pop("shards").items()}
         pending = {name: ShardEntry(**entry) for name, entry in data.pop("pending").items()}
@@ -79,7 +80,7 @@ class Manifest:
             if mine != theirs:
                 raise ManifestMismatchError(
                     f"the output already holds a run with {label} {mine!r}, but this run has {theirs!r}. "
-                    "Run again with the same arguments to finish it, or pass overwrite=True (--overwrite) to start over."
+                    f"Run again with the same arguments to finish it, or {remedy('overwrite')} to start over."
                 )
 
 

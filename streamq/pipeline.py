@@ -35,6 +35,7 @@ from .plan import INDEX_NAME, Plan, build_plan
 from .publish import HubSink, LocalSink, Payload, Sink
 from .schedule import Scheduler, ShardRecord
 from .settings import DEFAULT_MAX_SHARD_SIZE, QuantSettings
+from .surface import remedy
 from .workdir import WorkDir, default_root, folder_for
 
 logger = logging.getLogger(__name__)
@@ -258,7 +259,7 @@ def _open_manifest(sink: Sink, plan: Plan, settings: QuantSettings, device: str,
     if leftovers and not overwrite:
         raise OutputNotWritableError(
             f"{sink.location} already holds files ({', '.join(leftovers[:3])}) that streamq did not write; "
-            "choose an empty output, or pass overwrite=True (--overwrite) to replace them"
+            f"choose an empty output, or {remedy('overwrite')} to replace them"
         )
     if leftovers:
         sink.clear()
@@ -275,7 +276,7 @@ def _disk_budget(work: Path, plan: Plan, downloads: bool, disk_budget: int | Non
         what = "the files carried over unchanged" if carried > window + output else "the disk budget"
         raise InsufficientDiskError(
             f"work_dir {work} needs {_gb(need)} ({what}) but has {_gb(free)} free; "
-            "free some space, lower disk_budget or max_shard_size, or pass work_dir= on a larger disk"
+            f"free some space, or {remedy('less_disk')}"
         )
     return DiskBudget(window, output)
 

@@ -10,6 +10,7 @@ fails its check takes its pending shards with it, and the run ends saying so.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections import deque
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from .budget import DiskBudget, disk_full_is_clear
 from .convert import Made, convert_stream
 from .download import Checkpoint, ChecksumMismatch, InputFile, download, resume_point
+from . import surface
 from .errors import CorruptShardError, StreamqError
 from .fetch import HubSource, LocalSource, Source, file_sha256
 from .layout import Position
@@ -59,7 +61,8 @@ class Scheduler:
         self._file_index = {f.name: i for i, f in enumerate(self.files)}
         self._checked = set(manifest.verified) if isinstance(source, HubSource) else set(self._file_index)
         self._snapshots: dict[int, dict[int, Checkpoint]] = {}
-        self._publisher = ThreadPoolExecutor(1, "streamq-publish")
+        # threads speak to the user's surface (surface.py): the publisher's errors name its controls
+        self._publisher = ThreadPoolExecutor(1, "streamq-publish", initializer=surface.adopt, initargs=(surface.current(),))
         self._hasher = ThreadPoolExecutor(1, "streamq-output-sha256")
         self._published: deque[Future[ShardRecord]] = deque()
         self._publish_failed = threading.Event()
@@ -136,7 +139,7 @@ class Scheduler:
                     self._publisher.submit(self._discard, self.files[exc.file].name)
                 window.fail(exc)
 
-        self._downloader = threading.Thread(target=run, name="streamq-download", daemon=True)
+        self._downloader = threading.Thread(target=contextvars.copy_context().run, args=(run,), name="streamq-download", daemon=True)
         self._downloader.start()
         return window
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .surface import remedy
+
 BNB_TYPES = ("nf4", "fp4")  # bitsandbytes 4-bit (converters/bitsandbytes.py)
 INT4_TYPES = ("int4",)  # compressed-tensors pack-quantized W4A16 (converters/int4.py)
 DEQUANTIZED_TYPES = ("bf16",)  # a quantized source written dequantized (converters/bf16.py)
@@ -51,8 +53,8 @@ class QuantSettings:
             raise ValueError(f"blocksize (the int4 group size) must be one of {INT4_GROUP_SIZES}, got {self.blocksize}")
         if not self.double_quant or self.compute_dtype != "bfloat16":
             raise ValueError(
-                "double_quant and compute_dtype are bitsandbytes settings; int4 has neither "
-                "(drop --no-double-quant / --compute-dtype, or choose quant_type nf4/fp4)"
+                "double_quant and compute_dtype are bitsandbytes settings; int4 has neither: "
+                f"{remedy('drop_bnb_options')}, or choose nf4 or fp4"
             )
 
     def as_dict(self) -> dict[str, Any]:

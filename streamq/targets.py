@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .converters import Converter, converter_for
 from .errors import UnsupportedModelError
 from .settings import QuantSettings
+from .surface import remedy
 
 if TYPE_CHECKING:
     import torch
@@ -138,7 +139,7 @@ def _build_meta_model(
     if config_dict.get("auto_map") and not trust_remote_code:
         raise UnsupportedModelError(
             "this model ships custom code (auto_map in config.json); streamq does not run code from the "
-            "source repo unless you pass trust_remote_code=True (--trust-remote-code) after reviewing it"
+            f"source repo: review it, then {remedy('trust_remote_code')}"
         )
     if model_dir is not None:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)

@@ -23,6 +23,7 @@ from typing import IO
 from .errors import ConcurrentRunError, OutputNotWritableError
 from .journal import JOURNAL_NAME, UploadJournal
 from .location import LocalDir, Location
+from .surface import remedy
 
 ROOT_ENV = "STREAMQ_WORK_DIR"
 LOCK_NAME = ".streamq-work.lock"
@@ -63,10 +64,10 @@ class WorkDir:
                 lock = open(path / LOCK_NAME, "a+b")  # noqa: SIM115 (held for the run)
             except OSError as exc:
                 where = f"the default work dir {path} (under {ROOT_ENV} or the temp dir)" if explicit is None else f"work_dir {path}"
-                raise OutputNotWritableError(f"cannot write to {where}: {exc.strerror or exc}; choose a writable work_dir (--work-dir)") from exc
+                raise OutputNotWritableError(f"cannot write to {where}: {exc.strerror or exc}; {remedy('writable_work_dir')}") from exc
             if not _try_lock(lock):
                 lock.close()
-                raise ConcurrentRunError(f"another streamq run is using the work dir {path}; let it finish, or choose another work_dir (--work-dir)")
+                raise ConcurrentRunError(f"another streamq run is using the work dir {path}; let it finish, or {remedy('other_work_dir')}")
             if os.fstat(lock.fileno()).st_nlink:
                 break
             lock.close()  # another run's clean-up removed this folder as dead between our open and our lock

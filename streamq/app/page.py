@@ -18,6 +18,7 @@ from gradio.utils import get_space  # noqa: E402
 from huggingface_hub import HfApi  # noqa: E402
 
 from ..errors import StreamqError  # noqa: E402
+from ..surface import using  # noqa: E402
 from ..report import format_plan, human_size  # noqa: E402
 from ..settings import COMPUTE_DTYPES, DEFAULT_BLOCKSIZE, INT4_GROUP_SIZES  # noqa: E402
 from .run import (  # noqa: E402
@@ -44,8 +45,8 @@ this machine needs neither the model's memory nor its disk. Starting the same co
 # endpoints taking a gr.OAuthToken); gradio_client's `token=` only lets the script into a private Space.
 API_EXAMPLE = """from gradio_client import Client
 client = Client("http://127.0.0.1:7860/", oauth_token="hf_...")  # a Space: Client("you/streamq-4bit", ...)
-progress, link, result = client.predict("org/model", "you/model-nf4", "nf4", True, "bfloat16", False, 128, api_name="/requantize")
-# source, output ("" = the default name), quant_type, double_quant, compute_dtype, private, int4 group size"""
+progress, link, result = client.predict("org/model", "you/model-nf4", "nf4", True, "bfloat16", False, 128, False, api_name="/requantize")
+# source, output ("" = the default name), quant_type, double_quant, compute_dtype, private, int4 group size, overwrite"""
 
 
 def page_error(message: str) -> gr.Error:
@@ -98,7 +99,8 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
         """The plan, as `streamq plan` prints it, and the disk budget this machine would give the run."""
         try:
             job = Conversion(source.strip(), "", quant_type, double_quant, compute_dtype, group_size=int(group_size), token=token_of(oauth_token), endpoint=endpoint)
-            summary = plan_conversion(job)
+            with using("page"):
+                summary = plan_conversion(job)
         except (StreamqError, ValueError) as exc:
             raise page_error(str(exc)) from None
         root.mkdir(parents=True, exist_ok=True)
@@ -113,7 +115,7 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
 
     def requantize(
         source: str, output: str, quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "bfloat16",
-        private: bool = False, group_size: int = DEFAULT_GROUP_SIZE,
+        private: bool = False, group_size: int = DEFAULT_GROUP_SIZE, overwrite: bool = False,
         oauth_token: Optional[gr.OAuthToken] = None, oauth_profile: Optional[gr.OAuthProfile] = None,
     ) -> Iterator[tuple[str, str, Optional[dict[str, Any]]]]:
         """Convert `source` into `output` (both Hub repo ids); yields the progress, then the link and the result."""
@@ -124,7 +126,8 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
             if not output:
                 raise ValueError("give an output repo name (org/name): your Hub user name could not be found")
             job = Conversion(
-                source.strip(), output.strip(), quant_type, double_quant, compute_dtype, private, group_size=int(group_size), token=token, endpoint=endpoint
+                source.strip(), output.strip(), quant_type, double_quant, compute_dtype, private, group_size=int(group_size),
+                overwrite=overwrite, token=token, endpoint=endpoint,
             )
         except ValueError as exc:
             yield "**Phase:** failed", f"**Error:** {exc}", None
@@ -158,6 +161,7 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
                 visible=False, elem_id="group-size",
             )
             private = gr.Checkbox(value=False, label="Private output repo", elem_id="private")
+            overwrite = gr.Checkbox(value=False, label="Overwrite an existing output (made otherwise, or not by streamq)", elem_id="overwrite")
         with gr.Row():
             plan_button = gr.Button("Show plan", elem_id="plan")
             start_button = gr.Button("Convert", variant="primary", elem_id="convert")
@@ -182,7 +186,7 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
         quant_type.change(format_options, quant_type, [double_quant, compute_dtype, group_size], api_name=False, queue=False)
         plan_button.click(plan, [source, quant_type, double_quant, compute_dtype, group_size], plan_box, api_name="plan", concurrency_id="plan", concurrency_limit=2)
         start_button.click(
-            requantize, [source, output, quant_type, double_quant, compute_dtype, private, group_size], [status, link, details],
+            requantize, [source, output, quant_type, double_quant, compute_dtype, private, group_size, overwrite], [status, link, details],
             api_name="requantize", concurrency_id="requantize", concurrency_limit=1, show_progress="hidden",
         )
     return page

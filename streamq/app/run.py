@@ -26,6 +26,7 @@ from ..budget import bytes_in
 from ..pipeline import RequantizeResult, ShardRecord, iter_requantize, plan_requantize
 from ..plan import Plan
 from ..report import plan_summary
+from ..surface import using
 from ..workdir import ROOT_ENV, default_root, folder_for
 
 logger = logging.getLogger("streamq.app")
@@ -58,6 +59,7 @@ class Conversion:
     compute_dtype: str = "bfloat16"
     private: bool = False
     group_size: int | None = None  # int4 only; None: the format's default
+    overwrite: bool = False
     token: str | None = field(default=None, repr=False)  # never printed, logged or stored
     endpoint: str | None = None
 
@@ -165,17 +167,18 @@ class RunProgress:
                 _one_run.acquire()
             try:
                 self.waiting, self._started = False, time.monotonic()  # the run's own clock starts with it
-                run = iter_requantize(
-                    self.conversion.source, self.conversion.output, **self.conversion.options(),
-                    private=self.conversion.private, work_dir=self.work_dir, disk_budget=self._choose_budget,
-                    progress=True, tqdm_class=_bar_class(self),
-                )
-                while True:
-                    try:
-                        self.records.append(next(run))
-                    except StopIteration as done:
-                        self.result = done.value
-                        break
+                with using("page"):  # messages name the page's controls
+                    run = iter_requantize(
+                        self.conversion.source, self.conversion.output, **self.conversion.options(),
+                        private=self.conversion.private, overwrite=self.conversion.overwrite, work_dir=self.work_dir,
+                        disk_budget=self._choose_budget, progress=True, tqdm_class=_bar_class(self),
+                    )
+                    while True:
+                        try:
+                            self.records.append(next(run))
+                        except StopIteration as done:
+                            self.result = done.value
+                            break
             finally:
                 _one_run.release()
             shutil.rmtree(self.work_dir, ignore_errors=True)  # kept after a failure, for the next try to reuse
