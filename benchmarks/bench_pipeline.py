@@ -1023,7 +1023,9 @@ def _output_record(endpoint: str, repo_id: str, work: Path) -> dict[str, Any]:
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
     from streamq.journal import JOURNAL_NAME
+    from streamq.location import HubRepo
     from streamq.manifest import MANIFEST_NAME
+    from streamq.workdir import folder_for
 
     record: dict[str, Any] = {"committed": [], "pending": [], "checkpoints": {}, "journal": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -1036,7 +1038,7 @@ def _output_record(endpoint: str, repo_id: str, work: Path) -> dict[str, Any]:
             committed=sorted(manifest["shards"]), pending=sorted(manifest["pending"]), verified=sorted(manifest["verified"]),
             checkpoints={name: point["offset"] for name, point in manifest["checkpoints"].items()},
         )
-    journal = work / JOURNAL_NAME
+    journal = folder_for(work, HubRepo(repo_id), endpoint) / JOURNAL_NAME  # the output's folder under its work_dir
     if journal.is_file():
         data = json.loads(journal.read_text())
         record["journal"] = sorted(data.get("shards", {}))

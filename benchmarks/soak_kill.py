@@ -69,9 +69,11 @@ from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError  
 
 from streamq import plan_requantize, verify_output  # noqa: E402
 from streamq.journal import JOURNAL_NAME  # noqa: E402
+from streamq.location import HubRepo  # noqa: E402
 from streamq.manifest import MANIFEST_NAME  # noqa: E402
 from streamq.testing import Fault, LocalHub  # noqa: E402
 from streamq.testing.protocol import HubHandler  # noqa: E402
+from streamq.workdir import folder_for  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SOURCE, REFERENCE, OUTPUT = "org/model", "me/ref", "me/out"
@@ -314,9 +316,14 @@ def read_manifest(api: HfApi, scratch: Path, revision: str | None = None) -> dic
         return None
 
 
-def read_journal(work: Path) -> dict[str, Any] | None:
+def output_folder(api: HfApi, work: Path) -> Path:
+    """The output's folder under a run's work_dir, where its journal and output shards in flight are."""
+    return folder_for(work, HubRepo(OUTPUT), api.endpoint)
+
+
+def read_journal(api: HfApi, work: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((work / JOURNAL_NAME).read_text())
+        return json.loads((output_folder(api, work) / JOURNAL_NAME).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -348,7 +355,7 @@ def recorded(api: HfApi, scratch: Path, work: Path) -> Recorded:
         state.verified = sorted(manifest["verified"])
         state.checkpoints = {f: c["offset"] for f, c in sorted(manifest["checkpoints"].items())}
         state.status = manifest["status"]
-    journal = read_journal(work)
+    journal = read_journal(api, work)
     if journal is not None and "shards" in journal:
         state.journal_shards = sorted(journal["shards"])
         progress = journal.get("progress", {})
@@ -459,7 +466,7 @@ def soak(
         killing = sum(a.killed for a in attempts) < kills
         left = len(outputs) - len(set(before.shards) | set(before.pending))
         delay = timing.kill_delay(rng, left, anywhere) if killing else None
-        converting = Converting(work / "out", set(outputs))
+        converting = Converting(output_folder(api, work) / "out", set(outputs))
         seen, mark = len(hub.requests), served.mark()
         sent_before = sum(hub.requests.sent(rf"/{oid}$") for oid in objects)
         started = time.monotonic()

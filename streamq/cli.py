@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_options(run)
     run.add_argument("dst", metavar="OUT", help="Hub repo id or local directory for the 4-bit model")
     run.add_argument("--dry-run", action="store_true", help="print the plan (same as `streamq plan`) and stop")
-    run.add_argument("--work-dir", help="where the read-ahead window and the output shards in flight live (default: a folder for this output under STREAMQ_WORK_DIR or the temp dir, which a rerun finds)")
+    run.add_argument("--work-dir", help="where a folder for this output holds the read-ahead window and the output shards in flight, found again by a rerun (default: STREAMQ_WORK_DIR or the temp dir)")
     run.add_argument("--private", action="store_true", help="create the output repo private")
     run.add_argument("--branch", help="publish to this branch of OUT instead of main")
     run.add_argument("--create-pr", action="store_true", help="stage on a branch (--branch, default streamq-4bit), then open a pull request")

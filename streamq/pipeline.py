@@ -100,10 +100,10 @@ def iter_requantize(
     """Yield a `ShardRecord` per shard as it is published; the generator returns the `RequantizeResult`.
 
     `src`/`dst`: a `Path` or a string starting with `/`, `.` or `~` is a local directory, any other string
-    a Hub repo id (`src` may be `id@revision`). `work_dir` holds the read-ahead window of the source's
-    bytes and the output shards being written and uploaded (default: a folder for this output under
-    STREAMQ_WORK_DIR or the temp dir, see `workdir.py`); a resumed run that finds it commits the shards
-    a killed run uploaded without committing. A finished run removes what it wrote there.
+    a Hub repo id (`src` may be `id@revision`). A folder for this output under `work_dir` (default:
+    STREAMQ_WORK_DIR or the temp dir, see `workdir.py`) holds the read-ahead window of the source's
+    bytes and the output shards being written and uploaded; a resumed run that finds it commits the
+    shards a killed run uploaded without committing. A finished run removes the folder.
     `max_shard_size` (bytes or transformers' spelling, "1GB") cuts the output into shards of at most
     that size, however the source is sharded. `commits_per_hour` caps Hub commits in any rolling hour, counting
     the output's own recent ones (the Hub limits them): each shard is committed when uploaded while the
@@ -135,7 +135,8 @@ def iter_requantize(
     api = make_api(token, endpoint)
     finished = False
     with ExitStack() as stack:
-        workdir = WorkDir.open(work_dir, folder_for(default_root(), dst_loc, api.endpoint, branch))
+        root = Path(work_dir).expanduser() if work_dir is not None else default_root()
+        workdir = WorkDir.open(folder_for(root, dst_loc, api.endpoint, branch))
         stack.callback(lambda: workdir.close(finished=finished))
         work = workdir.path
         stack.enter_context(disable_progress_bars())  # one streamq bar instead of one per file transfer

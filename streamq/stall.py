@@ -6,13 +6,15 @@ connection and resume by Range on a new one; streamq does the same. A transfer i
 throughput is below `FLOOR_BYTES_PER_S` and also either
 - below `SLOW_FRACTION` of the best recent window of its kind (this source's downloads, this output's
   uploads), or
-- no window of its kind has reached the floor yet, and no connection of its kind was given up for that
-  reason in the last `MEMORY_SECONDS`: a connection that trickles from its first bytes has no faster one
-  to be compared with, so one fresh connection is tried to learn what the link does. If it is as slow,
-  the link is slow and is left alone; if it is faster, it is the reference from then on.
-Slow for `DOWNLOAD_STALL_SECONDS` (a download resumes by Range: a fresh connection loses nothing) or
-`STALL_SECONDS` (an upload starts over), the transfer fails with `TransferStalled`, which the callers
-retry as a network error. The module constants are read at each check, so tests can shorten them.
+- for a download, no window has reached the floor in the last `MEMORY_SECONDS`, and no download was given
+  up for that reason in the last `PROBE_SECONDS`: a connection that trickles from its first bytes has
+  no faster one to be compared with, so a fresh one is tried, to learn what the link does. If it is
+  faster, it is the reference from then on; if it is as slow, the link is slow, and is left alone
+  (another fresh connection a minute later costs a download one request: it resumes by Range).
+  An upload given up starts over, so a slow one is never given up for being slow alone.
+Slow for `DOWNLOAD_STALL_SECONDS` or `STALL_SECONDS` (uploads), the transfer fails with `TransferStalled`,
+which the callers retry as a network error. The module constants are read at each check, so tests can
+shorten them.
 """
 
 from __future__ import annotations
@@ -42,9 +44,12 @@ SLOW_FRACTION = 0.1
 # reliably do better. A link that is slower than this all along is not slow *relative to itself*.
 FLOOR_BYTES_PER_S = 1_000_000.0
 # The best window of the last ten minutes is the reference: recent enough to describe the link as it
-# is now, long enough to span the connections before a trickling one. Also how often a link with no
-# window above the floor gets a fresh connection to learn its speed: once in that time, no churn.
+# is now, long enough to span the connections before a trickling one.
 MEMORY_SECONDS = 600.0
+# A download link with no window above the floor gets a fresh connection to learn its speed at most
+# this often: if that one happened to trickle too, the next try is a minute away, and a link slow all
+# along gets one reconnection a minute, not one per window.
+PROBE_SECONDS = 60.0
 
 
 def _timeout_base() -> type[Exception]:
@@ -64,13 +69,13 @@ class TransferStalled(_timeout_base()):  # type: ignore[misc]
 
 class SpeedHistory:
     """Recent window throughputs of one kind of transfer, shared by its connections (thread-safe).
-    `resumable`: a connection given up loses nothing (downloads, by Range)."""
+    `resumable`: a connection given up loses nothing (downloads, by Range), so one may be given up to probe."""
 
     def __init__(self, resumable: bool = False) -> None:
         self.resumable = resumable
         self._lock = threading.Lock()
         self._rates: deque[tuple[float, float]] = deque()  # (time, bytes/s), times increasing
-        self._probed: float | None = None  # when a connection was last given up to learn the link's speed
+        self._probed: float | None = None  # when a download was last given up to learn the link's speed
 
     def note(self, now: float, rate: float) -> float:
         """Record a window's rate; return the best of the last `MEMORY_SECONDS`."""
@@ -82,15 +87,18 @@ class SpeedHistory:
 
     def may_probe(self, now: float) -> bool:
         with self._lock:
-            return self._probed is None or now - self._probed >= MEMORY_SECONDS
+            return self._may_probe(now)
 
     def probe(self, now: float) -> bool:
-        """Claim the one fresh connection allowed per `MEMORY_SECONDS` to learn the link's speed."""
+        """Claim the fresh connection allowed per `PROBE_SECONDS` to learn the link's speed."""
         with self._lock:
-            if self._probed is not None and now - self._probed < MEMORY_SECONDS:
+            if not self._may_probe(now):
                 return False
             self._probed = now
             return True
+
+    def _may_probe(self, now: float) -> bool:
+        return self.resumable and (self._probed is None or now - self._probed >= PROBE_SECONDS)
 
 
 class StallWatch:
@@ -133,8 +141,8 @@ class StallWatch:
             raise TransferStalled(f"{self._what}: {_speed(rate)} for {slow_for:.0f} s against {_speed(best)} recently; giving up this connection")
         if self._history.probe(now):
             raise TransferStalled(
-                f"{self._what}: {_speed(rate)} for {slow_for:.0f} s, and no connection has been faster yet; giving up this "
-                "connection once, to learn from a fresh one whether the link itself is this slow"
+                f"{self._what}: {_speed(rate)} for {slow_for:.0f} s, and no connection has been faster lately; giving up this "
+                "connection, to learn from a fresh one whether the link itself is this slow"
             )
 
 

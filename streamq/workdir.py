@@ -1,11 +1,12 @@
 """The work directory: where a run keeps the source's bytes and the output shards in flight.
 
-By default each output gets a folder of its own under one root (`STREAMQ_WORK_DIR`, else the temp dir's
-`streamq/`), named after the output, so the same command run again after a crash finds it (its upload
-journal: shards uploaded but not committed). A run holds its folder's lock while it runs. What a run
-writes there is removed when it ends: all of it when it finished, all but the journal when it failed.
-A run killed outright (`kill -9`) removes nothing, so every run started on the default root also clears
-the bulk of the folders whose lock is free (their runs are dead); a source's bytes or an output shard
+Each output gets a folder of its own, named after it, under one root: the `work_dir` given, else
+`STREAMQ_WORK_DIR`, else the temp dir's `streamq/`. So the same command run again after a crash finds
+it (its upload journal: shards uploaded but not committed), two outputs never share one, and nothing
+else in a directory the user names is touched. A run holds its folder's lock while it runs. What a run
+writes there is removed when it ends: the folder itself when it finished, all but the journal when it
+failed. A run killed outright (`kill -9`) removes nothing, so every run also clears the bulk of the
+folders under its root whose lock is free (their runs are dead); a source's bytes or an output shard
 left by a dead run are never trusted anyway.
 """
 
@@ -47,24 +48,22 @@ def folder_for(root: Path, output: Location, endpoint: str, branch: str | None =
 
 
 class WorkDir:
-    """A work folder held by this run: `open` it, use `path`, `close(finished=...)` it."""
+    """An output's work folder, held by this run: `open` it, use `path`, `close(finished=...)` it."""
 
-    def __init__(self, path: Path, lock: IO[bytes], default: bool) -> None:
-        self.path, self._lock, self._default = path, lock, default
+    def __init__(self, path: Path, lock: IO[bytes]) -> None:
+        self.path, self._lock = path, lock
 
     @classmethod
-    def open(cls, explicit: str | os.PathLike[str] | None, default: Path) -> WorkDir:
-        """The given folder, else `default` (a `folder_for` the output); writable, locked, with no scratch left."""
-        path = default if explicit is None else Path(explicit).expanduser()
-        if explicit is None:
-            _clear_dead(path.parent)
+    def open(cls, path: Path) -> WorkDir:
+        """`path` (a `folder_for` the output), writable, locked, with no scratch left; dead runs' bulk
+        under the same root cleared first."""
+        _clear_dead(path.parent)
         while True:
             try:
                 path.mkdir(parents=True, exist_ok=True)
                 lock = open(path / LOCK_NAME, "a+b")  # noqa: SIM115 (held for the run)
             except OSError as exc:
-                where = f"the default work dir {path} (under {ROOT_ENV} or the temp dir)" if explicit is None else f"work_dir {path}"
-                raise OutputNotWritableError(f"cannot write to {where}: {exc.strerror or exc}; {remedy('writable_work_dir')}") from exc
+                raise OutputNotWritableError(f"cannot write to the work dir {path.parent}: {exc.strerror or exc}; {remedy('writable_work_dir')}") from exc
             if not _try_lock(lock):
                 lock.close()
                 raise ConcurrentRunError(f"another streamq run is using the work dir {path}; let it finish, or {remedy('other_work_dir')}")
@@ -72,21 +71,20 @@ class WorkDir:
                 break
             lock.close()  # another run's clean-up removed this folder as dead between our open and our lock
         _remove(path, SCRATCH)
-        return cls(path, lock, explicit is None)
+        return cls(path, lock)
 
     def close(self, *, finished: bool) -> None:
-        """Remove what this run wrote: everything once finished, else all but the upload journal."""
+        """Remove what this run wrote: the folder once finished, else all but the upload journal."""
         _remove(self.path, SCRATCH + ((JOURNAL_NAME,) if finished else ()))
         if finished or _only_lock_left(self.path):
             (self.path / LOCK_NAME).unlink(missing_ok=True)
-            if self._default:
-                _rmdir(self.path)
+            _rmdir(self.path)
         self._lock.close()
 
 
 def _clear_dead(root: Path) -> None:
-    """The scratch of default folders whose run is dead (their lock is free); a folder left with nothing
-    to resume is removed."""
+    """The scratch of work folders whose run is dead (their lock is free; a folder without one is not
+    streamq's); a folder left with nothing to resume is removed."""
     if not root.is_dir():
         return
     for folder in root.iterdir():

@@ -103,7 +103,7 @@ def test_a_read_only_work_dir_and_a_missing_output_are_one_line_errors(tmp_path:
     finally:
         subprocess.run(["umount", str(read_only)], check=True)
     assert run.returncode == 1 and run.stderr.count("\n") == 1
-    assert "cannot write to work_dir" in run.stderr and "Read-only file system" in run.stderr and "--work-dir" in run.stderr
+    assert f"cannot write to the work dir {read_only}:" in run.stderr and "Read-only file system" in run.stderr and "--work-dir" in run.stderr
     missing = subprocess.run([sys.executable, "-m", "streamq", "verify", str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and missing.stderr == f"streamq: error: output directory {tmp_path / 'missing'} does not exist; name the directory a run wrote\n"
 

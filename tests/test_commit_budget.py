@@ -15,7 +15,7 @@ from huggingface_hub import HfApi, snapshot_download
 from streamq import stream_requantize, verify_output
 from streamq.commits import HOUR, CommitBudget
 from streamq.testing import LocalHub
-from tiny_models import OUT_SHARD, header_reads, make_model
+from tiny_models import OUT_SHARD, header_reads, make_model, work_folder
 
 RUNNER = Path(__file__).with_name("crash_runner.py")
 
@@ -158,7 +158,7 @@ def killed_between_upload_and_commit(hub: LocalHub, api: HfApi, repo: str, work:
     killed = run_cli(*args, die_at="between-upload-and-commit", nth=2)
     assert killed.returncode == -9, killed.stderr[-2000:]
     manifest = Path(api.hf_hub_download(repo, "streamq_manifest.json", local_dir=work.parent / "m"))
-    journal = json.loads((work / "uploaded-not-committed.json").read_text())
+    journal = json.loads((work_folder(work) / "uploaded-not-committed.json").read_text())
     assert len(journal["shards"]) == 5  # shards 2-6 uploaded and journaled
     return args, set(json.loads(manifest.read_text())["shards"])
 
@@ -190,7 +190,7 @@ def test_resume_does_not_trust_a_journal_whose_object_is_gone(tmp_path: Path, hu
     hub, api, n_shards, clean = hub_and_model
     work = tmp_path / "work"
     args, committed = killed_between_upload_and_commit(hub, api, "me/collected", work)
-    journal = json.loads((work / "uploaded-not-committed.json").read_text())["shards"]
+    journal = json.loads((work_folder(work) / "uploaded-not-committed.json").read_text())["shards"]
     lost = sorted(journal)[0]
     hub.drop_object("me/collected", journal[lost]["output_sha256"])  # as a garbage collection of the Hub might
 
@@ -245,7 +245,7 @@ def test_a_journaled_object_the_hub_lacks_is_refused_at_commit_even_if_the_check
     hub, api, n_shards, clean = hub_and_model
     work = tmp_path / "work"
     killed_between_upload_and_commit(hub, api, "me/raced", work)
-    journal = json.loads((work / "uploaded-not-committed.json").read_text())["shards"]
+    journal = json.loads((work_folder(work) / "uploaded-not-committed.json").read_text())["shards"]
     hub.drop_object("me/raced", journal[sorted(journal)[0]]["output_sha256"])
     options = dict(endpoint=hub.endpoint, progress=False, max_shard_size=OUT_SHARD, work_dir=work, commits_per_hour=4)
 
@@ -253,7 +253,7 @@ def test_a_journaled_object_the_hub_lacks_is_refused_at_commit_even_if_the_check
         patch.setattr(HubSink, "_objects_on_hub", lambda self, objects: {sha for sha, _ in objects})
         with pytest.raises(StreamqError, match="refused to commit 5 shard"):
             stream_requantize("org/model", "me/raced", **options)
-    assert not (work / "uploaded-not-committed.json").exists()  # never tried again
+    assert not (work_folder(work) / "uploaded-not-committed.json").exists()  # never tried again
     result = stream_requantize("org/model", "me/raced", **options)
     assert result.shards_skipped == 1
     assert files_of(api, "me/raced", tmp_path / "o") == clean

@@ -128,7 +128,7 @@ def test_a_download_trickling_from_its_first_bytes_gets_one_fresh_connection(
 
     assert trickle.fired == 1
     assert caplog.text.count("giving up this connection") == 1
-    assert "no connection has been faster yet; giving up this connection once" in caplog.text
+    assert "no connection has been faster lately; giving up this connection, to learn" in caplog.text
     assert gets_of(hub, first) == [206, 206, 200, 206]  # header reads, the trickle, the rest by Range
     assert files(hub, "me/out", tmp_path / "o") == files(hub, "me/clean", tmp_path / "c")
 
@@ -147,7 +147,7 @@ def test_some_trickling_connections_each_get_a_fresh_one(
         stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False)
 
     assert [t.fired for t in trickles] == [1, 1, 1]
-    assert caplog.text.count("giving up this connection once") == 1  # the probe
+    assert caplog.text.count("giving up this connection, to learn") == 1  # the probe
     assert caplog.text.count("recently; giving up this connection") == 2  # judged against the fresh connections
     for i in (0, 2, 4):
         assert gets_of(hub, oids[i]) == [206, 206, 200, 206]
@@ -211,16 +211,15 @@ def test_a_trickling_upload_is_sent_again_on_a_fresh_connection(tmp_path: Path, 
     assert verify_output("me/out", endpoint=hub.endpoint).ok
 
 
-def test_a_link_below_the_floor_is_probed_once_per_memory() -> None:
-    """The rule on a fake clock, at the real constants: a connection at 40 kB/s with no faster reference is
-    given up after DOWNLOAD_STALL_SECONDS; the next one, as slow, is followed for as long as it lasts; only
-    when MEMORY_SECONDS have passed since the probe is the link probed again."""
+def test_a_link_below_the_floor_gets_a_fresh_connection_once_a_minute_and_an_upload_none() -> None:
+    """The rule on a fake clock, at the real constants: a download at 40 kB/s with no faster reference is given
+    up after DOWNLOAD_STALL_SECONDS; the next one, as slow, is followed until PROBE_SECONDS have passed since
+    (then one more fresh connection). An upload as slow, which would start over, is never given up for it."""
     now = [0.0]
-    history = stall.SpeedHistory(resumable=True)
 
-    def connection(seconds: float) -> float | None:
+    def connection(history: stall.SpeedHistory, seconds: float) -> float | None:
         """Move 40 kB/s for `seconds` (one update per second); when it was given up, or None."""
-        watch = stall.StallWatch(history, "download", clock=lambda: now[0])
+        watch = stall.StallWatch(history, "transfer", clock=lambda: now[0])
         watch.restart(0)
         for second in range(1, int(seconds) + 1):
             now[0] += 1.0
@@ -230,6 +229,8 @@ def test_a_link_below_the_floor_is_probed_once_per_memory() -> None:
                 return float(second)
         return None
 
-    assert connection(60) == stall.DOWNLOAD_STALL_SECONDS  # two windows below the floor, nothing faster seen
-    assert connection(stall.MEMORY_SECONDS) is None  # as slow: the link is slow, not this connection
-    assert connection(120) == stall.DOWNLOAD_STALL_SECONDS  # more than ten minutes after the probe: once more
+    downloads = stall.SpeedHistory(resumable=True)
+    assert connection(downloads, 600) == stall.DOWNLOAD_STALL_SECONDS  # two windows below the floor, nothing faster seen
+    # the next: judged again once a minute has passed since (its window then closes 5 s later)
+    assert connection(downloads, 600) == stall.PROBE_SECONDS + stall.WINDOW_SECONDS
+    assert connection(stall.SpeedHistory(), 3600) is None  # an upload

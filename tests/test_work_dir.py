@@ -16,7 +16,8 @@ from streamq import stream_requantize, verify_output
 from streamq.errors import ConcurrentRunError
 from streamq.manifest import Manifest
 from streamq.testing import LocalHub
-from streamq.workdir import LOCK_NAME, SCRATCH, WorkDir, default_root
+from streamq.location import parse_location
+from streamq.workdir import LOCK_NAME, SCRATCH, WorkDir, default_root, folder_for
 from tiny_models import OUT_SHARD, fail_on_nth_shard, make_model
 
 RUNNER = Path(__file__).with_name("crash_runner.py")
@@ -55,7 +56,7 @@ def test_a_finished_run_leaves_nothing_behind(tmp_path: Path, hub: LocalHub, wor
     given = tmp_path / "given"
     given.mkdir()
     stream_requantize("org/model", "me/out2", endpoint=hub.endpoint, progress=False, max_shard_size=OUT_SHARD, work_dir=given)
-    assert everything_in(given) == []  # a folder the user named is kept, empty
+    assert everything_in(given) == []  # the directory the user named is kept, as it was
     assert verify_output("me/out2", endpoint=hub.endpoint).ok
 
 
@@ -111,21 +112,24 @@ def test_a_later_run_of_another_output_clears_a_dead_runs_bulk(tmp_path: Path, h
     assert everything_in(work_root) == []
 
 
-def test_a_live_runs_work_dir_is_neither_shared_nor_cleared(tmp_path: Path, hub: LocalHub, work_root: Path) -> None:
-    live = WorkDir.open(tmp_path / "shared", tmp_path / "unused")
+def test_a_live_runs_folder_is_neither_shared_nor_cleared_and_a_users_files_are_not_touched(tmp_path: Path, hub: LocalHub) -> None:
+    given = tmp_path / "scratch"
+    (given / "out").mkdir(parents=True)
+    (given / "out" / "mine.txt").write_text("the user's own")  # a directory the user names may hold anything
+    live = WorkDir.open(folder_for(given, parse_location("me/out"), hub.endpoint))  # as a running run holds it
     (live.path / "in").mkdir()
     (live.path / "in" / "segment").write_bytes(b"x" * 100)
-    with pytest.raises(ConcurrentRunError, match="another streamq run is using the work dir .*shared; let it finish"):
-        stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, work_dir=tmp_path / "shared")
+    with pytest.raises(ConcurrentRunError, match="another streamq run is using the work dir .*me--out-.*; let it finish"):
+        stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, work_dir=given)
     assert (live.path / "in" / "segment").exists()
 
-    other = WorkDir.open(None, work_root / "a-live-output")  # a live default folder, while another run clears dead ones
+    other = WorkDir.open(given / "a-live-output")  # while another output's run clears dead folders
     (other.path / "out").mkdir()
-    stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, max_shard_size=OUT_SHARD)
-    assert (other.path / "out").exists()
+    stream_requantize("org/model", "me/other", endpoint=hub.endpoint, progress=False, max_shard_size=OUT_SHARD, work_dir=given)
+    assert (other.path / "out").exists() and (live.path / "in" / "segment").exists()
     other.close(finished=True)
     live.close(finished=False)
-    assert everything_in(work_root) == [] and everything_in(tmp_path / "shared") == []
+    assert everything_in(given) == ["out", "out/mine.txt"]
 
 
 def test_scratch_names_cover_what_a_run_writes(tmp_path: Path, hub: LocalHub) -> None:

@@ -133,3 +133,10 @@ def fail_on_nth_shard(monkeypatch, n: int, error: Exception | None = None) -> li
 
     monkeypatch.setattr(convert, "SafetensorsWriter", Failing)
     return calls
+
+
+def work_folder(root: Path) -> Path:
+    """The output's work folder a run made under `root` (its work_dir), or where it would be if there is none."""
+    folders = [p for p in root.iterdir() if p.is_dir()] if root.exists() else []
+    assert len(folders) <= 1, folders
+    return folders[0] if folders else root / "no-work-folder"

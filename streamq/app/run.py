@@ -141,7 +141,7 @@ class RunProgress:
 
     def __init__(self, conversion: Conversion, root: Path) -> None:
         self.conversion, self.root = conversion, root
-        self.work_dir = folder_for(root, parse_location(conversion.output), conversion.endpoint or constants.ENDPOINT)  # as `streamq requantize` names it
+        self.work_dir = folder_for(root, parse_location(conversion.output), conversion.endpoint or constants.ENDPOINT)  # the run's, measured
         self.disk_budget: int | None = None
         self.bar: tqdm | None = None
         self.records: list[ShardRecord] = []
@@ -170,7 +170,7 @@ class RunProgress:
                 with using("page"):  # messages name the page's controls
                     run = iter_requantize(
                         self.conversion.source, self.conversion.output, **self.conversion.options(),
-                        private=self.conversion.private, overwrite=self.conversion.overwrite, work_dir=self.work_dir,
+                        private=self.conversion.private, overwrite=self.conversion.overwrite, work_dir=self.root,
                         disk_budget=self._choose_budget, progress=True, tqdm_class=_bar_class(self),
                     )
                     while True:
@@ -181,7 +181,6 @@ class RunProgress:
                             break
             finally:
                 _one_run.release()
-            shutil.rmtree(self.work_dir, ignore_errors=True)  # kept after a failure, for the next try to reuse
         except (StreamqError, ValueError) as exc:
             self.error = str(exc)
         except Exception as exc:  # a crash: one line on the page, its traceback once in the server's log
