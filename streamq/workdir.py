@@ -34,7 +34,11 @@ SCRATCH = ("in", "out", "extra", "card", "meta", "meta-out")
 
 
 def default_root() -> Path:
-    return Path(os.environ.get(ROOT_ENV) or Path(tempfile.gettempdir()) / "streamq").expanduser()
+    return Path(os.environ.get(ROOT_ENV) or _temp_root()).expanduser()
+
+
+def _temp_root() -> Path:
+    return Path(tempfile.gettempdir()) / "streamq"
 
 
 def folder_for(root: Path, output: Location, endpoint: str, branch: str | None = None) -> Path:
@@ -62,6 +66,8 @@ class WorkDir:
             try:
                 path.mkdir(parents=True, exist_ok=True)
                 lock = open(path / LOCK_NAME, "a+b")  # noqa: SIM115 (held for the run)
+            except FileNotFoundError:
+                continue  # another run's clean-up removed the folder or the root between our mkdir and our open
             except OSError as exc:
                 raise OutputNotWritableError(f"cannot write to the work dir {path.parent}: {exc.strerror or exc}; {remedy('writable_work_dir')}") from exc
             if not _try_lock(lock):
@@ -79,6 +85,8 @@ class WorkDir:
         if finished or _only_lock_left(self.path):
             (self.path / LOCK_NAME).unlink(missing_ok=True)
             _rmdir(self.path)
+            if self.path.parent == _temp_root():
+                _rmdir(self.path.parent)  # streamq's own, in the temp dir: removed with its last folder
         self._lock.close()
 
 

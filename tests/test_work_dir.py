@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -41,17 +42,21 @@ def everything_in(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) if root.exists() else []
 
 
-def test_the_default_work_root_is_streamq_work_dir_else_the_temp_dir(work_root: Path, monkeypatch) -> None:
+def test_the_default_work_root_is_streamq_work_dir_else_the_temp_dirs_which_a_finished_run_removes(
+    tmp_path: Path, hub: LocalHub, work_root: Path, monkeypatch
+) -> None:
     assert default_root() == work_root
     monkeypatch.delenv("STREAMQ_WORK_DIR")
-    import tempfile
-
-    assert default_root() == Path(tempfile.gettempdir()) / "streamq"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert default_root() == tmp_path / "tmp" / "streamq"
+    stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, max_shard_size=OUT_SHARD)
+    assert everything_in(tmp_path / "tmp") == []  # not even an empty streamq/
 
 
 def test_a_finished_run_leaves_nothing_behind(tmp_path: Path, hub: LocalHub, work_root: Path) -> None:
     stream_requantize("org/model", "me/out", endpoint=hub.endpoint, progress=False, max_shard_size=OUT_SHARD)
-    assert everything_in(work_root) == []  # the default folder is gone
+    assert everything_in(work_root) == []  # the output's folder is gone
 
     given = tmp_path / "given"
     given.mkdir()
