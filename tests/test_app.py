@@ -385,10 +385,10 @@ def test_on_a_space_the_visitors_own_token_is_used_and_login_is_required(app: Ap
     assert any(isinstance(block, gr.LoginButton) for block in page.blocks.values())
     requantize = _handler(page, "requantize")
     with pytest.raises(gr.Error, match="Log in with the Hugging Face button first"):
-        next(requantize("org/model", "me/space-nf4", "nf4", True, "bfloat16", False, 128, None, None))
+        next(requantize("org/model", "me/space-nf4", "nf4", True, "bfloat16", False, 128, oauth_token=None, oauth_profile=None))
     token = gr.OAuthToken(token=SENTINEL, scope="openid profile read-repos write-repos manage-repos", expires_at=0)
     profile = gr.OAuthProfile({"preferred_username": "me", "name": "me", "picture": "", "profile": "", "website": ""})
-    *_, (progress, link, result) = requantize("org/model", "", "fp4", False, "bfloat16", True, 128, token, profile)
+    *_, (progress, link, result) = requantize("org/model", "", "fp4", False, "bfloat16", True, 128, oauth_token=token, oauth_profile=profile)
     assert result["url"].endswith("/me/model-fp4") and "Done" in link  # default output from the profile's name
     assert app.api.model_info("me/model-fp4").private
     config = json.loads(Path(app.api.hf_hub_download("me/model-fp4", "config.json", local_dir=tmp_path / "dl")).read_text())

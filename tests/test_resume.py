@@ -78,8 +78,10 @@ def test_second_concurrent_run_on_a_local_output_is_refused(tmp_path: Path) -> N
     src = make_model(tmp_path / "src")
     first = iter_requantize(src, tmp_path / "out", progress=False)
     next(first)  # the first run holds the output
+    with pytest.raises(streamq.ConcurrentRunError, match="another streamq run is using the work dir"):
+        stream_requantize(src, tmp_path / "out", progress=False)  # the output's work folder is held
     with pytest.raises(streamq.ConcurrentRunError, match="another streamq run is writing"):
-        stream_requantize(src, tmp_path / "out", progress=False)
+        stream_requantize(src, tmp_path / "out", progress=False, work_dir=tmp_path / "elsewhere")  # the output is locked
     list(first)  # and finishes undisturbed
     assert json.loads((tmp_path / "out" / "streamq_manifest.json").read_text())["status"] == "done"
 
