@@ -18,9 +18,9 @@ from gradio.utils import get_space  # noqa: E402
 from huggingface_hub import HfApi  # noqa: E402
 
 from ..errors import StreamqError  # noqa: E402
-from ..surface import using  # noqa: E402
 from ..report import format_plan, human_size  # noqa: E402
 from ..settings import COMPUTE_DTYPES, DEFAULT_BLOCKSIZE, INT4_GROUP_SIZES  # noqa: E402
+from ..surface import using  # noqa: E402
 from .run import (  # noqa: E402
     FREE_DISK_SHARE,
     QUANT_TYPES,
