@@ -20,6 +20,10 @@ from streamq import plan_requantize, stream_requantize
 from streamq.testing import LocalHub
 from tiny_models import bnb_config, byte_mismatches, load_tensors, peak_rss
 
+# Every test here streams a 1 GB source (about 4 minutes in all on 2 cores): CI runs them, the everyday
+# command (-m "not slow") leaves them out; tests/test_hub.py checks the disk budget on a tiny model.
+pytestmark = pytest.mark.slow
+
 RUNNER = Path(__file__).with_name("crash_runner.py")
 MB = 1_000_000
 OUT_SHARD = 40 * MB

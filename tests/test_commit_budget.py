@@ -186,6 +186,7 @@ def test_resume_commits_the_shards_a_killed_run_uploaded(tmp_path: Path, hub_and
     assert verify_output("me/resumed", endpoint=hub.endpoint).ok
 
 
+@pytest.mark.slow  # a kill -9 run of the CLI and more (the everyday set keeps test_resume_commits_...)
 def test_resume_does_not_trust_a_journal_whose_object_is_gone(tmp_path: Path, hub_and_model) -> None:
     hub, api, n_shards, clean = hub_and_model
     work = tmp_path / "work"
@@ -222,6 +223,7 @@ def test_journal_entries_belong_to_one_job(tmp_path: Path) -> None:
     assert journal.entries(identity("me/out@main", job)) == ({}, {})  # unreadable: ignored, never trusted
 
 
+@pytest.mark.slow  # a kill -9 run of the CLI and more (the everyday set keeps test_resume_commits_...)
 def test_overwrite_discards_what_the_journal_took_up(tmp_path: Path, hub_and_model) -> None:
     """Same work_dir and output, other settings, --overwrite: the output starts over, nothing of the
     killed run's uploads is committed into it."""
@@ -234,6 +236,7 @@ def test_overwrite_discards_what_the_journal_took_up(tmp_path: Path, hub_and_mod
     assert verify_output("me/other", endpoint=hub.endpoint).ok
 
 
+@pytest.mark.slow  # a kill -9 run of the CLI and more (the everyday set keeps test_resume_commits_...)
 def test_a_journaled_object_the_hub_lacks_is_refused_at_commit_even_if_the_check_is_fooled(
     tmp_path: Path, hub_and_model, monkeypatch
 ) -> None:

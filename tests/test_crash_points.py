@@ -13,6 +13,9 @@ from streamq import stream_requantize
 from tiny_models import OUT_SHARD, header_reads, make_model, work_folder
 
 RUNNER = Path(__file__).with_name("crash_runner.py")
+# Each case runs the CLI twice in fresh processes (~15 s): the everyday command (-m "not slow") keeps one
+# local and one Hub point, CI runs them all.
+slow = pytest.mark.slow
 
 
 def run_cli(*args: str, die_at: str | None = None, nth: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -40,12 +43,12 @@ def model_and_clean_output(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
 @pytest.mark.parametrize(
     "point,nth",
     [
-        ("before-local-read", 3),
+        pytest.param("before-local-read", 3, marks=slow),
         ("during-quantize", 5),
-        ("after-write", 2),
-        ("before-local-publish", 4),
-        ("after-local-publish", 1),
-        ("during-local-finalize", 3),
+        pytest.param("after-write", 2, marks=slow),
+        pytest.param("before-local-publish", 4, marks=slow),
+        pytest.param("after-local-publish", 1, marks=slow),
+        pytest.param("during-local-finalize", 3, marks=slow),
     ],
 )
 def test_kill_9_then_rerun_local(tmp_path: Path, model_and_clean_output, point: str, nth: int) -> None:
@@ -90,14 +93,14 @@ def download_files(api, repo_id: str, dest: Path) -> dict[str, bytes]:
 
 
 HUB_POINTS = [
-    ("before-download", 3),
-    ("after-download", 2),
-    ("during-quantize", 9),
-    ("after-write", 4),
-    ("during-upload", 2),
+    pytest.param("before-download", 3, marks=slow),
+    pytest.param("after-download", 2, marks=slow),
+    pytest.param("during-quantize", 9, marks=slow),
+    pytest.param("after-write", 4, marks=slow),
+    pytest.param("during-upload", 2, marks=slow),
     ("between-upload-and-commit", 3),
-    ("after-commit", 2),
-    ("during-final-commit", 1),
+    pytest.param("after-commit", 2, marks=slow),
+    pytest.param("during-final-commit", 1, marks=slow),
 ]
 
 

@@ -206,6 +206,7 @@ def test_cli_bf16_output_and_verify(tmp_path: Path, capsys) -> None:
     assert main(["verify", str(tmp_path / "out")]) == 0
 
 
+@pytest.mark.slow  # a 170 MB source converted in a subprocess, twice
 def test_an_fp8_file_is_dequantized_one_weight_at_a_time(tmp_path: Path) -> None:
     """Peak RSS of a run over what planning alone takes, for a 170 MB block-FP8 file (340 MB once
     dequantized): about one weight's working copies, not the file nor its dequantized form.
