@@ -21,10 +21,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import surface
 from .budget import DiskBudget, disk_full_is_clear
 from .convert import Made, convert_stream
 from .download import Checkpoint, ChecksumMismatch, InputFile, download, resume_point
-from . import surface
 from .errors import CorruptShardError, StreamqError
 from .fetch import HubSource, LocalSource, Source, file_sha256
 from .layout import Position
