@@ -1,0 +1,207 @@
+"""Tiny checkpoints that llama.cpp's converter accepts, for the GGUF reference (issue 27).
+
+`make_checkpoint(path, family)` writes, deterministically (same bytes for the same arguments):
+  - a random model saved by transformers (safetensors, sharded, config.json);
+  - a real tokenizer: a small SentencePiece-style BPE (byte fallback) trained with `tokenizers` on a fixed
+    text, saved as tokenizer.json + tokenizer_config.json (with a chat template), and, for the families whose
+    converter reads it, the same vocabulary as a SentencePiece `tokenizer.model`.
+
+Why two tokenizer files: llama.cpp's converter picks the vocabulary reader per architecture.
+  - Llama (`LlamaModel.set_vocab`): tokenizer.model if present, else tokenizer.json through
+    `gguf.LlamaHfVocab` (a BPE with byte_fallback and a Sequence decoder), else the GPT-2 BPE path.
+  - Gemma 4 (`Gemma4Model.set_vocab`): always tokenizer.json through `gguf.LlamaHfVocab`.
+  - Gemma 3, Qwen3, Qwen3-MoE: tokenizer.model if present, else the GPT-2 BPE path, which hashes the
+    tokenization of a fixed text and refuses any tokenizer whose hash it does not list
+    (`get_vocab_base_pre`: "BPE pre-tokenizer was not recognized"): a freshly trained vocabulary can never
+    be listed, so these families get tokenizer.model.
+
+Shapes: every matrix's row (ne[0], the input features) is a multiple of 256, so the K-quants (blocks of 256)
+apply as llama-quantize's mixtures ask; with rows that are not, llama-quantize falls back per tensor
+(src/llama-quant.cpp `tensor_type_fallback`: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and F16 if the row is
+not a multiple of 32 either; the output/tied embedding goes to Q8_0 instead of Q6_K). `SHAPE_FALLBACK` gives
+the 64-wide shape of the other test fixtures, to exercise that fallback on purpose.
+
+Runs in streamq's test venv and in the GGUF reference venv alike (torch, transformers, tokenizers).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# A fixed training text: the tokenizer (and so the vocab size) depends only on it.
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun.",
+    "A model is a file of tensors; a tensor is a table of numbers with a name and a shape.",
+    "Streaming a model means reading each tensor as it arrives and writing it out at once.",
+    "Quantization maps each group of weights to a few bits and one scale per group.",
+    "llama.cpp reads GGUF files: a header of keys and values, tensor infos, then aligned data.",
+    "Hello world! How are you today? I am fine, thank you. Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2026.",
+    "user: write a short poem about the sea. model: the sea is wide, the sea is deep, the waves roll in.",
+    "Ünïcödé text, emoji 🙂 and CJK 你好 fall back to bytes when no merge covers them.",
+]
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<start_of_turn>", "<end_of_turn>"]
+BYTES = [f"<0x{i:02X}>" for i in range(256)]
+TRAIN_VOCAB = 200  # merges + alphabet the trainer may produce on top of SPECIAL + BYTES
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>{{ message['role'] }}\n"
+    "{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+# K-quant friendly: hidden 256, heads * head_dim = 256, intermediate 512, expert intermediate 256.
+SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+SHAPE_FALLBACK = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def _gemma4(shape: dict[str, Any], moe: bool) -> dict[str, Any]:
+    """Gemma 4 text (as tests/int4_cases.py): sliding + global layers, k=v attention on the global ones."""
+    n = shape["num_hidden_layers"]
+    extra = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=shape["hidden_size"]) if moe else {}
+    return shape | dict(
+        global_head_dim=shape["head_dim"], sliding_window=16, max_position_embeddings=128,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)],
+        attention_k_eq_v=True, num_global_key_value_heads=1, hidden_size_per_layer_input=0, tie_word_embeddings=True,
+    ) | extra
+
+
+def family_config(family: str, vocab_size: int, shape: dict[str, Any] = SHAPE) -> Any:
+    """The transformers config of a tiny `family` model with `vocab_size` tokens."""
+    import transformers
+
+    common = dict(vocab_size=vocab_size, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=shape["hidden_size"])
+    configs = {
+        "llama": ("LlamaConfig", shape | dict(tie_word_embeddings=False)),
+        "qwen3": ("Qwen3Config", shape | dict(tie_word_embeddings=False)),
+        "qwen3_moe": ("Qwen3MoeConfig", shape | moe | dict(tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[])),
+        "gemma3": ("Gemma3TextConfig", shape | dict(tie_word_embeddings=True, sliding_window=16)),
+        "gemma4": ("Gemma4TextConfig", _gemma4(shape, moe=False)),
+        "gemma4_moe": ("Gemma4TextConfig", _gemma4(shape, moe=True)),
+    }
+    name, fields = configs[family]
+    fields = fields | common
+    if family.startswith("gemma4"):
+        fields["vocab_size_per_layer_input"] = vocab_size
+    return getattr(transformers, name)(**fields)
+
+
+FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma3", "gemma4", "gemma4_moe")
+# Which tokenizer files each family's converter path needs (module docstring).
+WANTS_SPM = {"qwen3", "qwen3_moe", "gemma3"}
+
+
+# --- the tokenizer --------------------------------------------------------------------------------------
+
+def _trained_vocab() -> tuple[list[str], list[tuple[str, str]]]:
+    """Train a SentencePiece-style BPE on CORPUS: (its tokens in id order, its merges)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=TRAIN_VOCAB, min_frequency=2, show_progress=False, special_tokens=[])
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    data = json.loads(tok.to_str())
+    vocab = sorted(data["model"]["vocab"].items(), key=lambda kv: kv[1])
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in data["model"]["merges"]]
+    return [t for t, _ in vocab], merges  # type: ignore[return-value]
+
+
+def build_tokenizer() -> tuple[str, list[str]]:
+    """The tokenizer.json text (Llama-2 HF layout: specials, 256 byte tokens, then the BPE) and its tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    trained, merges = _trained_vocab()
+    tokens = SPECIAL + BYTES + [t for t in trained if t not in SPECIAL and t not in BYTES]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
+    ])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    return tok.to_str(pretty=True), tokens
+
+
+def _pb_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _pb_field(num: int, wire: int, payload: bytes) -> bytes:
+    return _pb_varint(num << 3 | wire) + payload
+
+
+def _pb_bytes(num: int, data: bytes) -> bytes:
+    return _pb_field(num, 2, _pb_varint(len(data)) + data)
+
+
+def sentencepiece_model(tokens: list[str], add_dummy_prefix: bool = True) -> bytes:
+    """The same vocabulary as a SentencePiece BPE ModelProto (sentencepiece_model.proto), written by hand so
+    that building fixtures needs no sentencepiece/protobuf: pieces (piece, score, type), trainer_spec
+    (model_type BPE, vocab_size, byte_fallback, unk/bos/eos/pad ids) and an identity normalizer_spec.
+    Scores: 0 for special and byte pieces, -i for the i-th BPE piece (earlier merges win, as in sentencepiece)."""
+    normal, unknown, control, byte = 1, 2, 3, 6
+    out = bytearray()
+    for i, t in enumerate(tokens):
+        kind = unknown if t == "<unk>" else control if t in SPECIAL else byte if t in BYTES else normal
+        score = 0.0 if kind != normal else -float(i)
+        piece = _pb_bytes(1, t.encode()) + _pb_field(2, 5, struct.pack("<f", score)) + _pb_field(3, 0, _pb_varint(kind))
+        out += _pb_bytes(1, piece)
+    trainer = (_pb_field(3, 0, _pb_varint(2)) + _pb_field(4, 0, _pb_varint(len(tokens))) + _pb_field(35, 0, _pb_varint(1))
+               + _pb_field(40, 0, _pb_varint(0)) + _pb_field(41, 0, _pb_varint(1)) + _pb_field(42, 0, _pb_varint(2))
+               + _pb_field(43, 0, _pb_varint(3)))
+    normalizer = (_pb_bytes(1, b"identity") + _pb_field(3, 0, _pb_varint(int(add_dummy_prefix)))
+                  + _pb_field(4, 0, _pb_varint(0)) + _pb_field(5, 0, _pb_varint(1)))
+    out += _pb_bytes(2, trainer) + _pb_bytes(3, normalizer)
+    return bytes(out)
+
+
+def tokenizer_config() -> dict[str, Any]:
+    return {
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": "<pad>", "chat_template": CHAT_TEMPLATE, "model_max_length": 128, "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+
+
+def write_tokenizer(path: Path, spm: bool) -> int:
+    """Write the tokenizer files into `path`; returns the vocab size."""
+    text, tokens = build_tokenizer()
+    (path / "tokenizer.json").write_text(text)
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
+    (path / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}, indent=2) + "\n")
+    if spm:
+        (path / "tokenizer.model").write_bytes(sentencepiece_model(tokens))
+    return len(tokens)
+
+
+# --- the checkpoint -------------------------------------------------------------------------------------
+
+def make_checkpoint(path: Path, family: str, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                    max_shard_size: str = "2MB", shape: dict[str, Any] = SHAPE) -> Path:
+    """A tiny `family` checkpoint llama.cpp's converter accepts: random weights saved by transformers
+    (sharded), config.json, generation_config.json and the tokenizer files. Same arguments, same bytes."""
+    from transformers import AutoModelForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tokenizer(path, spm=family in WANTS_SPM)
+    config = family_config(family, vocab_size, shape)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():  # transformers initialises norms to 1 (or 0 for Gemma's 1+w): make them random too
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.copy_(torch.randn(param.shape, dtype=torch.float32).mul_(0.1).add_(1.0).to(dtype))
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    return path
