@@ -63,7 +63,9 @@ def _gemma4(shape: dict[str, Any], moe: bool) -> dict[str, Any]:
     n = shape["num_hidden_layers"]
     extra = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=shape["hidden_size"]) if moe else {}
     return shape | dict(
-        global_head_dim=shape["head_dim"], sliding_window=16, max_position_embeddings=128,
+        # global_head_dim must differ from head_dim: transformers 5.25 saves it only in per_layer_config, and
+        # only where it differs; the converter then finds no global head dim (AssertionError in gemma.py).
+        global_head_dim=2 * shape["head_dim"], sliding_window=16, max_position_embeddings=128,
         layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)],
         attention_k_eq_v=True, num_global_key_value_heads=1, hidden_size_per_layer_input=0, tie_word_embeddings=True,
     ) | extra
@@ -205,3 +207,45 @@ def make_checkpoint(path: Path, family: str, *, dtype: torch.dtype = torch.bfloa
                 param.copy_(torch.randn(param.shape, dtype=torch.float32).mul_(0.1).add_(1.0).to(dtype))
     model.save_pretrained(path, max_shard_size=max_shard_size)
     return path
+
+
+# --- the reference (llama.cpp in its own virtualenv) ----------------------------------------------------
+
+HERE = Path(__file__).resolve().parent
+
+
+def reference_python() -> str | None:
+    """The GGUF reference virtualenv's python (tests/gguf_reference_setup.sh): $STREAMQ_GGUF_REFERENCE."""
+    import os
+
+    path = os.environ.get("STREAMQ_GGUF_REFERENCE")
+    return path if path and Path(path).exists() else None
+
+
+def _in_reference(python: str, script: str, *args: str, timeout: int = 900) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {"HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([python, str(HERE / script), *args], capture_output=True, text=True, env=env, timeout=timeout)
+    if done.returncode:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
+        raise RuntimeError(f"{script} {' '.join(args)} failed ({done.returncode}); see stderr")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def run_reference(python: str, src: Path, out: Path, qtype: str, *options: str) -> list[Path]:
+    """llama.cpp's GGUF of `src` as `qtype` (tests/gguf_reference.py; options: --split-max-tensors N, ...):
+    the files written, in order."""
+    return [Path(p) for p in json.loads(_in_reference(python, "gguf_reference.py", str(src), str(out), qtype, *options))]
+
+
+def read_gguf(python: str, *files: Path) -> list[dict[str, Any]]:
+    """gguf.GGUFReader's view of `files` (tests/gguf_inspect.py): KV keys in order, tensors in order."""
+    return json.loads(_in_reference(python, "gguf_inspect.py", "read", *map(str, files)))
+
+
+def gguf_logits(python: str, first_file: Path, tokens: list[int]) -> dict[str, Any]:
+    """llama-cpp-python's logits for `tokens` from the model whose (first) file is `first_file`."""
+    return json.loads(_in_reference(python, "gguf_inspect.py", "logits", str(first_file), ",".join(map(str, tokens))))

@@ -1,0 +1,112 @@
+"""The GGUF reference harness (issue 27): llama.cpp's converter, llama-quantize and llama-gguf-split, run in
+their own virtualenv (tests/gguf_reference_setup.sh) on a tiny Llama with a trained tokenizer. This checks the
+harness, not streamq: the files it writes read back with gguf.GGUFReader, split as llama-gguf-split splits,
+and llama-cpp-python loads the split model from its first file and computes the same logits as the single
+file. Skipped without $STREAMQ_GGUF_REFERENCE (the venv's python); STREAMQ_REQUIRE_GGUF_REFERENCE=1 fails instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from gguf_cases import gguf_logits, make_checkpoint, read_gguf, reference_python, run_reference
+
+SPLIT_TENSORS = 16
+TYPES = ("q8_0", "q4_k_m")
+
+
+@pytest.fixture(scope="module")
+def ref() -> str:
+    python = reference_python()
+    if python is None:
+        if os.environ.get("STREAMQ_REQUIRE_GGUF_REFERENCE") == "1":
+            pytest.fail("the GGUF reference virtualenv is missing (STREAMQ_GGUF_REFERENCE; tests/gguf_reference_setup.sh builds it)")
+        pytest.skip("no GGUF reference virtualenv (bash tests/gguf_reference_setup.sh DEST; STREAMQ_GGUF_REFERENCE=DEST/bin/python)")
+    return python
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("src") / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="module")
+def outputs(ref: str, llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], list[Path]]:
+    out = tmp_path_factory.mktemp("gguf")
+    files = {}
+    for qtype in TYPES:
+        files[qtype, "single"] = run_reference(ref, llama, out / f"single/tiny-llama-{qtype}.gguf", qtype)
+        files[qtype, "split"] = run_reference(ref, llama, out / f"split/tiny-llama-{qtype}.gguf", qtype, "--split-max-tensors", str(SPLIT_TENSORS))
+    return files
+
+
+def source_tensors(src: Path) -> list[str]:
+    return list(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"])
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_single_file(ref: str, llama: Path, outputs: dict, qtype: str) -> None:
+    [path] = outputs[qtype, "single"]
+    assert path.name == f"tiny-llama-{qtype}.gguf" and path.is_file()
+    [info] = read_gguf(ref, path)
+    kv = dict(info["kv"])
+    tensors = info["tensors"]
+    names = [t["name"] for t in tensors]
+    assert len(names) == len(set(names)) == len(source_tensors(llama))  # one GGUF tensor per HF tensor for Llama
+    assert kv["general.architecture"] == "llama" and kv["llama.block_count"] == 4
+    assert kv["tokenizer.ggml.model"] == "llama" and kv["tokenizer.chat_template"].startswith("{{ bos_token }}")
+    assert not any(k.startswith("split.") for k in kv)
+    assert all(t["type"] == "F32" for t in tensors if len(t["shape"]) == 1)
+    matrices = {t["name"]: t["type"] for t in tensors if len(t["shape"]) == 2}
+    if qtype == "q8_0":
+        assert kv["general.file_type"] == 7 and set(matrices.values()) == {"Q8_0"}  # LLAMA_FTYPE_MOSTLY_Q8_0
+    else:
+        # llama-quantize's Q4_K_M mixture (src/llama-quant.cpp): Q4_K, with Q6_K for output.weight and for
+        # attn_v / ffn_down of the layers use_more_bits picks (4 layers: 2 and 3).
+        assert kv["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+        assert matrices.pop("output.weight") == "Q6_K"
+        more_bits = {f"blk.{i}.{n}.weight" for i in (2, 3) for n in ("attn_v", "ffn_down")}
+        assert {n for n, t in matrices.items() if t == "Q6_K"} == more_bits
+        assert {t for n, t in matrices.items() if n not in more_bits} == {"Q4_K"}
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_split_is_the_single_file_cut(ref: str, outputs: dict, qtype: str) -> None:
+    [single] = read_gguf(ref, *outputs[qtype, "single"])
+    paths = outputs[qtype, "split"]
+    n = math.ceil(len(single["tensors"]) / SPLIT_TENSORS)
+    assert [p.name for p in paths] == [f"tiny-llama-{qtype}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+    splits = read_gguf(ref, *paths)
+    for i, split in enumerate(splits):
+        kv = dict(split["kv"])
+        assert (kv["split.no"], kv["split.count"], kv["split.tensors.count"]) == (i, n, len(single["tensors"]))
+        assert len(split["tensors"]) == min(SPLIT_TENSORS, len(single["tensors"]) - i * SPLIT_TENSORS)
+    strip = lambda t: {k: v for k, v in t.items() if k != "offset"}  # noqa: E731
+    assert [strip(t) for s in splits for t in s["tensors"]] == [strip(t) for t in single["tensors"]]
+    # The first split carries the model's metadata; llama-gguf-split adds the split keys after it.
+    first = [k for k, _ in splits[0]["kv"]]
+    assert [k for k in first if not k.startswith("split.")] == [k for k, _ in single["kv"]]
+
+
+def test_binding_quantizes_as_the_cli(ref: str, llama: Path, outputs: dict, tmp_path: Path) -> None:
+    """llama-cpp-python's llama_model_quantize with its default params writes llama-quantize's bytes."""
+    [cli] = outputs["q4_k_m", "single"]
+    [binding] = run_reference(ref, llama, tmp_path / "binding.gguf", "q4_k_m", "--binding")
+    assert binding.read_bytes() == cli.read_bytes()
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_split_model_runs(ref: str, outputs: dict, qtype: str) -> None:
+    """llama-cpp-python loads the split model from its first file: the single file's logits, bit for bit."""
+    tokens = [1, 300, 301, 302, 303, 304, 305, 2]
+    single = gguf_logits(ref, outputs[qtype, "single"][0], tokens)
+    split = gguf_logits(ref, outputs[qtype, "split"][0], tokens)
+    assert single["n_vocab"] == split["n_vocab"] == len(single["logits"][0])
+    assert all(math.isfinite(x) for row in single["logits"] for x in row)
+    assert len({round(x, 3) for x in single["logits"][-1]}) > 10  # not a constant row
+    assert split["logits"] == single["logits"]
