@@ -10,10 +10,12 @@ Why two tokenizer files: llama.cpp's converter picks the vocabulary reader per a
   - Llama (`LlamaModel.set_vocab`): tokenizer.model if present, else tokenizer.json through
     `gguf.LlamaHfVocab` (a BPE with byte_fallback and a Sequence decoder), else the GPT-2 BPE path.
   - Gemma 4 (`Gemma4Model.set_vocab`): always tokenizer.json through `gguf.LlamaHfVocab`.
-  - Gemma 3, Qwen3, Qwen3-MoE: tokenizer.model if present, else the GPT-2 BPE path, which hashes the
-    tokenization of a fixed text and refuses any tokenizer whose hash it does not list
-    (`get_vocab_base_pre`: "BPE pre-tokenizer was not recognized"): a freshly trained vocabulary can never
-    be listed, so these families get tokenizer.model.
+  - Gemma 3, Qwen3: tokenizer.model if present, else the GPT-2 BPE path, which hashes the tokenization of a
+    fixed text and refuses any tokenizer whose hash it does not list (`get_vocab_base_pre`: "BPE
+    pre-tokenizer was not recognized"): a freshly trained vocabulary can never be listed, so these families
+    get tokenizer.model (real Qwen3 checkpoints have none and take the GPT-2 path: `qwen2_vocab` below).
+  - Qwen3-MoE (`Qwen2MoeModel`, `TextModel.set_vocab`): the GPT-2 path only, so it needs a real, listed
+    tokenizer: Qwen2's, rebuilt from llama.cpp's models/ggml-vocab-qwen2.gguf (`qwen2_vocab`).
 
 Shapes: every matrix's row (ne[0], the input features) is a multiple of 256, so the K-quants (blocks of 256)
 apply as llama-quantize's mixtures ask; with rows that are not, llama-quantize falls back per tensor
@@ -94,7 +96,8 @@ def family_config(family: str, vocab_size: int, shape: dict[str, Any] = SHAPE) -
 
 FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma3", "gemma4", "gemma4_moe")
 # Which tokenizer files each family's converter path needs (module docstring).
-WANTS_SPM = {"qwen3", "qwen3_moe", "gemma3"}
+WANTS_SPM = {"qwen3", "gemma3"}
+NEEDS_QWEN2_VOCAB = {"qwen3_moe"}
 
 
 # --- the tokenizer --------------------------------------------------------------------------------------
@@ -188,17 +191,115 @@ def write_tokenizer(path: Path, spm: bool) -> int:
     return len(tokens)
 
 
+# --- a real GPT-2-style vocabulary: Qwen2's, from llama.cpp's own test vocab --------------------------
+#
+# Qwen2MoeModel (so Qwen3-MoE) has no SentencePiece path: its vocabulary always goes through the GPT-2 BPE path
+# and its pre-tokenizer hash, which only a real tokenizer passes. llama.cpp ships one for its tokenizer tests:
+# models/ggml-vocab-qwen2.gguf (vocab only: tokens, token types, merges). QWEN2_TOKENIZER rebuilds Qwen2's
+# tokenizer.json from it (byte-level BPE, Qwen2's split regex), which the converter recognises as "qwen2".
+# The price: 151,646 tokens, so the embedding is 151,646 x hidden (78 MB in bf16 at hidden 256).
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def read_gguf_vocab(path: Path) -> dict[str, Any]:
+    """The KV pairs of a tensor-less GGUF file (llama.cpp's ggml-vocab-*.gguf), read without the gguf package."""
+    data = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str) -> Any:
+        nonlocal pos
+        (value,) = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize(fmt)
+        return value
+
+    def string() -> str:
+        nonlocal pos
+        n = take("Q")
+        pos += n
+        return data[pos - n:pos].decode("utf-8", errors="surrogatepass")
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def value(kind: int) -> Any:
+        if kind == 8:
+            return string()
+        if kind == 9:
+            inner, n = take("I"), take("Q")
+            return [value(inner) for _ in range(n)]
+        return take(scalar[kind])
+
+    assert data[:4] == b"GGUF"
+    pos = 4
+    _version, _tensors, n_kv = take("I"), take("Q"), take("Q")
+    kv = {}
+    for _ in range(n_kv):
+        key = string()
+        kv[key] = value(take("I"))
+    return kv
+
+
+def qwen2_vocab_file(reference_python: str) -> Path:
+    """models/ggml-vocab-qwen2.gguf in the GGUF reference venv's llama.cpp sources."""
+    venv = Path(reference_python).parent.parent
+    return next(venv.glob("src/llama_cpp_python-*/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf"))
+
+
+def write_qwen2_tokenizer(path: Path, vocab_file: Path) -> int:
+    """Qwen2's tokenizer.json + tokenizer_config.json, rebuilt from `vocab_file`; returns the vocab size."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, Regex
+
+    kv = read_gguf_vocab(vocab_file)
+    tokens, types, merges = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"], kv["tokenizer.ggml.merges"]
+    normal = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k == 1}
+    control = [(i, t) for i, (t, k) in enumerate(zip(tokens, types)) if k == 3]  # <|endoftext|>, <|im_start|>, <|im_end|>
+    model = models.BPE(vocab=normal, merges=[tuple(m.split(" ", 1)) for m in merges], byte_fallback=False)
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    for i, text in control:
+        assert tok.get_vocab_size(with_added_tokens=True) == i, (i, text)
+        tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
+    (path / "tokenizer.json").write_text(tok.to_str(pretty=True))
+    config = {
+        "add_bos_token": False, "add_prefix_space": False, "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": None, "chat_template": QWEN2_CHAT_TEMPLATE,
+        "model_max_length": 131072, "clean_up_tokenization_spaces": False, "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return tok.get_vocab_size(with_added_tokens=True)
+
+
 # --- the checkpoint -------------------------------------------------------------------------------------
 
 def make_checkpoint(path: Path, family: str, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                    max_shard_size: str = "2MB", shape: dict[str, Any] = SHAPE) -> Path:
+                    max_shard_size: str = "2MB", shape: dict[str, Any] = SHAPE, qwen2_vocab: Path | None = None) -> Path:
     """A tiny `family` checkpoint llama.cpp's converter accepts: random weights saved by transformers
-    (sharded), config.json, generation_config.json and the tokenizer files. Same arguments, same bytes."""
+    (sharded), config.json, generation_config.json and the tokenizer files. Same arguments, same bytes.
+    With `qwen2_vocab` (qwen2_vocab_file(...)), the tokenizer is Qwen2's real one instead of the trained one
+    (tied embeddings then, to keep one 151,646-row matrix); qwen3_moe needs it (see above)."""
     from transformers import AutoModelForCausalLM
 
     path.mkdir(parents=True, exist_ok=True)
-    vocab_size = write_tokenizer(path, spm=family in WANTS_SPM)
+    if family in NEEDS_QWEN2_VOCAB and qwen2_vocab is None:
+        raise ValueError(f"{family}: llama.cpp's converter takes only a known GPT-2-style tokenizer here (qwen2_vocab=...)")
+    if qwen2_vocab is not None:
+        vocab_size = write_qwen2_tokenizer(path, qwen2_vocab)
+    else:
+        vocab_size = write_tokenizer(path, spm=family in WANTS_SPM)
     config = family_config(family, vocab_size, shape)
+    if qwen2_vocab is not None:
+        config.tie_word_embeddings = True
+        config.bos_token_id, config.eos_token_id, config.pad_token_id = None, vocab_size - 1, vocab_size - 3
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():  # transformers initialises norms to 1 (or 0 for Gemma's 1+w): make them random too
