@@ -15,7 +15,8 @@
 # pip build compiles llama.cpp as a subproject, where LLAMA_BUILD_TOOLS defaults to OFF (no llama-gguf-split,
 # no llama-quantize), and it also compiles llama-common and mtmd, which the binding does not need. So the
 # sdist is installed with -DLLAMA_BUILD=OFF (Python only) and the libraries built here are copied into its
-# llama_cpp/lib, where its loader looks. Timings on 2 cores: tests/GGUF_REFERENCE.md.
+# llama_cpp/lib, where its loader looks. Timings on 2 cores: tests/GGUF_REFERENCE.md. Run again, it returns
+# at once while DEST holds a finished build of this same recipe.
 #
 # Environment: GGUF_REF_JOBS (parallel compile jobs, default nproc); GGUF_REF_SDIST (a local copy of
 # llama_cpp_python-0.3.36.tar.gz, else it is downloaded from PyPI).
@@ -27,6 +28,12 @@ VERSION=0.3.36
 SDIST=llama_cpp_python-$VERSION.tar.gz
 stamp() { echo "[gguf-ref $(date -u +%H:%M:%S) +$((SECONDS))s] $*"; }
 
+# A venv this recipe finished before is reused as is (CI can cache DEST): the stamp is the recipe's sha256.
+RECIPE=$(sha256sum "$0" | cut -d' ' -f1)
+if [ -x "$DEST/bin/python" ] && [ "$(cat "$DEST/.gguf-reference-ready" 2>/dev/null)" = "$RECIPE" ]; then
+    stamp "$DEST is up to date"; exit 0
+fi
+rm -f "$DEST/.gguf-reference-ready"
 stamp "venv at $DEST"
 python3 -m venv "$DEST"
 PY="$DEST/bin/python"
@@ -74,4 +81,6 @@ print("llama_cpp", llama_cpp.__version__, "| gguf", gguf.__file__, "| torch", to
 assert llama_cpp.llama_supports_mmap() is not None
 EOF
 "$BUILD/bin/llama-gguf-split" --help >/dev/null 2>&1 || [ $? -eq 1 ]
+"$BUILD/bin/llama-quantize" --help >/dev/null 2>&1 || [ $? -eq 1 ]
+echo "$RECIPE" >"$DEST/.gguf-reference-ready"
 stamp "done"
