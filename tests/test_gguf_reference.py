@@ -110,3 +110,44 @@ def test_split_model_runs(ref: str, outputs: dict, qtype: str) -> None:
     assert all(math.isfinite(x) for row in single["logits"] for x in row)
     assert len({round(x, 3) for x in single["logits"][-1]}) > 10  # not a constant row
     assert split["logits"] == single["logits"]
+
+
+# Every fixture family through the reference at q4_k_m: the converter accepts it, llama-quantize applies its
+# mixture, llama-cpp-python loads the result. GGUF architecture and tokenizer model as the converter names them.
+FAMILY_GGUF = {
+    "llama": ("llama", "llama"), "qwen3": ("qwen3", "llama"), "qwen3_moe": ("qwen3moe", "gpt2"),
+    "gemma3": ("gemma3", "llama"), "gemma4": ("gemma4", "gemma4"), "gemma4_moe": ("gemma4", "gemma4"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILY_GGUF)
+def test_every_family_converts_quantizes_and_runs(ref: str, family: str, tmp_path: Path) -> None:
+    from gguf_cases import qwen2_vocab_file
+
+    vocab = qwen2_vocab_file(ref) if family == "qwen3_moe" else None
+    src = make_checkpoint(tmp_path / family, family, qwen2_vocab=vocab)
+    [path] = run_reference(ref, src, tmp_path / f"{family}-q4_k_m.gguf", "q4_k_m")
+    [info] = read_gguf(ref, path)
+    kv = dict(info["kv"])
+    assert (kv["general.architecture"], kv["tokenizer.ggml.model"]) == FAMILY_GGUF[family]
+    assert kv["general.file_type"] == 15
+    types = {t["type"] for t in info["tensors"] if len(t["shape"]) >= 2}
+    assert "Q4_K" in types and types <= {"Q4_K", "Q6_K", "F32"}  # rows are multiples of 256: no fallback
+    if family.endswith("moe"):
+        assert any(len(t["shape"]) == 3 and t["type"] in ("Q4_K", "Q6_K") for t in info["tensors"])  # experts quantized
+    tokens = [1, 300, 301, 302] if vocab is None else [9707, 1879, 0]
+    out = gguf_logits(ref, path, tokens)
+    assert out["n_vocab"] == json.loads((src / "config.json").read_text())["vocab_size"]
+    assert all(math.isfinite(x) for row in out["logits"] for x in row)
+
+
+def test_fixtures_are_deterministic(tmp_path: Path) -> None:
+    """Same arguments, same bytes (the parity tests build the checkpoint once per side)."""
+    a = make_checkpoint(tmp_path / "a", "gemma4_moe")
+    b = make_checkpoint(tmp_path / "b", "gemma4_moe", seed=0)
+    c = make_checkpoint(tmp_path / "c", "gemma4_moe", seed=1)
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir()) and "tokenizer.json" in files
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files if f.endswith(".safetensors"))
