@@ -91,6 +91,10 @@ class LocalHub:
         """Keep the repo's files from tokens not granted its terms (enforced when `tokens` are configured)."""
         self._repo(repo_type, repo_id).update_meta(gated="manual" if gated else False)
 
+    def objects(self, repo_id: str, *, repo_type: str = "model") -> set[str]:
+        """The sha256 of every object the repo stores, committed or not (an upload is stored once it checked out)."""
+        return self._repo(repo_type, repo_id).objects()
+
     def drop_object(self, repo_id: str, sha256: str, *, repo_type: str = "model") -> None:
         """Delete a stored object, as the Hub may garbage-collect an upload that no commit references."""
         self._repo(repo_type, repo_id).object_path(sha256).unlink()

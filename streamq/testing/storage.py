@@ -217,6 +217,9 @@ class Repo:
         target = self.object_path(sha256)
         return target.is_file() and (size is None or target.stat().st_size == size)
 
+    def objects(self) -> set[str]:
+        return {f"{path.parent.name}{path.name}" for path in (self.path / "objects").glob("*/*")}
+
     def tmp_file(self) -> Path:
         """A fresh path on the objects' file system, so a finished upload is adopted by a rename."""
         return self.path / "tmp" / uuid.uuid4().hex
