@@ -69,10 +69,11 @@ def convert_stream(
                 break
             if stored.position < start:
                 continue
-            item = layout.last_part.get(stored.key)
             if any(layout.owner[k] in left for k in layout.waiting.get(stored.key, ())):
                 held[stored.key] = source.read(stored)
-            if item is not None and layout.owner[item] in left:
+            for item in layout.last_part.get(stored.key, ()):
+                if layout.owner[item] not in left:
+                    continue
                 index = layout.owner[item]
                 output = layout.outputs[index]
                 if index not in writers:

@@ -63,7 +63,7 @@ class Layout:
     outputs: list[OutputShard]
     order: list[Stored]  # every stored tensor, in stream order
     parts: dict[str, tuple[str, ...]]  # logical key -> the stored keys it is made from
-    last_part: dict[str, str]  # stored key that completes a logical tensor -> that logical key
+    last_part: dict[str, tuple[str, ...]]  # stored key -> the logical tensors it completes
     waiting: dict[str, tuple[str, ...]]  # a stored part that arrives before its tensor's last part -> the tensors waiting for it
     owner: dict[str, int]  # logical key -> index of its output shard
 
@@ -88,11 +88,11 @@ def plan_layout(
     order = sorted(stored.values(), key=lambda s: (s.file, s.start, s.end, s.key))
     rank = {s.key: i for i, s in enumerate(order)}
     completing = {key: max(parts, key=rank.__getitem__) for key, parts in items.items()}  # the part a tensor waits for last
-    last_part = {part: key for key, part in completing.items()}
+    last_part = {part: (key,) for key, part in completing.items()}
     waiting: dict[str, tuple[str, ...]] = {}
     for key, parts in items.items():
         for part in parts:
-            if last_part.get(part) != key:
+            if last_part.get(part) != (key,):
                 waiting[part] = (*waiting.get(part, ()), key)
     ready = sorted(items, key=lambda key: rank[completing[key]])
     reserves = {key: header_reserve(entries[key]) for key in ready}

@@ -24,6 +24,7 @@ from .commits import DEFAULT_COMMITS_PER_HOUR
 from .converters import converter_for
 from .errors import InsufficientDiskError, OutputNotWritableError, StreamqError
 from .fetch import HubSource, Source, open_source
+from .gguf import GgufPlan, build_gguf_plan, check_available, gguf_stream, render_gguf_card
 from .layout import OutputShard
 from .finish import output_config, output_index
 from .hub import make_api, require_online
@@ -77,7 +78,8 @@ def iter_requantize(
     dst: str | Path,
     *,
     revision: str | None = None,
-    quant_type: str = "nf4",
+    format: str = "safetensors",
+    quant_type: str | None = None,
     double_quant: bool = True,
     blocksize: int | None = None,
     compute_dtype: str = "bfloat16",
@@ -120,8 +122,8 @@ def iter_requantize(
     show them elsewhere, as the web app (`streamq.app`) does.
     """
     started = time.monotonic()
-    settings = _settings(quant_type, double_quant, blocksize, compute_dtype, skip_modules, max_shard_size)
-    converter_for(settings)  # a missing extra (int4's compressed-tensors) is said before anything is planned or created
+    settings = _settings(format, quant_type, double_quant, blocksize, compute_dtype, skip_modules, max_shard_size)
+    _check_available(settings)  # a missing extra (int4's compressed-tensors, GGUF's llama.cpp) is said before anything is planned or created
     src_loc = source_location(src, revision)
     dst_loc = parse_location(dst, allow_revision=False)
     if create_pr and not isinstance(dst_loc, HubRepo):
@@ -130,7 +132,7 @@ def iter_requantize(
         raise StreamqError(f"the output {dst} is the source itself; choose another output repo or directory")
     if isinstance(dst_loc, HubRepo):
         require_online(dst_loc.repo_id)
-    device = _resolve_device(device)
+    device = _resolve_device(device) if settings.format == "safetensors" else "cpu"  # llama.cpp's quantizers run on the CPU
 
     api = make_api(token, endpoint)
     finished = False
@@ -142,7 +144,7 @@ def iter_requantize(
         stack.enter_context(disable_progress_bars())  # one streamq bar instead of one per file transfer
         source = open_source(src_loc, api)
         downloads = isinstance(source, HubSource)
-        plan = build_plan(source, settings, work / "meta", trust_remote_code=trust_remote_code)
+        plan = _build_plan(source, settings, work / "meta", trust_remote_code)
         for warning in plan.warnings:
             logger.warning(warning)
         chosen = disk_budget(plan) if callable(disk_budget) else disk_budget
@@ -160,7 +162,9 @@ def iter_requantize(
         todo = [i for i, o in enumerate(plan.outputs) if not _done(manifest, o, plan)]
 
         bar = stack.enter_context(tqdm_class(total=plan.input_bytes, unit="B", unit_scale=True, disable=not progress, desc="streamq"))
-        scheduler = Scheduler(source, sink, plan, manifest, work, device, budget, bar)
+        gguf = isinstance(plan, GgufPlan)
+        stream = {"stream": gguf_stream, "warm": lambda plan, device: None} if gguf else {}
+        scheduler = Scheduler(source, sink, plan, manifest, work, device, budget, bar, **stream)
         stack.callback(scheduler.close)
         for index, output in enumerate(plan.outputs):
             if index not in todo:
@@ -181,7 +185,7 @@ def iter_requantize(
         finished = True
 
     entries = manifest.shards.values()
-    rules = plan.rules.values()
+    quantized, kept = _tensor_counts(plan)
     return RequantizeResult(
         source=plan.source,
         source_revision=plan.revision,
@@ -191,8 +195,8 @@ def iter_requantize(
         bytes_in=plan.input_bytes,
         bytes_converted=sum(scheduler.input_bytes(i) for i in todo),
         bytes_out=sum(e.output_size for e in entries),
-        tensors_quantized=sum(1 for r in rules if r.action == "quantize"),
-        tensors_kept=sum(1 for r in rules if r.action == "keep"),
+        tensors_quantized=quantized,
+        tensors_kept=kept,
         device=device,
         elapsed=time.monotonic() - started,
         stats=dict(stats_total(manifest.shards.values())),
@@ -203,7 +207,8 @@ def plan_requantize(
     src: str | Path,
     *,
     revision: str | None = None,
-    quant_type: str = "nf4",
+    format: str = "safetensors",
+    quant_type: str | None = None,
     double_quant: bool = True,
     blocksize: int | None = None,
     compute_dtype: str = "bfloat16",
@@ -212,21 +217,41 @@ def plan_requantize(
     endpoint: str | None = None,
     trust_remote_code: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-) -> Plan:
+) -> Plan | GgufPlan:
     """What a run would do, from config, index and safetensors headers (weights are read only for a
     checkpoint that stores both ends of a tied weight, to see whether they are equal, as transformers does)."""
-    settings = _settings(quant_type, double_quant, blocksize, compute_dtype, skip_modules, max_shard_size)
-    converter_for(settings)
+    settings = _settings(format, quant_type, double_quant, blocksize, compute_dtype, skip_modules, max_shard_size)
+    _check_available(settings)
     source = open_source(source_location(src, revision), make_api(token, endpoint))
     with tempfile.TemporaryDirectory(prefix="streamq-plan-") as tmp:
-        return build_plan(source, settings, Path(tmp), trust_remote_code=trust_remote_code)
+        return _build_plan(source, settings, Path(tmp), trust_remote_code)
+
+
+def _check_available(settings: QuantSettings) -> None:
+    if settings.format == "gguf":
+        check_available(settings)
+    else:
+        converter_for(settings)
+
+
+def _build_plan(source: Source, settings: QuantSettings, meta: Path, trust_remote_code: bool) -> Plan | GgufPlan:
+    if settings.format == "gguf":
+        return build_gguf_plan(source, settings, meta)
+    return build_plan(source, settings, meta, trust_remote_code=trust_remote_code)
+
+
+def _tensor_counts(plan: Plan | GgufPlan) -> tuple[int, int]:
+    if isinstance(plan, GgufPlan):
+        return plan.tensor_counts()
+    rules = plan.rules.values()
+    return sum(1 for r in rules if r.action == "quantize"), sum(1 for r in rules if r.action == "keep")
 
 
 def _settings(
-    quant_type: str, double_quant: bool, blocksize: int | None, compute_dtype: str, skip_modules: Sequence[str] | None, max_shard_size: int | str,
+    format: str, quant_type: str | None, double_quant: bool, blocksize: int | None, compute_dtype: str, skip_modules: Sequence[str] | None, max_shard_size: int | str,
 ) -> QuantSettings:
     skip = tuple(skip_modules) if skip_modules is not None else None
-    return QuantSettings(quant_type, double_quant, blocksize, compute_dtype, skip, max_shard_size)
+    return QuantSettings(quant_type, double_quant, blocksize, compute_dtype, skip, max_shard_size, format)
 
 
 def _same_location(a: HubRepo | LocalDir, b: HubRepo | LocalDir) -> bool:
@@ -295,8 +320,10 @@ def _done(manifest: Manifest, output: OutputShard, plan: Plan) -> bool:
     return set(entry.inputs) == set(output.files) and all(entry.inputs[f] == sha[f] for f in output.files)
 
 
-def _final_files(source: Source, plan: Plan, manifest: Manifest, work: Path, dst: HubRepo | LocalDir, trust_remote_code: bool) -> dict[str, Payload]:
-    """Carried-over files first, then the model card, config.json and the index last."""
+def _final_files(source: Source, plan: Plan | GgufPlan, manifest: Manifest, work: Path, dst: HubRepo | LocalDir, trust_remote_code: bool) -> dict[str, Payload]:
+    """Carried-over files first, then the model card, config.json and the index last (a GGUF repo: the card alone)."""
+    if isinstance(plan, GgufPlan):
+        return {"README.md": _gguf_card(source, plan, manifest, work, dst)}
     files: dict[str, Payload] = {name: source.fetch(name, work / "extra").path for name in plan.extra_files}
     source_card = None
     if "README.md" in plan.files:
@@ -308,3 +335,9 @@ def _final_files(source: Source, plan: Plan, manifest: Manifest, work: Path, dst
     if len(plan.outputs) > 1:  # one output file is model.safetensors, with no index (as transformers saves it)
         files[INDEX_NAME] = output_index(plan, manifest)
     return files
+
+
+def _gguf_card(source: Source, plan: GgufPlan, manifest: Manifest, work: Path, dst: HubRepo | LocalDir) -> bytes:
+    source_card = source.fetch("README.md", work / "card").path.read_text(encoding="utf-8", errors="replace") if "README.md" in plan.files else None
+    repo_name = dst.repo_id if isinstance(dst, HubRepo) else str(dst.path)
+    return render_gguf_card(plan, repo_name, source_card, sum(e.output_size for e in manifest.shards.values())).encode()

@@ -14,7 +14,7 @@ import contextvars
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,10 @@ from .quantize import warm_up
 from .window import InPlace, Window, WindowFailed
 
 
+# Makes the output files of the todo indices from the stream (convert.convert_stream, gguf.stream.gguf_stream)
+Stream = Callable[..., Iterator[Made]]
+
+
 @dataclass(frozen=True)
 class ShardRecord:
     """One output shard, as published (or found already published by an earlier run)."""
@@ -52,8 +56,12 @@ class ShardRecord:
 class Scheduler:
     """Makes and publishes the output shards still to do; `close()` stops the helper threads."""
 
-    def __init__(self, source: Source, sink: Sink, plan: Plan, manifest: Manifest, work: Path, device: str, budget: DiskBudget, bar: tqdm) -> None:
+    def __init__(
+        self, source: Source, sink: Sink, plan: Plan, manifest: Manifest, work: Path, device: str, budget: DiskBudget, bar: tqdm,
+        stream: Stream = convert_stream, warm: Callable[[Plan, str], None] = warm_up,
+    ) -> None:
         self.source, self.sink, self.plan, self.manifest = source, sink, plan, manifest
+        self.stream, self.warm = stream, warm
         self.work, self.device, self.budget, self.bar = work, device, budget, bar
         self.layout = plan.layout
         assert self.layout is not None
@@ -86,11 +94,11 @@ class Scheduler:
         self._window = self._start_download(todo, floor)
         if todo:
             (self.work / "out").mkdir(parents=True, exist_ok=True)
-            warm_up(self.plan, self.device)  # while the first bytes arrive
+            self.warm(self.plan, self.device)  # while the first bytes arrive
             self._phase(todo[0])
             with disk_full_is_clear(self.work):
                 try:
-                    for made in convert_stream(self.plan, self.layout, self._window, set(todo), floor, self.work / "out", self.device, self.budget):
+                    for made in self.stream(self.plan, self.layout, self._window, set(todo), floor, self.work / "out", self.device, self.budget):
                         self._phase(min((i for i in todo if i > made.index), default=made.index))
                         yield from self._completed()
                         digest = self._hasher.submit(file_sha256, made.written.path)

@@ -1,0 +1,254 @@
+"""Plan a GGUF run from the source's small files and safetensors headers: llama.cpp's converter on header-only
+tensors (model.py), llama-quantize's per-tensor types (mixture.py), then the output files and their headers
+(header.py), and the stream: which source tensors each GGUF tensor reads, and so when it can be written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import UnsupportedModelError
+from ..fetch import Source
+from ..inventory import INDEX_NAME, WEIGHT_FILE, FileDecision
+from ..layout import Layout, OutputShard, Position, Stored, largest_pair
+from ..manifest import MANIFEST_NAME
+from ..plan import STORED_DTYPES, ShardPlan, _stored, _weight_files
+from ..settings import GGUF_CONVERTER_TYPES, QuantSettings
+from ..targets import TensorInfo
+from .header import FilePlan, TensorEntry, split_files
+from .llama_cpp import converter, libraries
+from .mixture import FTYPES, quantized_types
+from .model import ConvertedModel, convert_model
+
+logger = logging.getLogger(__name__)
+
+SMALL_FILE = 64 << 20  # files the converter may read (config, tokenizer, chat template, README) are staged up to this size
+INTERMEDIATE = "bf16"  # llama.cpp's tools/quantize/README.md converts to bf16 before llama-quantize
+
+
+class Feed:
+    """The source tensors the stream has made available, read by the converter's lazy leaves."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def read(self, key: str) -> torch.Tensor:
+        with self._lock:
+            if key not in self.tensors:
+                raise AssertionError(f"the converter read {key}, which the stream has not provided")
+            return self.tensors[key]
+
+
+@dataclass
+class GgufPlan:
+    """What `Plan` is for safetensors outputs, for a GGUF output: the scheduler and pipeline read the same names."""
+
+    source: str
+    revision: str | None
+    settings: QuantSettings
+    config: dict[str, Any]
+    shards: list[ShardPlan]
+    sizes: dict[str, int]
+    files: dict[str, FileDecision]
+    model: ConvertedModel
+    written: dict[str, TensorEntry]  # every output tensor as the files hold it
+    out_files: list[FilePlan]
+    feed: Feed
+    stored_info: dict[str, TensorInfo]
+    stored_at: dict[str, Stored] = field(default_factory=dict)
+    layout: Layout | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def extra_files(self) -> list[str]:
+        return []
+
+    @property
+    def left_out(self) -> dict[str, str]:
+        return {name: d.reason for name, d in self.files.items() if d.action == "leave_out"}
+
+    @property
+    def carried_bytes(self) -> int:
+        return 0
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def outputs(self) -> list[OutputShard]:
+        assert self.layout is not None
+        return self.layout.outputs
+
+    def largest_tensor(self) -> int:
+        return max((s.end - s.start for s in self.stored_at.values()), default=0)
+
+    def output_pair(self) -> int:
+        """Output files are written where their tensors' data goes, so several may be open at once (llama-quantize
+        orders tensors by layer, the stream by source file): the most open at once, plus one being uploaded."""
+        assert self.layout is not None
+        return _most_open(self.layout) + largest_pair(o.expected_size for o in self.outputs) // 2
+
+    def tensor_counts(self) -> tuple[int, int]:
+        """(quantized, kept as they are) output tensors."""
+        kept = {int(converter()[1].GGMLQuantizationType[name]) for name in ("F32", "F16", "BF16")}
+        quantized = sum(1 for e in self.written.values() if e.qtype not in kept)
+        return quantized, len(self.written) - quantized
+
+    def type_counts(self) -> dict[str, int]:
+        """Output tensors per ggml type, e.g. {"Q4_K": 25, "Q6_K": 5, "F32": 9}."""
+        names = converter()[1].GGMLQuantizationType
+        counts: dict[str, int] = {}
+        for entry in self.written.values():
+            counts[names(entry.qtype).name] = counts.get(names(entry.qtype).name, 0) + 1
+        return dict(sorted(counts.items()))
+
+
+def build_gguf_plan(source: Source, settings: QuantSettings, meta_dir: Path) -> GgufPlan:
+    files = source.files()
+    if "config.json" not in files:
+        raise UnsupportedModelError(f"{source.name} has no config.json; streamq converts transformers model repos")
+    qtype = settings.quant_type
+    if qtype not in GGUF_CONVERTER_TYPES:
+        libraries()  # llama.cpp's quantizer is needed: said before anything is planned
+    shard_names, index = _weight_files(source, files)
+    headers = source.headers(shard_names)
+    stored = _stored(shard_names, headers, files)
+    for name in shard_names:
+        for key, info in headers[name].tensors.items():
+            if info.dtype not in STORED_DTYPES and info.dtype != "F8_E8M0" and info.dtype != "U8":
+                raise UnsupportedModelError(f"{name}: tensor {key} has dtype {info.dtype}, which llama.cpp's converter does not read")
+    model_dir = _stage_small_files(source, files, meta_dir, shard_names)
+    leaves = {key: (_torch_dtype(info), tuple(info.shape)) for name in sorted(shard_names) for key, info in sorted(headers[name].tensors.items())}
+    feed = Feed()
+    outtype = qtype if qtype in GGUF_CONVERTER_TYPES else INTERMEDIATE
+    model = convert_model(model_dir, leaves, outtype, feed.read)
+    entries = [TensorEntry(t.name, t.qtype, t.shape, t.nbytes) for t in model.tensors]
+    kv = model.kv
+    if qtype not in GGUF_CONVERTER_TYPES:
+        entries, kv = _quantized(model, entries, qtype, meta_dir)
+    prefix = f"{PurePosixPath(source.name.rstrip('/')).name}-{qtype.upper()}"
+    out_files = split_files(prefix, kv, entries, model.alignment, settings.max_shard_size)
+    config = json.loads(source.read_text("config.json"))
+    shards = [ShardPlan(name, files[name].size, files[name].sha256, tuple(headers[name].tensors)) for name in shard_names]
+    plan = GgufPlan(
+        source.name, source.revision, settings, config, shards, {n: f.size for n, f in files.items()},
+        _decisions(files, shard_names), model, {e.name: e for e in entries}, out_files, feed,
+        {key: info for name in shard_names for key, info in headers[name].tensors.items()}, stored,
+    )
+    plan.layout = _layout(shard_names, stored, out_files, {t.name: t.parts for t in model.tensors})
+    unread = sorted(set(stored) - {p for t in model.tensors for p in t.parts})
+    if unread:
+        plan.warnings.append(f"llama.cpp's converter leaves out {len(unread)} source tensor(s), e.g. {unread[0]} (vision or audio towers go to an --mmproj file)")
+    return plan
+
+
+def _quantized(model: ConvertedModel, entries: list[TensorEntry], qtype: str, work: Path) -> tuple[list[TensorEntry], dict[str, Any]]:
+    """llama-quantize's file from the converter's intermediate: its types and order, and its metadata (the
+    intermediate's, with the quantization version and file type set again, which moves them last)."""
+    _, gguf = converter()
+    _, llama_cpp = libraries()
+    intermediate = split_files("intermediate", model.kv, entries, model.alignment, 1 << 62)[0]
+    by_name = {e.name: e for e in entries}
+    out = []
+    for name, type_name in quantized_types(intermediate, qtype, work):
+        source = by_name[name]
+        target = int(gguf.GGMLQuantizationType[type_name.upper()])
+        if target == source.qtype:
+            out.append(source)
+            continue
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(target)]
+        out.append(TensorEntry(name, target, source.shape, int(np.prod(source.shape)) // block * type_size))
+    kv = {k: v for k, v in model.kv.items() if k not in (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE)}
+    kv[gguf.Keys.General.QUANTIZATION_VERSION] = gguf.GGUFValue(gguf.GGML_QUANT_VERSION, gguf.GGUFValueType.UINT32)
+    kv[gguf.Keys.General.FILE_TYPE] = gguf.GGUFValue(int(getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{FTYPES[qtype]}")), gguf.GGUFValueType.UINT32)
+    return out, kv
+
+
+def _torch_dtype(info: TensorInfo) -> torch.dtype:
+    if info.dtype == "F8_E8M0":
+        return getattr(torch, "float8_e8m0fnu", torch.uint8)
+    return STORED_DTYPES[info.dtype]
+
+
+def _stage_small_files(source: Source, files: dict[str, Any], meta_dir: Path, shard_names: list[str]) -> Path:
+    """The folder the converter reads: named as the source (llama.cpp names the model after its folder), holding
+    every small top-level file but the weights (config, tokenizer, chat template, the README it reads metadata from)."""
+    folder = meta_dir / PurePosixPath(source.name.rstrip("/")).name
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, info in files.items():
+        if "/" in name or name in shard_names or WEIGHT_FILE.search(name) or info.size > SMALL_FILE or name == MANIFEST_NAME:
+            continue
+        source.copy_to(name, folder / name)
+    if INDEX_NAME in files:
+        source.copy_to(INDEX_NAME, folder / INDEX_NAME)
+    return folder
+
+
+def _decisions(files: dict[str, Any], shard_names: list[str]) -> dict[str, FileDecision]:
+    """A GGUF holds the model's config, tokenizer and chat template in its metadata: nothing else is carried."""
+    decisions = {}
+    for name in sorted(files):
+        if name in shard_names:
+            decisions[name] = FileDecision("convert", "converted to GGUF")
+        elif name == "README.md":
+            decisions[name] = FileDecision("rewrite", "becomes the model card (the source card's text is kept in it)")
+        elif "/" not in name and not WEIGHT_FILE.search(name) and files[name].size <= SMALL_FILE:
+            decisions[name] = FileDecision("leave_out", "read by llama.cpp's converter into the GGUF's metadata where it uses it")
+        else:
+            decisions[name] = FileDecision("leave_out", "not part of llama.cpp's GGUF")
+    return decisions
+
+
+def _layout(names: list[str], stored: dict[str, Stored], out_files: list[FilePlan], parts: dict[str, tuple[str, ...]]) -> Layout:
+    """The stream for GGUF: a tensor is computed when the last source tensor it reads arrives; a file is done when all its tensors are."""
+    order = sorted(stored.values(), key=lambda s: (s.file, s.start, s.end, s.key))
+    rank = {s.key: i for i, s in enumerate(order)}
+    last_part: dict[str, tuple[str, ...]] = {}
+    waiting: dict[str, tuple[str, ...]] = {}
+    for item, reads in parts.items():
+        if not reads:
+            continue
+        completing = max(reads, key=rank.__getitem__)
+        last_part[completing] = (*last_part.get(completing, ()), item)
+        for part in reads:
+            if part != completing:
+                waiting[part] = (*waiting.get(part, ()), item)
+    outputs, owner = [], {}
+    for index, plan in enumerate(out_files):
+        items = tuple(e.name for e in plan.tensors)
+        reads = [stored[p] for item in items for p in parts[item]]
+        outputs.append(OutputShard(
+            name=plan.name, items=items, expected_size=plan.size, header_reserve=len(plan.header),
+            files=tuple(names[f] for f in sorted({p.file for p in reads})),
+            start=min((p.position for p in reads), default=Position(0, 0)),
+        ))
+        owner.update({item: index for item in items})
+    return Layout(outputs, order, dict(parts), last_part, waiting, owner)
+
+
+def _most_open(layout: Layout) -> int:
+    """The most bytes of output files open at once, walking the stream: a file opens with its first tensor
+    computed and closes with its last."""
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for step, stored in enumerate(layout.order):
+        for item in layout.last_part.get(stored.key, ()):
+            index = layout.owner[item]
+            first.setdefault(index, step)
+            last[index] = step
+    events = sorted([(s, 0, i) for i, s in first.items()] + [(s, 1, i) for i, s in last.items()])
+    size = most = 0
+    for _, closing, index in events:
+        size += -layout.outputs[index].expected_size if closing else layout.outputs[index].expected_size
+        most = max(most, size)
+    return most
