@@ -13,7 +13,7 @@ from typing import Any
 from . import __version__
 from .commits import DEFAULT_COMMITS_PER_HOUR
 from .errors import StreamqError
-from .settings import DEFAULT_MAX_SHARD_SIZE, QUANT_TYPES
+from .settings import DEFAULT_MAX_SHARD_SIZE, FORMATS, GGUF_TYPES
 from .surface import using
 
 EXAMPLES = """examples:
@@ -41,9 +41,11 @@ def _hub_options(parser: argparse.ArgumentParser) -> None:
 def _plan_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="IN", help="Hub repo id (org/name[@revision]) or local directory (./dir, /dir, ~/dir)")
     parser.add_argument("--revision", help="source branch, tag or commit (same as IN@revision)")
-    parser.add_argument("--quant-type", choices=list(QUANT_TYPES), default="nf4",
-                        help="nf4/fp4: bitsandbytes; int4: compressed-tensors pack-quantized W4A16 (transformers, vLLM); "
-                             "bf16: an FP8/MXFP4 source written dequantized")
+    parser.add_argument("--format", choices=list(FORMATS), default="safetensors",
+                        help="safetensors (transformers, vLLM) or gguf (llama.cpp, Ollama, LM Studio)")
+    parser.add_argument("--quant-type", type=str.lower, metavar="TYPE",
+                        help="safetensors: nf4 (default)/fp4: bitsandbytes; int4: compressed-tensors pack-quantized W4A16 (transformers, vLLM); "
+                             f"bf16: an FP8/MXFP4 source written dequantized. gguf: llama.cpp's {', '.join(GGUF_TYPES)} (default q4_k_m)")
     parser.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="do not quantize the absmax statistics")
     parser.add_argument("--blocksize", type=int, help="bitsandbytes block size (default 64), or the int4 group size: 32, 64 or 128 (default 128; 32 for Q4_0-style QAT checkpoints)")
     parser.add_argument("--compute-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
@@ -134,17 +136,22 @@ def _options(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
-PLAN_OPTIONS = ("revision", "quant_type", "double_quant", "blocksize", "compute_dtype", "skip_modules", "max_shard_size", "token", "endpoint", "trust_remote_code")
+PLAN_OPTIONS = ("revision", "format", "quant_type", "double_quant", "blocksize", "compute_dtype", "skip_modules", "max_shard_size", "token", "endpoint", "trust_remote_code")
 
 
 def _plan(args: argparse.Namespace) -> int:
     from .fetch import HubSource  # noqa: F401  (keeps import errors inside the error handler)
     from .location import HubRepo, parse_location
     from .pipeline import plan_requantize
-    from .report import format_plan, plan_summary
+    from .report import format_gguf_plan, format_plan, gguf_plan_summary, plan_summary
 
     plan = plan_requantize(args.src, **_options(args, *PLAN_OPTIONS))
-    summary = plan_summary(plan, downloads=isinstance(parse_location(args.src), HubRepo))
+    downloads = isinstance(parse_location(args.src), HubRepo)
+    if args.format == "gguf":
+        summary = gguf_plan_summary(plan, downloads=downloads)
+        print(json.dumps(summary, indent=2) if args.json else format_gguf_plan(summary))
+        return 0
+    summary = plan_summary(plan, downloads=downloads)
     print(json.dumps(summary, indent=2) if args.json else format_plan(summary, verbose=args.verbose > 0, rules=plan.rules))
     return 0
 

@@ -54,6 +54,49 @@ def plan_summary(plan: Plan, *, downloads: bool) -> dict[str, Any]:
     }
 
 
+def gguf_plan_summary(plan: Any, *, downloads: bool) -> dict[str, Any]:
+    """A GGUF plan (gguf/plan.py): the files llama.cpp's tools would write, and each tensor type's count."""
+    outputs = [{"name": o.name, "expected_bytes": o.expected_size, "tensors": len(o.items)} for o in plan.outputs]
+    out_total = sum(o.expected_size for o in plan.outputs)
+    window, output = pools(plan.largest_tensor(), plan.output_pair(), downloads)
+    quantized, kept = plan.tensor_counts()
+    return {
+        "source": plan.source,
+        "revision": plan.revision,
+        "format": "gguf",
+        "architecture": plan.model.arch,
+        "settings": plan.settings.as_dict(),
+        "shards": [{"name": s.name, "input_bytes": s.size} for s in plan.shards],
+        "outputs": outputs,
+        "tensors": {"quantize": quantized, "keep": kept},
+        "tensor_types": plan.type_counts(),
+        "input_bytes": plan.input_bytes,
+        "expected_output_bytes": out_total,
+        "compression_ratio": plan.input_bytes / out_total if out_total else 0.0,
+        "largest_tensor_bytes": plan.largest_tensor(),
+        "disk_needed_bytes": window + output,
+        "files": {name: {"action": d.action, "reason": d.reason} for name, d in plan.files.items()},
+        "left_out_files": plan.left_out,
+        "warnings": list(plan.warnings),
+    }
+
+
+def format_gguf_plan(summary: dict[str, Any]) -> str:
+    lines = [
+        f"source: {summary['source']}" + (f" @ {summary['revision']}" if summary["revision"] else ""),
+        f"GGUF {summary['settings']['quant_type'].upper()} ({summary['architecture']}): "
+        + ", ".join(f"{n} {t}" for t, n in summary["tensor_types"].items()),
+        "",
+        *(f"{o['name']:<60} {human_size(o['expected_bytes']):>10} {o['tensors']:>5} tensors" for o in summary["outputs"]),
+        "",
+        f"{human_size(summary['input_bytes'])} -> {human_size(summary['expected_output_bytes'])}; "
+        f"disk needed {human_size(summary['disk_needed_bytes'])}",
+        *(f"left out: {name}: {reason}" for name, reason in summary["left_out_files"].items()),
+        *(f"warning: {w}" for w in summary["warnings"]),
+    ]
+    return "\n".join(lines)
+
+
 def _disk_counted(downloads: bool, budget: int, carried: int) -> str:
     """What the disk figure counts, in words: a local source is read in place, so no input is counted."""
     if not downloads:

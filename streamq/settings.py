@@ -81,7 +81,8 @@ class QuantSettings:
             ("compute_dtype", self.compute_dtype, "bfloat16"), ("skip_modules", self.skip_modules, None),
         ) if value != default]
         if meaningless:
-            raise ValueError(f"{', '.join(meaningless)} mean nothing for GGUF (llama.cpp decides each tensor's type); leave them out")
+            verb, pronoun = ("mean", "them") if len(meaningless) > 1 else ("means", "it")
+            raise ValueError(f"{', '.join(meaningless)} {verb} nothing for GGUF (llama.cpp decides each tensor's type); leave {pronoun} out")
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
