@@ -83,6 +83,7 @@ class WorkDir:
         """Remove what this run wrote: the folder once finished, else all but the upload journal."""
         _remove(self.path, SCRATCH + ((JOURNAL_NAME,) if finished else ()))
         if finished or _only_lock_left(self.path):
+            _remove(self.path, (JOURNAL_NAME,))  # one that lists no shard
             (self.path / LOCK_NAME).unlink(missing_ok=True)
             _rmdir(self.path)
             if self.path.parent == _temp_root():
@@ -106,6 +107,7 @@ def _clear_dead(root: Path) -> None:
                 continue  # a live run
             _remove(folder, SCRATCH)
             if _only_lock_left(folder):
+                _remove(folder, (JOURNAL_NAME,))  # one that lists no shard
                 lock_path.unlink(missing_ok=True)
                 _rmdir(folder)
 

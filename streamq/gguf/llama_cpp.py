@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -77,7 +78,14 @@ def _unpack_converter(tree: Path) -> None:
                 member.name = member.name[len(VENDORED):]
             archive.extractall(staging, members=members, filter="data")
         (staging / ".complete").write_text(f"{SDIST} {SDIST_SHA256}\n")
-        os.replace(staging, tree) if not tree.exists() else None
+        if tree.exists() and not (tree / ".complete").is_file():
+            shutil.rmtree(tree)  # an unpacking that was cut short
+        try:
+            os.replace(staging, tree)
+        except OSError:
+            shutil.rmtree(staging)
+            if not (tree / ".complete").is_file():  # not another process that finished first
+                raise
 
 
 def _parent(tree: Path) -> Path:

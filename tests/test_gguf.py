@@ -1,0 +1,170 @@
+"""streamq's GGUF output (issue 27) against llama.cpp's own tools on the same checkpoint, byte for byte:
+`convert_hf_to_gguf.py --outtype` for bf16/q8_0, that with bf16 then `llama-quantize` for q4_0/q4_k_m, and
+`llama-gguf-split --split-max-size` for splits. The reference runs in its own virtualenv (gguf_cases.py);
+skipped without $STREAMQ_GGUF_REFERENCE, failed with STREAMQ_REQUIRE_GGUF_REFERENCE=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi, snapshot_download
+
+from gguf_cases import gguf_logits, make_checkpoint, qwen2_vocab_file, read_gguf, reference_python, run_reference
+from streamq import stream_requantize
+from streamq.cli import main as cli_main
+from streamq.testing import LocalHub
+
+SPLIT = "1M"  # llama-gguf-split --split-max-size 1M: 1,000,000 bytes of tensor data per file
+SPLIT_BYTES = 1_000_000
+FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma3", "gemma4", "gemma4_moe")
+TYPES = ("q8_0", "q4_0", "q4_k_m", "bf16")
+
+
+@pytest.fixture(scope="module")
+def ref() -> str:
+    python = reference_python()
+    if python is None:
+        if os.environ.get("STREAMQ_REQUIRE_GGUF_REFERENCE") == "1":
+            pytest.fail("the GGUF reference virtualenv is missing (STREAMQ_GGUF_REFERENCE; tests/gguf_reference_setup.sh builds it)")
+        pytest.skip("no GGUF reference virtualenv (bash tests/gguf_reference_setup.sh DEST; STREAMQ_GGUF_REFERENCE=DEST/bin/python)")
+    return python
+
+
+@pytest.fixture(scope="module")
+def checkpoints(ref: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("src")
+    made = {}
+    for family in FAMILIES:
+        vocab = qwen2_vocab_file(ref) if family == "qwen3_moe" else None
+        made[family] = make_checkpoint(root / f"tiny-{family}", family, qwen2_vocab=vocab)
+    return made
+
+
+def reference(ref: str, src: Path, out: Path, qtype: str, split: bool) -> list[Path]:
+    return run_reference(ref, src, out / f"{src.name}-{qtype}.gguf", qtype, *(["--split-max-size", SPLIT] if split else []))
+
+
+def gguf_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.gguf"))
+
+
+def assert_same_files(ours: list[Path], theirs: list[Path]) -> None:
+    assert len(ours) == len(theirs), ([p.name for p in ours], [p.name for p in theirs])
+    for mine, other in zip(ours, theirs):
+        assert mine.read_bytes() == other.read_bytes(), f"{mine.name} differs from llama.cpp's {other.name}"
+
+
+def split_size(split: bool) -> int:
+    return SPLIT_BYTES if split else 10**12
+
+
+@pytest.mark.parametrize(("family", "qtype", "split"), [
+    ("llama", "q8_0", False), ("llama", "q4_k_m", False), ("llama", "q4_k_m", True), ("gemma4_moe", "q4_0", True),
+])
+def test_bytes_equal_llama_cpp(ref: str, checkpoints: dict[str, Path], tmp_path: Path, family: str, qtype: str, split: bool) -> None:
+    src = checkpoints[family]
+    theirs = reference(ref, src, tmp_path / "ref", qtype, split)
+    out = tmp_path / "out"
+    result = stream_requantize(src, out, format="gguf", quant_type=qtype.upper(), max_shard_size=split_size(split), progress=False)
+    ours = gguf_files(out)
+    assert_same_files(ours, theirs)
+    prefix = f"tiny-{family}-{qtype.upper()}"
+    if split:
+        assert [p.name for p in ours] == [f"{prefix}-{i:05d}-of-{len(ours):05d}.gguf" for i in range(1, len(ours) + 1)] and len(ours) > 1
+    else:
+        assert [p.name for p in ours] == [f"{prefix}.gguf"]
+    assert result.shards == len(ours) and result.bytes_out == sum(p.stat().st_size for p in ours)
+    card = (out / "README.md").read_text()
+    assert f"ollama run hf.co/{out}:{qtype.upper()}" in card and "llama-cli" in card and "LM Studio" in card
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_and_type_split_equals_llama_cpp(ref: str, checkpoints: dict[str, Path], tmp_path: Path, family: str, qtype: str) -> None:
+    src = checkpoints[family]
+    theirs = reference(ref, src, tmp_path / "ref", qtype, split=True)
+    stream_requantize(src, tmp_path / "out", format="gguf", quant_type=qtype, max_shard_size=SPLIT_BYTES, progress=False)
+    assert_same_files(gguf_files(tmp_path / "out"), theirs)
+
+
+@pytest.fixture()
+def hub(tmp_path: Path, checkpoints: dict[str, Path]):
+    with LocalHub(tmp_path / "hub") as hub:
+        api = HfApi(endpoint=hub.endpoint, token="hf_test")
+        for family in ("llama", "gemma4_moe"):
+            api.create_repo(f"org/tiny-{family}")
+            api.upload_folder(repo_id=f"org/tiny-{family}", folder_path=checkpoints[family])
+        yield hub
+
+
+def test_hub_to_hub_split_runs_as_llama_cpps(ref: str, hub: LocalHub, checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """Hub to Hub, split: each file committed as it is made; the files are llama.cpp's, and llama-cpp-python
+    loads the split model from its first file with the reference file's logits, bit for bit."""
+    theirs = reference(ref, checkpoints["gemma4_moe"], tmp_path / "ref", "q4_k_m", split=True)
+    result = stream_requantize("org/tiny-gemma4_moe", "me/tiny-gemma4_moe-GGUF", format="gguf", endpoint=hub.endpoint,
+                               max_shard_size=SPLIT_BYTES, progress=False, commits_per_hour=1000)
+    assert result.shards == len(theirs) > 1
+    commits = HfApi(endpoint=hub.endpoint).list_repo_commits("me/tiny-gemma4_moe-GGUF")
+    assert len(commits) >= len(theirs) + 1  # one per file, then the card
+    local = Path(snapshot_download("me/tiny-gemma4_moe-GGUF", endpoint=hub.endpoint, local_dir=tmp_path / "dl"))
+    ours = gguf_files(local)
+    assert_same_files(ours, theirs)
+    assert sorted(p.name for p in local.iterdir() if p.is_file()) == sorted([*(p.name for p in ours), "README.md", "streamq_manifest.json"])
+    tokens = [1, 300, 301, 302, 303]
+    mine, reference_logits = gguf_logits(ref, ours[0], tokens), gguf_logits(ref, theirs[0], tokens)
+    assert mine["logits"] == reference_logits["logits"] and len(mine["logits"]) == len(tokens)
+
+
+def fail_on_nth_file(monkeypatch, n: int) -> None:
+    """Raise OSError when the n-th GGUF file is opened (once)."""
+    import streamq.gguf.stream as stream
+
+    real, opened = stream.GgufFileWriter, []
+
+    class Failing(real):
+        def __init__(self, path: Path, *args, **kwargs) -> None:
+            opened.append(path.name)
+            if len(opened) == n:
+                raise OSError("injected failure")
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(stream, "GgufFileWriter", Failing)
+
+
+def test_a_failed_run_resumes_without_redoing_published_files(hub: LocalHub, tmp_path: Path, monkeypatch, ref: str, checkpoints: dict[str, Path]) -> None:
+    fail_on_nth_file(monkeypatch, 3)
+    options = dict(format="gguf", quant_type="q8_0", endpoint=hub.endpoint, max_shard_size=SPLIT_BYTES, progress=False, commits_per_hour=1000)
+    with pytest.raises(OSError):
+        stream_requantize("org/tiny-llama", "me/out", **options)
+    monkeypatch.undo()
+    hub.requests.clear()
+    result = stream_requantize("org/tiny-llama", "me/out", **options)
+    assert result.shards_skipped == 2 and hub.requests.count("PUT") == result.shards - 2
+    theirs = reference(ref, checkpoints["llama"], tmp_path / "ref", "q8_0", split=True)
+    assert_same_files(gguf_files(Path(snapshot_download("me/out", endpoint=hub.endpoint, local_dir=tmp_path / "dl"))), theirs)
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--blocksize", "32"], "blocksize means nothing for GGUF"),
+    (["--compute-dtype", "float16", "--no-double-quant"], "double_quant, compute_dtype mean nothing for GGUF"),
+    (["--quant-type", "nf4"], "quant_type for GGUF must be one of llama.cpp's q4_0, q4_k_m"),
+])
+def test_options_that_mean_nothing_for_gguf_are_refused_by_name(tmp_path: Path, capsys, args: list[str], said: str) -> None:
+    code = cli_main(["requantize", str(tmp_path / "no-model"), str(tmp_path / "out"), "--format", "gguf", *args])
+    err = capsys.readouterr().err
+    assert code == 1 and said in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_says_the_files_and_types_before_anything_is_written(ref: str, checkpoints: dict[str, Path], capsys) -> None:
+    code = cli_main(["plan", str(checkpoints["llama"]), "--format", "gguf", "--max-shard-size", str(SPLIT_BYTES), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["format"] == "gguf" and summary["settings"]["quant_type"] == "q4_k_m"  # the GGUF default
+    # llama-quantize's Q4_K_M mixture on 4 layers (tests/test_gguf_reference.py): Q6_K for output and 2 x 2 tensors
+    assert summary["tensor_types"] == {"F32": 9, "Q4_K": 25, "Q6_K": 5}
+    assert len(summary["outputs"]) > 1 and all(o["name"].endswith(".gguf") for o in summary["outputs"])
