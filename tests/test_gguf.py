@@ -114,7 +114,7 @@ def test_hub_to_hub_split_runs_as_llama_cpps(ref: str, hub: LocalHub, checkpoint
     local = Path(snapshot_download("me/tiny-gemma4_moe-GGUF", endpoint=hub.endpoint, local_dir=tmp_path / "dl"))
     ours = gguf_files(local)
     assert_same_files(ours, theirs)
-    assert sorted(p.name for p in local.iterdir() if p.is_file()) == sorted([*(p.name for p in ours), "README.md", "streamq_manifest.json"])
+    assert sorted(p.name for p in local.iterdir() if p.is_file()) == sorted([*(p.name for p in ours), ".gitattributes", "README.md", "streamq_manifest.json"])
     tokens = [1, 300, 301, 302, 303]
     mine, reference_logits = gguf_logits(ref, ours[0], tokens), gguf_logits(ref, theirs[0], tokens)
     assert mine["logits"] == reference_logits["logits"] and len(mine["logits"]) == len(tokens)

@@ -84,7 +84,7 @@ def convert_model(
         raise UnsupportedModelError(f"llama.cpp's converter (llama.cpp {LLAMA_CPP_COMMIT}) does not support {arch}; GGUF cannot be written for it") from exc
     streamed = type(model_class.__name__, (model_class,), {"model_arch": model_class.model_arch, "index_tensors": index_tensors})
     ftype = getattr(gguf.LlamaFileType, OUTTYPES[outtype])
-    with torch.inference_mode(), _quiet(conversion.logger):
+    with torch.inference_mode(), _quiet(conversion.logger), _quiet(logging.getLogger("gguf")):
         model = streamed(model_dir, ftype, model_dir / "unused.gguf")
         model.prepare_tensors()
         model.prepare_metadata(vocab_only=False)  # also the vocab (TextModel.prepare_metadata)
@@ -129,10 +129,10 @@ def materialize(tensor: GgufTensor) -> np.ndarray:
 
 @contextlib.contextmanager
 def _quiet(log: logging.Logger) -> Iterator[None]:
-    """The converter logs every tensor at INFO: keep it to warnings unless streamq is asked to say more."""
+    """The converter logs every tensor, and notes such as a key set twice: only its errors unless streamq is asked to say more."""
     level = log.level
     if not logging.getLogger("streamq").isEnabledFor(logging.DEBUG):
-        log.setLevel(logging.WARNING)
+        log.setLevel(logging.ERROR)
     try:
         yield
     finally:
