@@ -86,9 +86,12 @@ def test_bytes_equal_llama_cpp(ref: str, checkpoints: dict[str, Path], tmp_path:
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_and_type_split_equals_llama_cpp(ref: str, checkpoints: dict[str, Path], tmp_path: Path, family: str, qtype: str) -> None:
+    # qwen3_moe's first tensor (a 151,646-row embedding) is larger than 1 MB: llama-gguf-split refuses to start
+    # with it ("one of splits have 0 tensors"), where streamq gives it a file of its own; compared unsplit.
+    split = family != "qwen3_moe"
     src = checkpoints[family]
-    theirs = reference(ref, src, tmp_path / "ref", qtype, split=True)
-    stream_requantize(src, tmp_path / "out", format="gguf", quant_type=qtype, max_shard_size=SPLIT_BYTES, progress=False)
+    theirs = reference(ref, src, tmp_path / "ref", qtype, split=split)
+    stream_requantize(src, tmp_path / "out", format="gguf", quant_type=qtype, max_shard_size=split_size(split), progress=False)
     assert_same_files(gguf_files(tmp_path / "out"), theirs)
 
 
