@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi, snapshot_download
 
-from gguf_cases import gguf_logits, make_checkpoint, qwen2_vocab_file, read_gguf, reference_python, run_reference
+from gguf_cases import gguf_logits, make_checkpoint, qwen2_vocab_file, reference_python, run_reference
 from streamq import stream_requantize
 from streamq.cli import main as cli_main
 from streamq.testing import LocalHub
