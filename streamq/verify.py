@@ -75,11 +75,12 @@ def verify_source(output: Source, *, load: bool = False) -> VerifyReport:
         if digest != entry.output_sha256:
             problems.append(f"{entry.output_name}: sha256 {digest} differs from the manifest's {entry.output_sha256}")
 
-    if manifest.status == "done":
+    gguf = manifest.settings.get("format") == "gguf"  # llama.cpp's files: no config.json or index
+    if manifest.status == "done" and not gguf:
         _check_config(output, manifest, problems)
         _check_index(output, manifest, problems)
     if load and not problems:
-        report.loaded = _load_and_run(output, problems)
+        report.loaded = (_load_and_run_gguf if gguf else _load_and_run)(output, problems)
     return report
 
 
@@ -142,6 +143,35 @@ def _load_and_run(output: Source, problems: list[str]) -> bool:
             problems.append(f"transformers could not load and run it: {type(exc).__name__}: {exc}")
             return False
     if not torch.isfinite(logits).all():
+        problems.append("the forward pass produced non-finite logits")
+        return False
+    return True
+
+
+def _load_and_run_gguf(output: Source, problems: list[str]) -> bool:
+    """Load with llama.cpp (llama-cpp-python), from the first file as a user would, and evaluate four tokens."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    with tempfile.TemporaryDirectory(prefix="streamq-verify-") as tmp:
+        names = sorted(n for n in output.files() if n.endswith(".gguf"))
+        for name in names:
+            fetched = output.fetch(name, Path(tmp) / "dl")
+            dest = Path(tmp) / "model" / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if fetched.temporary:
+                fetched.path.replace(dest)
+            else:
+                dest.symlink_to(fetched.path)
+        try:
+            llm = Llama(model_path=str(Path(tmp) / "model" / names[0]), n_ctx=32, logits_all=True, verbose=False)
+            llm.eval([1, 2, 3, 4])
+            logits = np.asarray(llm.scores[: llm.n_tokens])
+            llm.close()
+        except Exception as exc:  # any failure here is the finding we report
+            problems.append(f"llama.cpp could not load and run it: {type(exc).__name__}: {exc}")
+            return False
+    if not np.isfinite(logits).all():
         problems.append("the forward pass produced non-finite logits")
         return False
     return True

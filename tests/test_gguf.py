@@ -139,6 +139,20 @@ def fail_on_nth_file(monkeypatch, n: int) -> None:
     monkeypatch.setattr(stream, "GgufFileWriter", Failing)
 
 
+def test_verify_checks_a_gguf_output_and_runs_it_with_llama_cpp(ref: str, checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    from streamq import verify_output
+
+    out = tmp_path / "out"
+    stream_requantize(checkpoints["llama"], out, format="gguf", quant_type="q4_k_m", max_shard_size=SPLIT_BYTES, progress=False)
+    report = verify_output(out, load=True)
+    assert report.ok and report.loaded and report.checked_files == len(gguf_files(out)) > 1, report.problems
+    last = gguf_files(out)[-1]
+    data = bytearray(last.read_bytes())
+    data[-100] ^= 1
+    last.write_bytes(bytes(data))
+    assert any("sha256" in p for p in verify_output(out).problems)
+
+
 def test_a_failed_run_resumes_without_redoing_published_files(hub: LocalHub, tmp_path: Path, monkeypatch, ref: str, checkpoints: dict[str, Path]) -> None:
     fail_on_nth_file(monkeypatch, 3)
     options = dict(format="gguf", quant_type="q8_0", endpoint=hub.endpoint, max_shard_size=SPLIT_BYTES, progress=False, commits_per_hour=1000)
