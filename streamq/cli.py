@@ -179,6 +179,11 @@ def _requantize(args: argparse.Namespace) -> int:
         ("size", f"{human_size(result.bytes_in)} -> {human_size(result.bytes_out)} ({result.ratio:.2f}x smaller)"),
         ("time", f"{result.elapsed:.1f} s ({rate:.1f} MB/s of input converted by this run)"),
     ]
+    if args.format == "gguf":
+        from .gguf.qat import grid_line
+
+        line = grid_line(result.stats)
+        rows += [("QAT", line)] if line else []
     print("\n".join(f"{k:<8} {v}" for k, v in rows))
     return 0
 

@@ -340,4 +340,5 @@ def _final_files(source: Source, plan: Plan | GgufPlan, manifest: Manifest, work
 def _gguf_card(source: Source, plan: GgufPlan, manifest: Manifest, work: Path, dst: HubRepo | LocalDir) -> bytes:
     source_card = source.fetch("README.md", work / "card").path.read_text(encoding="utf-8", errors="replace") if "README.md" in plan.files else None
     repo_name = dst.repo_id if isinstance(dst, HubRepo) else str(dst.path)
-    return render_gguf_card(plan, repo_name, source_card, sum(e.output_size for e in manifest.shards.values())).encode()
+    output_bytes = sum(e.output_size for e in manifest.shards.values())
+    return render_gguf_card(plan, repo_name, source_card, output_bytes, stats_total(manifest.shards.values())).encode()

@@ -78,6 +78,9 @@ def gguf_plan_summary(plan: Any, *, downloads: bool) -> dict[str, Any]:
         "files": {name: {"action": d.action, "reason": d.reason} for name, d in plan.files.items()},
         "left_out_files": plan.left_out,
         "warnings": list(plan.warnings),
+        "note": ("Q4_0 groups on a QAT grid (w = bf16(s * q), q in [-8, 7]) keep their own scale and integers where "
+                 "llama.cpp's Q4_0 would move them; the run counts them (summary, model card)")
+        if plan.settings.quant_type == "q4_0" else None,
     }
 
 
@@ -93,6 +96,7 @@ def format_gguf_plan(summary: dict[str, Any]) -> str:
         f"disk needed {human_size(summary['disk_needed_bytes'])}",
         *(f"left out: {name}: {reason}" for name, reason in summary["left_out_files"].items()),
         *(f"warning: {w}" for w in summary["warnings"]),
+        *([f"note: {summary['note']}"] if summary.get("note") else []),
     ]
     return "\n".join(lines)
 

@@ -282,11 +282,14 @@ def write_qwen2_tokenizer(path: Path, vocab_file: Path) -> int:
 # --- the checkpoint -------------------------------------------------------------------------------------
 
 def make_checkpoint(path: Path, family: str, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                    max_shard_size: str = "2MB", shape: dict[str, Any] = SHAPE, qwen2_vocab: Path | None = None) -> Path:
+                    max_shard_size: str = "2MB", shape: dict[str, Any] = SHAPE, qwen2_vocab: Path | None = None,
+                    qat_group: int | None = None) -> Path:
     """A tiny `family` checkpoint llama.cpp's converter accepts: random weights saved by transformers
     (sharded), config.json, generation_config.json and the tokenizer files. Same arguments, same bytes.
     With `qwen2_vocab` (qwen2_vocab_file(...)), the tokenizer is Qwen2's real one instead of the trained one
-    (tied embeddings then, to keep one 151,646-row matrix); qwen3_moe needs it (see above)."""
+    (tied embeddings then, to keep one 151,646-row matrix); qwen3_moe needs it (see above). With `qat_group`,
+    every matrix (embeddings and experts too) is put on a Q4_0-style grid first, as a QAT checkpoint saves
+    it: w = bf16(s * q), q in [-8, 7], one bf16 scale per group of `qat_group` inputs (int4_cases.on_grid)."""
     from transformers import AutoModelForCausalLM
 
     path.mkdir(parents=True, exist_ok=True)
@@ -306,6 +309,13 @@ def make_checkpoint(path: Path, family: str, *, dtype: torch.dtype = torch.bfloa
         for name, param in model.named_parameters():
             if param.dim() == 1:
                 param.copy_(torch.randn(param.shape, dtype=torch.float32).mul_(0.1).add_(1.0).to(dtype))
+        if qat_group is not None:
+            from int4_cases import on_grid
+
+            generator = torch.Generator().manual_seed(seed + 1)
+            for name, param in model.named_parameters():
+                if param.dim() >= 2:
+                    param.copy_(on_grid(param.shape, qat_group, dtype, generator))
     model.save_pretrained(path, max_shard_size=max_shard_size)
     return path
 

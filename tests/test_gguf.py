@@ -185,3 +185,63 @@ def test_plan_says_the_files_and_types_before_anything_is_written(ref: str, chec
     # llama-quantize's Q4_K_M mixture on 4 layers (tests/test_gguf_reference.py): Q6_K for output and 2 x 2 tensors
     assert summary["tensor_types"] == {"F32": 9, "Q4_K": 25, "Q6_K": 5}
     assert len(summary["outputs"]) > 1 and all(o["name"].endswith(".gguf") for o in summary["outputs"])
+
+
+# --- QAT: Q4_0 keeps a trained grid (streamq/gguf/qat.py) ---------------------------------------------------
+
+def gguf_tensors(*paths: Path) -> dict[str, tuple[str, "object"]]:
+    """name -> (ggml type name, values as f32), read with llama.cpp's own gguf-py."""
+    from streamq.gguf.llama_cpp import converter
+
+    _, gguf = converter()
+    found = {}
+    for path in paths:
+        for t in gguf.GGUFReader(path).tensors:
+            found[t.name] = (t.tensor_type.name, gguf.quants.dequantize(t.data, t.tensor_type).astype("float32"))
+    return found
+
+
+def bf16_bits(values) -> "object":
+    import numpy as np
+
+    u = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gemma4", "gemma4_moe"])
+def test_q4_0_keeps_a_qat_grid_exactly_where_llama_cpp_moves_it(ref: str, tmp_path: Path, family: str) -> None:
+    """A Gemma 4 checkpoint trained on a Q4_0 grid (experts included): every weight of every Q4_0 tensor
+    dequantizes back to the source (bf16) exactly; llama.cpp's naive Q4_0 keeps fewer; logits are closer to the
+    bf16 model's than the naive file's; every other tensor is llama.cpp's, byte for byte."""
+    import numpy as np
+
+    src = make_checkpoint(tmp_path / f"tiny-{family}-qat", family, qat_group=32)
+    result = stream_requantize(src, tmp_path / "out", format="gguf", quant_type="q4_0", progress=False)
+    [ours] = gguf_files(tmp_path / "out")
+    [naive] = run_reference(ref, src, tmp_path / "ref" / "naive.gguf", "q4_0")
+    [bf16] = run_reference(ref, src, tmp_path / "ref" / "bf16.gguf", "bf16")
+    mine, theirs, source = gguf_tensors(ours), gguf_tensors(naive), gguf_tensors(bf16)
+    assert list(mine) == list(theirs) and {n: t for n, (t, _) in mine.items()} == {n: t for n, (t, _) in theirs.items()}
+    q4 = [n for n, (t, _) in mine.items() if t == "Q4_0"]
+    assert any("exps" in n for n in q4) == family.endswith("moe") and len(q4) > 10
+    naive_exact = groups = 0
+    for name in q4:
+        expected = bf16_bits(source[name][1]).reshape(-1, 32)
+        assert (bf16_bits(mine[name][1]).reshape(-1, 32) == expected).all(), name
+        naive_exact += int((bf16_bits(theirs[name][1]).reshape(-1, 32) == expected).all(axis=1).sum())
+        groups += expected.shape[0]
+    for name, (kind, values) in mine.items():
+        if kind != "Q4_0":
+            assert np.array_equal(values, theirs[name][1]), name
+    stats = result.stats
+    assert stats["q4_0_groups"] == groups and stats["q4_0_groups_exact_as_llama_cpp"] == naive_exact
+    assert stats["q4_0_groups_exact_as_llama_cpp"] + stats["q4_0_groups_kept_from_grid"] == groups
+    assert naive_exact < groups * 0.95 and stats["q4_0_groups_kept_from_grid"] > groups * 0.05
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"{groups} of {groups} Q4_0 groups give back the source weights exactly" in card
+    tokens = [1, 300, 301, 302, 303, 304]
+    reference_logits = np.array(gguf_logits(ref, bf16, tokens)["logits"])
+    ours_off = np.abs(np.array(gguf_logits(ref, ours, tokens)["logits"]) - reference_logits).max()
+    naive_off = np.abs(np.array(gguf_logits(ref, naive, tokens)["logits"]) - reference_logits).max()
+    assert ours_off < naive_off

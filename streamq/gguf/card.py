@@ -7,9 +7,10 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .llama_cpp import LLAMA_CPP_COMMIT
 from .plan import GgufPlan
+from .qat import grid_line
 
 
-def render_gguf_card(plan: GgufPlan, repo_name: str, source_card: str | None, output_bytes: int) -> str:
+def render_gguf_card(plan: GgufPlan, repo_name: str, source_card: str | None, output_bytes: int, stats: dict[str, int]) -> str:
     quant = plan.settings.quant_type.upper()
     license_, body = None, ""
     if source_card:
@@ -25,6 +26,7 @@ def render_gguf_card(plan: GgufPlan, repo_name: str, source_card: str | None, ou
     files = "".join(f"| `{f.name}` | {f.size / 1e9:.2f} GB |\n" for f in plan.out_files)
     types = ", ".join(f"{n} {name}" for name, n in plan.type_counts().items())
     first = plan.out_files[0].name
+    grid = grid_line(stats)
     ratio = plan.input_bytes / output_bytes if output_bytes else 0.0
     made_by = ("`convert_hf_to_gguf.py --outtype " + plan.settings.quant_type + "`") if quant in ("BF16", "F16", "Q8_0") else (
         f"`convert_hf_to_gguf.py --outtype bf16` followed by `llama-quantize ... {quant}`")
@@ -35,13 +37,13 @@ def render_gguf_card(plan: GgufPlan, repo_name: str, source_card: str | None, ou
 # {quant} GGUF of {plan.source}
 
 Converted from {origin} with [streamq](https://pypi.org/project/streamq/), tensor by tensor: the files are
-byte for byte what llama.cpp ({LLAMA_CPP_COMMIT}) writes with {made_by}{", split as `llama-gguf-split --split` splits" if len(plan.out_files) > 1 else ""}.
+byte for byte what llama.cpp ({LLAMA_CPP_COMMIT}) writes with {made_by}{" (but for Q4_0 groups kept on a QAT grid, below)" if grid and stats.get("q4_0_groups_kept_from_grid") else ""}{", split as `llama-gguf-split --split` splits" if len(plan.out_files) > 1 else ""}.
 
 | | |
 | --- | --- |
 | type | {quant} (llama.cpp's default per-tensor mixture: {types}) |
 | size | {plan.input_bytes / 1e9:.2f} GB -> {output_bytes / 1e9:.2f} GB ({ratio:.2f}x smaller) |
-
+{f"| QAT grid | {grid} |{chr(10)}" if grid else ""}
 | file | size |
 | --- | --- |
 {files}

@@ -23,8 +23,10 @@ from ..plan import stored_tensor
 from ..window import TensorBytes
 from ..write import WrittenShard
 from .header import FilePlan
+from .llama_cpp import GGML_Q4_0 as Q4_0
 from .model import materialize
 from .plan import GgufPlan
+from .qat import keep_grid
 from .quantize import quantize_rows, to_f32
 
 
@@ -76,6 +78,7 @@ def gguf_stream(
 ) -> Iterator[Made]:
     """Make the GGUF files whose indices are in `todo`, reading the stream from `start`; yield each when finalized."""
     writers: dict[int, GgufFileWriter] = {}
+    stats: dict[int, Counter] = {}
     left = set(todo)
     tensors = {t.name: t for t in plan.model.tensors}
     users = {key: {i for i in items if layout.owner[i] in left} for key, items in layout.waiting.items()}
@@ -85,9 +88,10 @@ def gguf_stream(
         if index not in writers:
             budget.reserve("output", layout.outputs[index].expected_size)
             writers[index] = GgufFileWriter(out_dir / layout.outputs[index].name, plan.out_files[index])
+            stats[index] = Counter()
             for item in layout.outputs[index].items:
                 if not layout.parts[item]:  # computed from config alone (e.g. rope factors)
-                    writers[index].write(item, _compute(plan, tensors[item], {}))
+                    writers[index].write(item, _compute(plan, tensors[item], {}, stats[index]))
         return writers[index]
 
     try:
@@ -104,7 +108,7 @@ def gguf_stream(
                 index = layout.owner[item]
                 inputs = {key: held[key] if key in held else arrived for key in layout.parts[item]}
                 out = writer(index)
-                out.write(item, _compute(plan, tensors[item], {k: stored_tensor(b, plan.stored_info[k]) for k, b in inputs.items()}))
+                out.write(item, _compute(plan, tensors[item], {k: stored_tensor(b, plan.stored_info[k]) for k, b in inputs.items()}, stats[index]))
                 for key in layout.parts[item]:
                     waiting = users.get(key)
                     if waiting is not None:
@@ -115,7 +119,7 @@ def gguf_stream(
                     written = writers.pop(index).finalize()
                     left.discard(index)
                     _return_freed_memory()
-                    yield Made(index, layout.outputs[index], written, Counter())
+                    yield Made(index, layout.outputs[index], written, stats.pop(index))
             del arrived
             source.release(Position(stored.file, stored.end))
     finally:
@@ -123,8 +127,9 @@ def gguf_stream(
             open_writer.abort()
 
 
-def _compute(plan: GgufPlan, tensor, inputs: dict) -> np.ndarray:
-    """The tensor's bytes as llama.cpp writes them: the converter's, then llama-quantize's type if it differs."""
+def _compute(plan: GgufPlan, tensor, inputs: dict, stats: Counter) -> np.ndarray:
+    """The tensor's bytes as llama.cpp writes them: the converter's, then llama-quantize's type if it differs;
+    in Q4_0, groups on a QAT grid keep it (qat.py)."""
     plan.feed.tensors = inputs
     try:
         data = materialize(tensor)
@@ -133,4 +138,8 @@ def _compute(plan: GgufPlan, tensor, inputs: dict) -> np.ndarray:
     target = plan.written[tensor.name]
     if target.qtype == tensor.qtype:
         return data
-    return quantize_rows(to_f32(data, tensor.qtype), tensor.shape[-1], target.qtype)
+    values = to_f32(data, tensor.qtype)
+    quantized = quantize_rows(values, tensor.shape[-1], target.qtype)
+    if target.qtype == Q4_0:
+        return keep_grid(values, quantized, stats)
+    return quantized
