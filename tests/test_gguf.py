@@ -118,6 +118,16 @@ def test_deepseek_v3_block_fp8_equals_llama_cpp(ref: str, deepseek_fp8: Path, tm
     assert (len(ours) > 1) == split
 
 
+@pytest.mark.slow
+def test_deepseek_v3_plan_says_the_mtp_layer_is_left_out(deepseek_fp8: Path, capsys) -> None:
+    assert cli_main(["plan", str(deepseek_fp8), "--format", "gguf", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    # model.layers.3 (the MTP layer): 30 tensors, and the weight_scale_inv of its 21 FP8 weights
+    assert summary["warnings"] == ["llama.cpp's converter leaves out 51 source tensor(s), e.g. model.layers.3.eh_proj.weight "
+                                   "(51 in multi-token-prediction layers past num_hidden_layers, which it drops)"]
+    assert summary["tensor_types"] == {"F32": 17, "Q4_K": 28, "Q5_0": 3, "Q6_K": 3}  # attn_k_b rows are 128: Q4_K falls back
+
+
 @pytest.fixture()
 def hub(tmp_path: Path, checkpoints: dict[str, Path]):
     with LocalHub(tmp_path / "hub") as hub:
