@@ -16,6 +16,9 @@ Why two tokenizer files: llama.cpp's converter picks the vocabulary reader per a
     get tokenizer.model (real Qwen3 checkpoints have none and take the GPT-2 path: `qwen2_vocab` below).
   - Qwen3-MoE (`Qwen2MoeModel`, `TextModel.set_vocab`): the GPT-2 path only, so it needs a real, listed
     tokenizer: Qwen2's, rebuilt from llama.cpp's models/ggml-vocab-qwen2.gguf (`qwen2_vocab`).
+  - DeepSeek-V3 (`DeepseekV2Model`): the GPT-2 path too; `make_deepseek_fp8_checkpoint` gives it GPT-2's
+    tokenizer, rebuilt from models/ggml-vocab-gpt-2.gguf (50,257 tokens, a third of Qwen2's), and block-FP8
+    weights as DeepSeek ships them.
 
 Shapes: every matrix's row (ne[0], the input features) is a multiple of 256, so the K-quants (blocks of 256)
 apply as llama-quantize's mixtures ask; with rows that are not, llama-quantize falls back per tensor
@@ -29,6 +32,7 @@ Runs in streamq's test venv and in the GGUF reference venv alike (torch, transfo
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -243,10 +247,20 @@ def read_gguf_vocab(path: Path) -> dict[str, Any]:
     return kv
 
 
+def llama_cpp_vocab(reference_python: str, name: str) -> Path:
+    """models/ggml-vocab-NAME.gguf in the GGUF reference venv's llama.cpp sources."""
+    venv = Path(reference_python).parent.parent
+    return next(venv.glob(f"src/llama_cpp_python-*/vendor/llama.cpp/models/ggml-vocab-{name}.gguf"))
+
+
 def qwen2_vocab_file(reference_python: str) -> Path:
     """models/ggml-vocab-qwen2.gguf in the GGUF reference venv's llama.cpp sources."""
-    venv = Path(reference_python).parent.parent
-    return next(venv.glob("src/llama_cpp_python-*/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf"))
+    return llama_cpp_vocab(reference_python, "qwen2")
+
+
+def gpt2_vocab_file(reference_python: str) -> Path:
+    """models/ggml-vocab-gpt-2.gguf in the GGUF reference venv's llama.cpp sources."""
+    return llama_cpp_vocab(reference_python, "gpt-2")
 
 
 def write_qwen2_tokenizer(path: Path, vocab_file: Path) -> int:
@@ -275,6 +289,34 @@ def write_qwen2_tokenizer(path: Path, vocab_file: Path) -> int:
         "pad_token": "<|endoftext|>", "unk_token": None, "chat_template": QWEN2_CHAT_TEMPLATE,
         "model_max_length": 131072, "clean_up_tokenization_spaces": False, "tokenizer_class": "PreTrainedTokenizerFast",
     }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return tok.get_vocab_size(with_added_tokens=True)
+
+
+def write_gpt2_tokenizer(path: Path, vocab_file: Path, chat_template: str | None = None) -> int:
+    """GPT-2's tokenizer.json + tokenizer_config.json, rebuilt from llama.cpp's models/ggml-vocab-gpt-2.gguf
+    (byte-level BPE with GPT-2's own split regex, <|endoftext|> as bos/eos): the smallest tokenizer the GPT-2
+    path recognises (50,257 tokens; "gpt-2", and all 47 cases of ggml-vocab-gpt-2.gguf.inp give the ids in
+    .out). Returns the vocab size."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    kv = read_gguf_vocab(vocab_file)
+    tokens, types, merges = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"], kv["tokenizer.ggml.merges"]
+    normal = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k == 1}
+    control = [(i, t) for i, (t, k) in enumerate(zip(tokens, types)) if k == 3]  # <|endoftext|>
+    tok = Tokenizer(models.BPE(vocab=normal, merges=[tuple(m.split(" ", 1)) for m in merges], byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    for i, text in control:
+        assert tok.get_vocab_size(with_added_tokens=True) == i, (i, text)
+        tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
+    (path / "tokenizer.json").write_text(tok.to_str(pretty=True))
+    config = {
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "model_max_length": 1024, "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    } | ({"chat_template": chat_template} if chat_template else {})
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return tok.get_vocab_size(with_added_tokens=True)
 
@@ -317,6 +359,109 @@ def make_checkpoint(path: Path, family: str, *, dtype: torch.dtype = torch.bfloa
                 if param.dim() >= 2:
                     param.copy_(on_grid(param.shape, qat_group, dtype, generator))
     model.save_pretrained(path, max_shard_size=max_shard_size)
+    return path
+
+
+# --- DeepSeek-V3 as DeepSeek ships it: block FP8 ---------------------------------------------------------
+#
+# DeepseekV3ForCausalLM with MLA attention (q/kv low-rank projections, kv_b split by the converter into
+# attn_k_b / attn_v_b), one dense layer then MoE (routed experts + a shared expert, sigmoid router with
+# e_score_correction_bias), a multi-token-prediction layer after the last one (num_nextn_predict_layers: the
+# converter drops it), and every Linear weight but the router's as DeepSeek's block FP8: `weight` F8_E4M3 and
+# `weight_scale_inv` F32 of ceil(out/128) x ceil(in/128), config `quantization_config` {quant_method: fp8,
+# weight_block_size: [128, 128]}. The converter dequantizes them itself (conversion/base.py `dequant_model`).
+#
+# Head dims as DeepSeek-V3's (qk_nope 128, qk_rope 64, v 128), with 2 heads and ranks 256: every matrix row
+# is a multiple of 256 except attn_k_b's (qk_nope, 128, as in DeepSeek-V3), which llama-quantize demotes as it
+# does DeepSeek-V3's (Q4_K -> Q5_0). kv_a_proj_with_mqa has 256 + 64 = 320 rows: a partial 128-block, as 576
+# is in DeepSeek-V3.
+# Tokenizer: GPT-2's. DeepseekV2Model.set_vocab (conversion/deepseek.py) tries the GPT-2 path, which needs a
+# listed pre-tokenizer hash (DeepSeek-V3's own is listed as "deepseek-v3", but llama.cpp ships no test vocab
+# for it), and otherwise takes only Kimi-K2's tiktoken vocabulary. The vocab is padded to a multiple of 128
+# as DeepSeek pads its own (the converter fills [PAD] tokens). Tied embeddings (DeepSeek-V3 ties none), to
+# keep one vocab-sized matrix.
+# Left out, for size: the MTP layer's own vocab-sized embed_tokens and shared_head.head (DeepSeek ships them).
+
+DEEPSEEK_LAYERS = 3  # 1 dense + 2 MoE, then the MTP layer
+DEEPSEEK_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{% else %}{{ '<｜Assistant｜>' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)
+
+
+def deepseek_v3_config(vocab_size: int, num_hidden_layers: int = DEEPSEEK_LAYERS) -> Any:
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+        num_hidden_layers=num_hidden_layers, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+        n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        num_attention_heads=2, num_key_value_heads=2, q_lora_rank=256, kv_lora_rank=256,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=128,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32,
+                             beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+        tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256, pad_token_id=None,
+    )
+
+
+def make_deepseek_fp8_checkpoint(path: Path, gpt2_vocab: Path, *, seed: int = 0, max_shard_size: int = 2_000_000) -> Path:
+    """A tiny DeepSeek-V3 in block FP8 (above), with GPT-2's tokenizer (`gpt2_vocab_file(...)`). Same arguments,
+    same bytes. Shards of about `max_shard_size` bytes, layer by layer, the embedding last: in the converter's
+    order (files by name, names sorted in a file) a vocab-sized first tensor would make llama-gguf-split
+    refuse a 1 MB split (it never starts a file with a tensor over the limit, tests/test_gguf.py)."""
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from quantized_sources import BLOCK_FP8, PROJ, block_fp8_quantize
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_size = -(-write_gpt2_tokenizer(path, gpt2_vocab, DEEPSEEK_CHAT_TEMPLATE) // 128) * 128
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(deepseek_v3_config(vocab_size, DEEPSEEK_LAYERS + 1), dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)  # DeepSeek's names: transformers 5 unfuses the experts on saving
+        tensors = {k: v for f in sorted(Path(tmp).glob("*.safetensors")) for k, v in load_file(f).items()}
+        config = json.loads((Path(tmp) / "config.json").read_text())
+        (path / "generation_config.json").write_bytes((Path(tmp) / "generation_config.json").read_bytes())
+    mtp = f"model.layers.{DEEPSEEK_LAYERS}."
+    hidden = config["hidden_size"]
+    tensors |= {mtp + "enorm.weight": torch.ones(hidden), mtp + "hnorm.weight": torch.ones(hidden),
+                mtp + "shared_head.norm.weight": torch.ones(hidden), mtp + "eh_proj.weight": torch.randn(hidden, 2 * hidden) * 0.02}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if tensor.dim() == 1:  # norms (transformers makes them 1) and the router's bias: random
+            dtype = torch.float32 if key.endswith("e_score_correction_bias") else torch.bfloat16
+            out[key] = torch.randn(tensor.shape, dtype=torch.float32).mul_(0.1).add_(1.0).to(dtype)
+        elif PROJ.search(key):
+            out[key], out[key.removesuffix("weight") + "weight_scale_inv"] = block_fp8_quantize(tensor)
+        else:  # embedding, router weight: bf16, as DeepSeek ships them
+            out[key] = tensor.to(torch.bfloat16)
+
+    def rank(key: str) -> tuple[int, int]:
+        layer = re.match(r"model\.layers\.(\d+)\.", key)
+        return (0, int(layer.group(1))) if layer else (1, key != "model.norm.weight")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(out, key=rank):  # stable: a layer's tensors in transformers' order
+        nbytes = out[key].numel() * out[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][key] = out[key]
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / name, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, name)
+    total = sum(t.numel() * t.element_size() for t in out.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config |= {"num_hidden_layers": DEEPSEEK_LAYERS, "num_nextn_predict_layers": 1, "quantization_config": dict(BLOCK_FP8)}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
 
 

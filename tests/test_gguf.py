@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi, snapshot_download
 
-from gguf_cases import gguf_logits, make_checkpoint, qwen2_vocab_file, reference_python, run_reference
+from gguf_cases import (
+    gguf_logits, gpt2_vocab_file, make_checkpoint, make_deepseek_fp8_checkpoint, qwen2_vocab_file, reference_python, run_reference,
+)
 from streamq import stream_requantize
 from streamq.cli import main as cli_main
 from streamq.testing import LocalHub
@@ -93,6 +95,37 @@ def test_every_family_and_type_split_equals_llama_cpp(ref: str, checkpoints: dic
     theirs = reference(ref, src, tmp_path / "ref", qtype, split=split)
     stream_requantize(src, tmp_path / "out", format="gguf", quant_type=qtype, max_shard_size=split_size(split), progress=False)
     assert_same_files(gguf_files(tmp_path / "out"), theirs)
+
+
+@pytest.fixture(scope="module")
+def deepseek_fp8(ref: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DeepSeek-V3 as DeepSeek ships it: block FP8 (`weight` F8_E4M3 + `weight_scale_inv`), MLA, MoE with a shared
+    expert after a dense layer, an MTP layer the converter drops (gguf_cases.make_deepseek_fp8_checkpoint)."""
+    return make_deepseek_fp8_checkpoint(tmp_path_factory.mktemp("fp8") / "tiny-deepseek_v3", gpt2_vocab_file(ref))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("qtype", "split"), [
+    ("q8_0", False), ("q8_0", True), ("q4_k_m", False), ("q4_k_m", True), ("bf16", False), ("bf16", True), ("q4_0", True),
+])
+def test_deepseek_v3_block_fp8_equals_llama_cpp(ref: str, deepseek_fp8: Path, tmp_path: Path, qtype: str, split: bool) -> None:
+    """The converter dequantizes the FP8 weights itself (ModelBase.dequant_model: weight x weight_scale_inv,
+    repeated over 128 x 128 blocks, partial at the edges), then llama-quantize as for any bf16 source."""
+    theirs = reference(ref, deepseek_fp8, tmp_path / "ref", qtype, split)
+    stream_requantize(deepseek_fp8, tmp_path / "out", format="gguf", quant_type=qtype, max_shard_size=split_size(split), progress=False)
+    ours = gguf_files(tmp_path / "out")
+    assert_same_files(ours, theirs)
+    assert (len(ours) > 1) == split
+
+
+@pytest.mark.slow
+def test_deepseek_v3_plan_says_the_mtp_layer_is_left_out(deepseek_fp8: Path, capsys) -> None:
+    assert cli_main(["plan", str(deepseek_fp8), "--format", "gguf", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    # model.layers.3 (the MTP layer): 30 tensors, and the weight_scale_inv of its 21 FP8 weights
+    assert summary["warnings"] == ["llama.cpp's converter leaves out 51 source tensor(s), e.g. model.layers.3.eh_proj.weight "
+                                   "(51 in multi-token-prediction layers past num_hidden_layers, which it drops)"]
+    assert summary["tensor_types"] == {"F32": 17, "Q4_K": 28, "Q5_0": 3, "Q6_K": 3}  # attn_k_b rows are 128: Q4_K falls back
 
 
 @pytest.fixture()

@@ -151,3 +151,48 @@ def test_fixtures_are_deterministic(tmp_path: Path) -> None:
     assert files == sorted(p.name for p in b.iterdir()) and "tokenizer.json" in files
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files if f.endswith(".safetensors"))
+
+
+@pytest.mark.slow
+def test_the_converter_dequantizes_deepseek_v3_block_fp8(ref: str, tmp_path: Path) -> None:
+    """DeepSeek-V3 in block FP8 (gguf_cases.make_deepseek_fp8_checkpoint) through the reference: the converter
+    takes it (GPT-2 tokenizer path, MLA, MoE), multiplies each FP8 weight by its weight_scale_inv block by block
+    (ModelBase.dequant_model) and writes no scale, drops the MTP layer; the q4_k_m file loads and runs. The
+    fixture is deterministic."""
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    from gguf_cases import gpt2_vocab_file, make_deepseek_fp8_checkpoint
+
+    src = make_deepseek_fp8_checkpoint(tmp_path / "tiny-deepseek_v3", gpt2_vocab_file(ref))
+    again = make_deepseek_fp8_checkpoint(tmp_path / "again" / "tiny-deepseek_v3", gpt2_vocab_file(ref))
+    assert all(p.read_bytes() == (again / p.name).read_bytes() for p in src.iterdir())
+    weight_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+
+    def dequantized(key: str) -> torch.Tensor:
+        with safe_open(src / weight_map[key], "pt") as f:
+            weight, scale = f.get_tensor(key), f.get_tensor(key + "_scale_inv")
+        assert weight.dtype == torch.float8_e4m3fn and scale.shape == tuple(-(-n // 128) for n in weight.shape)
+        full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[: weight.shape[0], : weight.shape[1]]
+        return weight.float() * full
+
+    def sha(t: torch.Tensor) -> str:
+        return hashlib.sha256(t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()).hexdigest()
+
+    [bf16] = run_reference(ref, src, tmp_path / "bf16.gguf", "bf16")
+    [info] = read_gguf(ref, bf16)
+    kv, tensors = dict(info["kv"]), {t["name"]: t for t in info["tensors"]}
+    assert (kv["general.architecture"], kv["tokenizer.ggml.model"], kv["tokenizer.ggml.pre"]) == ("deepseek2", "gpt2", "gpt-2")
+    assert kv["deepseek2.block_count"] == 3 and kv["deepseek2.leading_dense_block_count"] == 1 and kv["deepseek2.expert_shared_count"] == 1
+    assert not any("scale" in name or name.startswith("blk.3.") for name in tensors)
+    # 320 x 256: the last row block of its scales is partial
+    assert tensors["blk.0.attn_kv_a_mqa.weight"]["sha256"] == sha(dequantized("model.layers.0.self_attn.kv_a_proj_with_mqa.weight"))
+    experts = torch.stack([dequantized(f"model.layers.2.mlp.experts.{i}.down_proj.weight") for i in range(4)])
+    assert tensors["blk.2.ffn_down_exps.weight"]["type"] == "BF16" and tensors["blk.2.ffn_down_exps.weight"]["sha256"] == sha(experts)
+
+    [q4] = run_reference(ref, src, tmp_path / "q4_k_m.gguf", "q4_k_m")
+    tokens = [50256, 464, 2068, 7586, 21831]  # <|endoftext|>The quick brown fox
+    out = gguf_logits(ref, q4, tokens)
+    assert out["n_vocab"] == 50304 and all(math.isfinite(x) for row in out["logits"] for x in row)

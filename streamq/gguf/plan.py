@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -30,6 +31,7 @@ from .model import ConvertedModel, convert_model
 
 logger = logging.getLogger(__name__)
 
+_LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")
 SMALL_FILE = 64 << 20  # files the converter may read (config, tokenizer, chat template, README) are staged up to this size
 INTERMEDIATE = "bf16"  # llama.cpp's tools/quantize/README.md converts to bf16 before llama-quantize
 
@@ -148,8 +150,21 @@ def build_gguf_plan(source: Source, settings: QuantSettings, meta_dir: Path) -> 
     plan.layout = _layout(shard_names, stored, out_files, {t.name: t.parts for t in model.tensors})
     unread = sorted(set(stored) - {p for t in model.tensors for p in t.parts})
     if unread:
-        plan.warnings.append(f"llama.cpp's converter leaves out {len(unread)} source tensor(s), e.g. {unread[0]} (vision or audio towers go to an --mmproj file)")
+        plan.warnings.append(_left_out_warning(unread, config))
     return plan
+
+
+def _left_out_warning(unread: list[str], config: dict[str, Any]) -> str:
+    """Says which source tensors the converter does not write, and why where it is known: layers past
+    num_hidden_layers are multi-token-prediction layers (DeepSeek-V3's num_nextn_predict_layers), which it
+    drops; vision or audio towers go to an --mmproj file (not written by streamq)."""
+    layers = config.get("num_hidden_layers")
+    mtp = [k for k in unread if isinstance(layers, int) and (m := _LAYER.match(k)) and int(m.group(1)) >= layers]
+    reasons = [f"{len(mtp)} in multi-token-prediction layers past num_hidden_layers, which it drops"] if mtp else []
+    if len(mtp) < len(unread):
+        reasons.append("vision or audio towers go to an --mmproj file")
+    example = next((k for k in unread if k not in mtp), unread[0])
+    return f"llama.cpp's converter leaves out {len(unread)} source tensor(s), e.g. {example} ({'; '.join(reasons)})"
 
 
 def _quantized(model: ConvertedModel, entries: list[TensorEntry], qtype: str, work: Path) -> tuple[list[TensorEntry], dict[str, Any]]:
