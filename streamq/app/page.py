@@ -29,6 +29,7 @@ from .run import (  # noqa: E402
     Snapshot,
     choose_disk_budget,
     default_output,
+    one_line,
     plan_conversion,
     work_root,
 )
@@ -55,6 +56,7 @@ def page_error(message: str) -> gr.Error:
     """The error the page shows and API callers get (a repo that is not there, an output that is a local
     path). gradio prints an Error's traceback unless `print_exception=False`, which for a user's mistake
     is noise: the server logs it as one line. A crash's traceback is logged where it happens (`RunProgress`)."""
+    message = one_line(message)
     logger.warning("%s", message)
     return gr.Error(message, print_exception=False)
 

@@ -96,6 +96,11 @@ class Conversion:
         return options
 
 
+def one_line(message: str) -> str:
+    """A message as one line: a few come in several (transformers' when llama.cpp's converter finds no tokenizer)."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def plan_conversion(conversion: Conversion) -> dict[str, Any]:
     """`streamq plan` as data: shards, what is quantized, sizes, disk needed."""
     return summarize(plan_requantize(conversion.source, **conversion.options()))
@@ -200,7 +205,7 @@ class RunProgress:
             finally:
                 _one_run.release()
         except (StreamqError, ValueError) as exc:
-            self.error = str(exc)
+            self.error = one_line(str(exc))
         except Exception as exc:  # a crash: one line on the page, its traceback once in the server's log
             logger.exception("the conversion crashed")
             self.error = f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
