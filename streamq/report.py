@@ -75,6 +75,7 @@ def gguf_plan_summary(plan: Any, *, downloads: bool) -> dict[str, Any]:
         "compression_ratio": plan.input_bytes / out_total if out_total else 0.0,
         "largest_tensor_bytes": plan.largest_tensor(),
         "disk_needed_bytes": window + output,
+        "disk_least_bytes": (plan.largest_tensor() if downloads else 0) + output,  # as plan_summary's
         "files": {name: {"action": d.action, "reason": d.reason} for name, d in plan.files.items()},
         "left_out_files": plan.left_out,
         "warnings": list(plan.warnings),

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import pytest
 from huggingface_hub import HfApi, snapshot_download
 
+from gguf_cases import make_checkpoint
 from streamq import stream_requantize
 from streamq.testing import Fault, LocalHub
 from tiny_models import make_model
@@ -74,6 +75,9 @@ def app(tmp_path_factory) -> Iterator[App]:
             owner.create_repo(name, private=name == "other/private")
             owner.upload_folder(repo_id=name, folder_path=make_model(root / name.replace("/", "_"), seed=seed))
         hub.set_gated("org/gated")
+        # a tiny Llama with a tokenizer llama.cpp's converter takes, for GGUF (org/model has no tokenizer)
+        owner.create_repo("org/tiny-llama")
+        owner.upload_folder(repo_id="org/tiny-llama", folder_path=make_checkpoint(root / "tiny-llama", "llama"))
         # an output made earlier with other settings (fp4): converting into it with nf4 must be refused
         stream_requantize("org/model", "me/exists", quant_type="fp4", endpoint=hub.endpoint, token=SENTINEL, progress=False)
 
@@ -266,6 +270,104 @@ def test_the_page_in_a_browser_plans_converts_shows_progress_and_links(app: App,
     assert hosts - {"", app.url.split("/")[2]} == set(), hosts
 
 
+def _shown(browser, elem_id: str) -> bool:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        return any(e.is_displayed() for e in browser.find_elements(By.ID, elem_id))
+    except StaleElementReferenceException:  # gradio re-rendered it meanwhile: asked again by the caller's wait
+        return False
+
+
+def _choose_quant_type(browser, name: str) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def click(driver) -> bool:
+        driver.find_element(By.CSS_SELECTOR, f'#quant-type input[value="{name}"]').click()
+        return driver.find_element(By.CSS_SELECTOR, f'#quant-type input[value="{name}"]').is_selected()
+
+    WebDriverWait(browser, 10, poll_frequency=0.05, ignored_exceptions=[StaleElementReferenceException]).until(click)
+
+
+def test_gguf_hides_the_bitsandbytes_only_controls(app: App, browser) -> None:
+    """Double quant and compute dtype show for NF4/FP4 only, the group size for int4 only; GGUF has none of them."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from streamq.app.run import QUANT_TYPES
+
+    browser.get(app.url)
+    wait = WebDriverWait(browser, 30, poll_frequency=0.05)
+    wait.until(lambda d: _shown(d, "quant-type") and _shown(d, "double-quant"))
+    gguf = [name for name in QUANT_TYPES if name.startswith("gguf-")]
+    assert {"gguf-q4_k_m", "gguf-q4_0", "gguf-q8_0"} <= set(gguf)
+    for name, bnb, int4 in [("int4", False, True), *((g, False, False) for g in gguf), ("fp4", True, False), ("gguf-q8_0", False, False), ("nf4", True, False)]:
+        _choose_quant_type(browser, name)
+        expected = {"double-quant": bnb, "compute-dtype": bnb, "group-size": int4, "private": True, "overwrite": True}
+        wait.until(lambda d: {k: _shown(d, k) for k in expected} == expected, message=f"controls shown for {name}")
+
+
+def test_gguf_from_the_page_plans_converts_and_links(app: App, browser, tmp_path: Path) -> None:
+    """GGUF Q4_K_M chosen on the page: the default name is gguf-my-repo's, the plan is llama.cpp's files and
+    types, and the finished run links to a repo holding the GGUF file and its card, which llama.cpp runs."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from streamq import verify_output
+
+    browser.get(app.url)
+    wait = WebDriverWait(browser, 120, poll_frequency=0.05)
+    source = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#source textarea, #source input"))
+    output = browser.find_element(By.CSS_SELECTOR, "#output textarea, #output input")
+    source.send_keys("org/tiny-llama")
+    output.click()
+    wait.until(lambda d: output.get_attribute("value") == "me/tiny-llama-nf4")
+    _choose_quant_type(browser, "gguf-q4_k_m")  # the suggested name follows the quant type
+    wait.until(lambda d: output.get_attribute("value") == "me/tiny-llama-Q4_K_M-GGUF")
+
+    browser.find_element(By.ID, "plan").click()
+    wait.until(lambda d: "disk budget on this machine" in d.find_element(By.ID, "plan-box").text)
+    plan = browser.find_element(By.ID, "plan-box").text
+    # llama-quantize's Q4_K_M mixture for this model (tests/test_gguf.py): Q6_K for output and 2 x 2 tensors
+    assert "GGUF Q4_K_M (llama): 9 F32, 25 Q4_K, 5 Q6_K" in plan and "tiny-llama-Q4_K_M.gguf" in plan
+
+    browser.find_element(By.ID, "convert").click()
+    wait.until(lambda d: "Done:" in d.find_element(By.ID, "result").text or "Error" in d.find_element(By.ID, "result").text)
+    assert "Phase: done" in browser.find_element(By.ID, "status").text, browser.find_element(By.ID, "result").text
+    repo = "me/tiny-llama-Q4_K_M-GGUF"
+    assert browser.find_element(By.CSS_SELECTOR, "#result a").get_attribute("href") == f"{app.hub.endpoint}/{repo}"
+    app.seen.append(browser.page_source)
+
+    out = Path(snapshot_download(repo, endpoint=app.hub.endpoint, token=SENTINEL, local_dir=tmp_path / "dl"))
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert files == [".gitattributes", "README.md", "streamq_manifest.json", "tiny-llama-Q4_K_M.gguf"]
+    gguf = (out / "tiny-llama-Q4_K_M.gguf").read_bytes()
+    assert gguf[:4] == b"GGUF"
+    assert f"hf.co/{repo}:Q4_K_M" in (out / "README.md").read_text()  # the card's Ollama line
+    direct = tmp_path / "direct"  # the library itself, same source and type: the page passes them as given
+    stream_requantize("org/tiny-llama", direct, format="gguf", quant_type="q4_k_m", endpoint=app.hub.endpoint, token=SENTINEL, progress=False)
+    assert (direct / "tiny-llama-Q4_K_M.gguf").read_bytes() == gguf
+    report = verify_output(repo, load=True, endpoint=app.hub.endpoint, token=SENTINEL)  # checksums, and llama.cpp runs it
+    assert report.ok and report.loaded and report.checked_files == 1, report.problems
+
+
+def test_gguf_through_the_api_with_the_default_name(app: App, tmp_path: Path) -> None:
+    from gradio_client import Client
+
+    client = Client(app.url, verbose=False, analytics_enabled=False, oauth_token=VISITOR)
+    plan = client.predict("org/tiny-llama", "gguf-q8_0", True, "bfloat16", api_name="/plan")
+    assert "GGUF Q8_0 (llama): 9 F32, 30 Q8_0" in plan and "tiny-llama-Q8_0.gguf" in plan
+    # the bitsandbytes options a script passes anyway are not GGUF's: the page leaves them out, as it does for int4
+    progress, link, result = client.predict("org/tiny-llama", "", "gguf-q8_0", False, "float16", False, api_name="/requantize")
+    app.seen += [plan, progress, link, json.dumps(result)]
+    assert result["url"] == f"{app.hub.endpoint}/you/tiny-llama-Q8_0-GGUF" and result["url"] in link
+    assert result["shards"] == 1 and result["tensors_quantized"] == 30 and "1 of 1 published" in progress
+    got = Path(HfApi(endpoint=app.hub.endpoint, token=VISITOR).hf_hub_download("you/tiny-llama-Q8_0-GGUF", "tiny-llama-Q8_0.gguf", local_dir=tmp_path))
+    assert got.stat().st_size == result["bytes_out"] and got.read_bytes()[:4] == b"GGUF"
+
+
 BAD_INPUT = [
     ("org/missing", "me/missing-nf4", "nf4", "repo org/missing not found"),
     ("other/private", "me/private-nf4", "nf4", "repo other/private not found, or private"),
@@ -304,6 +406,7 @@ def test_bad_input_on_the_page_shows_one_line_and_publishes_nothing(app: App, br
 
 USER_ERRORS = [  # gradio's two ways of running a handler (a function; a generator) and the run's own refusal
     ("/plan", ("org/missing", "nf4", True, "bfloat16")),
+    ("/plan", ("org/model", "gguf-q4_k_m", True, "bfloat16")),  # no tokenizer for llama.cpp: transformers' error is 5 lines
     ("/requantize", ("org/model", "./out", "nf4", True, "bfloat16", False)),
     ("/requantize", ("org/missing", "me/missing-nf4", "nf4", True, "bfloat16", False)),
 ]
@@ -450,6 +553,11 @@ def test_rules_default_output_disk_budget_and_hub_only() -> None:
     with pytest.raises(ValueError, match="quant type must be one of"):
         Conversion("org/m", "me/x", "int3").options()
     assert set(QUANT_TYPES) >= {"nf4", "fp4"}
+    # GGUF: gguf-my-repo's name; llama.cpp's type and the format, without bitsandbytes' options
+    assert default_output("Qwen/Qwen3-8B@main", "gguf-q4_k_m", "me") == "me/Qwen3-8B-Q4_K_M-GGUF"
+    options = Conversion("org/m", "me/x", "gguf-q8_0", False, "float16").options()
+    assert options["format"] == "gguf" and options["quant_type"] == "q8_0" and "double_quant" not in options and "compute_dtype" not in options
+    assert "format" not in Conversion("org/m", "me/x", "bf16").options()  # the dequantized safetensors bf16, not GGUF's
 
 
 def test_streamq_app_without_the_extra_says_how_to_install_it() -> None:

@@ -18,7 +18,7 @@ from gradio.utils import get_space  # noqa: E402
 from huggingface_hub import HfApi  # noqa: E402
 
 from ..errors import StreamqError  # noqa: E402
-from ..report import format_plan, human_size  # noqa: E402
+from ..report import format_gguf_plan, format_plan, human_size  # noqa: E402
 from ..settings import COMPUTE_DTYPES, DEFAULT_BLOCKSIZE, INT4_GROUP_SIZES  # noqa: E402
 from ..surface import using  # noqa: E402
 from .run import (  # noqa: E402
@@ -29,6 +29,7 @@ from .run import (  # noqa: E402
     Snapshot,
     choose_disk_budget,
     default_output,
+    one_line,
     plan_conversion,
     work_root,
 )
@@ -37,22 +38,25 @@ logger = logging.getLogger("streamq.app")
 
 POLL_SECONDS = 0.5
 DEFAULT_GROUP_SIZE = DEFAULT_BLOCKSIZE["int4"]
-INTRO = """# streamq: a 4-bit copy of any Hub model
-Converts the model **tensor by tensor** (tensors stream in by range, are quantized and written into output shards of 1 GB, which are uploaded and deleted), so
-this machine needs neither the model's memory nor its disk. Starting the same conversion again resumes it."""
+INTRO = """# streamq: a 4-bit (or GGUF) copy of any Hub model
+Converts the model **tensor by tensor** (tensors stream in by range, are quantized and written into output shards of 1 GB, or GGUF files
+for llama.cpp, Ollama and LM Studio, which are uploaded and deleted), so this machine needs neither the model's memory nor its disk.
+Starting the same conversion again resumes it."""
 # A script's call of `/requantize`, shown on the page and in the README (a test runs it against the page):
 # `oauth_token=` is the token the conversion runs with, which a Space needs (gradio_client sends it only to
 # endpoints taking a gr.OAuthToken); gradio_client's `token=` only lets the script into a private Space.
 API_EXAMPLE = """from gradio_client import Client
 client = Client("http://127.0.0.1:7860/", oauth_token="hf_...")  # a Space: Client("you/streamq-4bit", ...)
 progress, link, result = client.predict("org/model", "you/model-nf4", "nf4", True, "bfloat16", False, 128, False, api_name="/requantize")
-# source, output ("" = the default name), quant_type, double_quant, compute_dtype, private, int4 group size, overwrite"""
+# source, output ("" = the default name), quant_type, double_quant, compute_dtype, private, int4 group size, overwrite
+# quant_type: nf4, fp4, int4, bf16, or GGUF: gguf-q4_k_m, gguf-q5_k_m, gguf-q6_k, gguf-q8_0, gguf-q4_0"""
 
 
 def page_error(message: str) -> gr.Error:
     """The error the page shows and API callers get (a repo that is not there, an output that is a local
     path). gradio prints an Error's traceback unless `print_exception=False`, which for a user's mistake
     is noise: the server logs it as one line. A crash's traceback is logged where it happens (`RunProgress`)."""
+    message = one_line(message)
     logger.warning("%s", message)
     return gr.Error(message, print_exception=False)
 
@@ -85,7 +89,7 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
             return None
 
     def suggest_output(source: str, quant_type: str, output: str, last: str, profile: Optional[gr.OAuthProfile] = None, oauth_token: Optional[gr.OAuthToken] = None) -> tuple[str, str]:
-        """Fill `<user>/<model>-<quant>` unless the user typed an output name of their own."""
+        """Fill `<user>/<model>-<quant>` (GGUF: `<user>/<model>-<TYPE>-GGUF`) unless the user typed an output name of their own."""
         if output.strip() and output != last:
             return output, last
         token = oauth_token.token if oauth_token is not None else None
@@ -111,7 +115,8 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
             if budget is not None
             else f"free disk in the work directory: {human_size(free)}, less than the {human_size(summary['disk_needed_bytes'])} needed"
         )
-        return f"```\n{format_plan(summary)}\n{budget_line}\n```"
+        text = format_gguf_plan(summary) if summary.get("format") == "gguf" else format_plan(summary)
+        return f"```\n{text}\n{budget_line}\n```"
 
     def requantize(
         source: str, output: str, quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "bfloat16",
@@ -144,16 +149,20 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
         details = {**asdict(result), "ratio": result.ratio, "url": result.output}
         yield render_progress(snap), f"**Done:** [{result.output}]({result.output})", details
 
-    with gr.Blocks(title="streamq: 4-bit copy of a Hub model", analytics_enabled=False) as page:
+    with gr.Blocks(title="streamq: 4-bit or GGUF copy of a Hub model", analytics_enabled=False) as page:
         gr.Markdown(INTRO)
         if in_space:
             gr.LoginButton()
         with gr.Row():
             source = gr.Textbox(label="Model on the Hub (org/name, optionally @revision)", placeholder="Qwen/Qwen3-8B", elem_id="source")
-            output = gr.Textbox(label="Output repo (default: <you>/<model>-<quant type>)", elem_id="output")
+            output = gr.Textbox(label="Output repo (default: <you>/<model>-<quant type>, GGUF: <you>/<model>-<TYPE>-GGUF)", elem_id="output")
         last_default = gr.State("")
+        quant_type = gr.Radio(  # a row of its own: the choices side by side
+            [(label, name) for name, (label, _) in QUANT_TYPES.items()], value="nf4", label="Quant type",
+            info="NF4, FP4, int4 and bf16 write safetensors (transformers, vLLM); GGUF writes llama.cpp's files (llama.cpp, Ollama, LM Studio)",
+            elem_id="quant-type",
+        )
         with gr.Row():
-            quant_type = gr.Radio([(label, name) for name, (label, _) in QUANT_TYPES.items()], value="nf4", label="Quant type", elem_id="quant-type")
             double_quant = gr.Checkbox(value=True, label="Double quant (quantize the absmax statistics too)", elem_id="double-quant")
             compute_dtype = gr.Dropdown(list(COMPUTE_DTYPES), value="bfloat16", label="Compute dtype", elem_id="compute-dtype")
             group_size = gr.Dropdown(

@@ -21,16 +21,21 @@ from huggingface_hub import constants
 from tqdm import tqdm
 
 from ..errors import StreamqError
+from ..gguf import GgufPlan
 from ..location import HubRepo, parse_location
 from ..budget import bytes_in
 from ..pipeline import RequantizeResult, ShardRecord, iter_requantize, plan_requantize
 from ..plan import Plan
-from ..report import plan_summary
+from ..report import gguf_plan_summary, plan_summary
 from ..surface import using
 from ..workdir import ROOT_ENV, default_root, folder_for
 
 logger = logging.getLogger("streamq.app")
 
+# GGUF on the page: "gguf-" and llama.cpp's type name (the library's bf16 and GGUF's BF16 are different outputs).
+# The page offers the usual types of settings.GGUF_TYPES; the library and the CLI take all of them.
+GGUF_PREFIX = "gguf-"
+PAGE_GGUF_TYPES = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0")
 # The quant types the page offers, in order: name -> (label, whether bitsandbytes' double_quant and
 # compute_dtype apply). Another output format is one more entry.
 QUANT_TYPES: dict[str, tuple[str, bool]] = {
@@ -38,7 +43,13 @@ QUANT_TYPES: dict[str, tuple[str, bool]] = {
     "fp4": ("FP4 (bitsandbytes)", True),
     "int4": ("int4 (compressed-tensors W4A16)", False),
     "bf16": ("bf16 (dequantize an FP8 or MXFP4 model)", False),
+    **{f"{GGUF_PREFIX}{name}": (f"GGUF {name.upper()}", False) for name in PAGE_GGUF_TYPES},
 }
+
+
+def gguf_type(quant_type: str) -> str | None:
+    """llama.cpp's type name of a page quant type ("gguf-q4_k_m" -> "q4_k_m"); None for a safetensors one."""
+    return quant_type.removeprefix(GGUF_PREFIX) if quant_type.startswith(GGUF_PREFIX) else None
 
 # Disk rule: two input shards plus one output shard keep the download busy all the time (README,
 # Guarantees: Disk); the run never takes more than this share of the work disk's free space.
@@ -76,6 +87,8 @@ class Conversion:
         if self.quant_type not in QUANT_TYPES:
             raise ValueError(f"quant type must be one of {', '.join(QUANT_TYPES)}, got {self.quant_type!r}")
         options: dict[str, Any] = {"quant_type": self.quant_type, "token": self.token, "endpoint": self.endpoint}
+        if gguf_type(self.quant_type):
+            return options | {"format": "gguf", "quant_type": gguf_type(self.quant_type)}
         if QUANT_TYPES[self.quant_type][1]:
             options |= {"double_quant": self.double_quant, "compute_dtype": self.compute_dtype}
         if self.quant_type == "int4" and self.group_size is not None:
@@ -83,16 +96,26 @@ class Conversion:
         return options
 
 
+def one_line(message: str) -> str:
+    """A message as one line: a few come in several (transformers' when llama.cpp's converter finds no tokenizer)."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def plan_conversion(conversion: Conversion) -> dict[str, Any]:
     """`streamq plan` as data: shards, what is quantized, sizes, disk needed."""
-    plan = plan_requantize(conversion.source, **conversion.options())
-    return plan_summary(plan, downloads=True)
+    return summarize(plan_requantize(conversion.source, **conversion.options()))
+
+
+def summarize(plan: Plan | GgufPlan) -> dict[str, Any]:
+    """A plan as data, for either format (a GGUF summary says `"format": "gguf"`)."""
+    return gguf_plan_summary(plan, downloads=True) if isinstance(plan, GgufPlan) else plan_summary(plan, downloads=True)
 
 
 def default_output(source: str, quant_type: str, user: str | None) -> str:
-    """`<user>/<model>-<quant type>`, the name bnb-my-repo and gguf-my-repo give too."""
+    """`<user>/<model>-<quant type>`, the name bnb-my-repo gives, or gguf-my-repo's `<user>/<model>-Q4_K_M-GGUF`."""
     name = source.split("@", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-    return f"{user}/{name}-{quant_type}" if user and name else ""
+    suffix = f"{gguf_type(quant_type).upper()}-GGUF" if gguf_type(quant_type) else quant_type
+    return f"{user}/{name}-{suffix}" if user and name else ""
 
 
 def work_root(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -182,17 +205,17 @@ class RunProgress:
             finally:
                 _one_run.release()
         except (StreamqError, ValueError) as exc:
-            self.error = str(exc)
+            self.error = one_line(str(exc))
         except Exception as exc:  # a crash: one line on the page, its traceback once in the server's log
             logger.exception("the conversion crashed")
             self.error = f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         finally:
             self._done.set()
 
-    def _choose_budget(self, plan: Plan) -> int | None:
+    def _choose_budget(self, plan: Plan | GgufPlan) -> int | None:
         """The disk budget, from the run's own plan: the model is planned once, so the page's clock and the
         result's `elapsed` time the same run (a plan of the page's own first made the page's the longer)."""
-        self.disk_budget = choose_disk_budget(plan_summary(plan, downloads=True), shutil.disk_usage(self.work_dir).free)
+        self.disk_budget = choose_disk_budget(summarize(plan), shutil.disk_usage(self.work_dir).free)
         return self.disk_budget
 
     def snapshot(self) -> Snapshot:
