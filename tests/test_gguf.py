@@ -278,3 +278,44 @@ def test_q4_0_keeps_a_qat_grid_exactly_where_llama_cpp_moves_it(ref: str, tmp_pa
     ours_off = np.abs(np.array(gguf_logits(ref, ours, tokens)["logits"]) - reference_logits).max()
     naive_off = np.abs(np.array(gguf_logits(ref, naive, tokens)["logits"]) - reference_logits).max()
     assert ours_off < naive_off
+
+
+@pytest.mark.slow
+def test_a_compressed_tensors_int4_source_becomes_q4_0_losslessly(ref: str, tmp_path: Path) -> None:
+    """Google's `*-qat-w4a16-ct` kind of source (compressed-tensors pack-quantized int4, groups of 32; made here
+    by streamq's own int4 output of a QAT Gemma 4): each Q4_0 block is the source group's scale and codes,
+    so every weight equals the source's codes times scales exactly (llama.cpp's --outtype f32 dequantization
+    of the same source), where llama.cpp's route (bf16, then llama-quantize Q4_0) moves some of them."""
+    import numpy as np
+    from safetensors import safe_open
+
+    qat = make_checkpoint(tmp_path / "tiny-gemma4-qat", "gemma4", qat_group=32)
+    src = tmp_path / "tiny-gemma4-qat-w4a16-ct"
+    made = stream_requantize(qat, src, quant_type="int4", blocksize=32, progress=False)
+    assert made.stats["groups_exact"] == made.stats["groups"]  # the int4 source holds the grid exactly
+    result = stream_requantize(src, tmp_path / "out", format="gguf", quant_type="q4_0", progress=False)
+    assert not any("weight_shape" in w for w in result_warnings(src))
+    [ours] = gguf_files(tmp_path / "out")
+    [exact] = run_reference(ref, src, tmp_path / "ref" / "f32.gguf", "f32")
+    [naive] = run_reference(ref, src, tmp_path / "ref" / "naive.gguf", "q4_0")
+    mine, values, theirs = gguf_tensors(ours), gguf_tensors(exact), gguf_tensors(naive)
+    q4 = [n for n, (t, _) in mine.items() if t == "Q4_0"]
+    assert len(q4) == made.stats["weights"]  # every int4 weight is a Q4_0 tensor
+    assert all(np.array_equal(mine[n][1], values[n][1]) for n in q4)
+    assert sum(not np.array_equal(theirs[n][1], values[n][1]) for n in q4) > 0  # llama.cpp's own route is not lossless
+    assert result.stats["q4_0_groups_exact_as_llama_cpp"] + result.stats["q4_0_groups_kept_from_grid"] == result.stats["q4_0_groups"]
+    # the blocks hold the source's own scales: layer 0's q_proj, group by group
+    with safe_open(next(src.glob("*.safetensors")), "pt") as f:
+        scales = f.get_tensor("model.layers.0.self_attn.q_proj.weight_scale").float().numpy()
+    from streamq.gguf.llama_cpp import converter
+
+    _, gguf = converter()
+    [blocks] = [t.data for t in gguf.GGUFReader(ours).tensors if t.name == "blk.0.attn_q.weight"]
+    d = np.ascontiguousarray(blocks).reshape(-1, 18)[:, :2].copy().view(np.float16).astype(np.float32).reshape(scales.shape)
+    assert np.array_equal(d, scales)
+
+
+def result_warnings(src: Path) -> list[str]:
+    from streamq import plan_requantize
+
+    return plan_requantize(src, format="gguf", quant_type="q4_0").warnings

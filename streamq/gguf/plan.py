@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -21,7 +22,7 @@ from ..fetch import Source
 from ..inventory import INDEX_NAME, WEIGHT_FILE, FileDecision
 from ..layout import Layout, OutputShard, Position, Stored, largest_pair
 from ..manifest import MANIFEST_NAME
-from ..plan import STORED_DTYPES, ShardPlan, _stored, _weight_files
+from ..plan import STORED_DTYPES, ShardPlan, _stored, _weight_files, stored_tensor
 from ..settings import GGUF_CONVERTER_TYPES, QuantSettings
 from ..targets import TensorInfo
 from .header import FilePlan, TensorEntry, split_files
@@ -36,18 +37,29 @@ SMALL_FILE = 64 << 20  # files the converter may read (config, tokenizer, chat t
 INTERMEDIATE = "bf16"  # llama.cpp's tools/quantize/README.md converts to bf16 before llama-quantize
 
 
-class Feed:
-    """The source tensors the stream has made available, read by the converter's lazy leaves."""
+SMALL_TENSOR = 4096  # bytes: a tensor the converter reads while planning (e.g. an int4 weight's shape) is read at once
 
-    def __init__(self) -> None:
+
+class Feed:
+    """The source tensors the stream has made available, read by the converter's lazy leaves. While planning,
+    the converter may need a small tensor's values (a compressed-tensors weight's `weight_shape`): `small`
+    reads it from the source directly."""
+
+    def __init__(self, small: Callable[[str], torch.Tensor | None]) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self.small = small
+        self.read_while_planning: set[str] = set()
         self._lock = threading.Lock()
 
     def read(self, key: str) -> torch.Tensor:
         with self._lock:
-            if key not in self.tensors:
-                raise AssertionError(f"the converter read {key}, which the stream has not provided")
-            return self.tensors[key]
+            if key in self.tensors:
+                return self.tensors[key]
+        found = self.small(key)
+        if found is None:
+            raise AssertionError(f"the converter read {key}, which the stream has not provided")
+        self.read_while_planning.add(key)
+        return found
 
 
 @dataclass
@@ -131,7 +143,14 @@ def build_gguf_plan(source: Source, settings: QuantSettings, meta_dir: Path) -> 
                 raise UnsupportedModelError(f"{name}: tensor {key} has dtype {info.dtype}, which llama.cpp's converter does not read")
     model_dir = _stage_small_files(source, files, meta_dir, shard_names)
     leaves = {key: (_torch_dtype(info), tuple(info.shape)) for name in sorted(shard_names) for key, info in sorted(headers[name].tensors.items())}
-    feed = Feed()
+    def small(key: str) -> torch.Tensor | None:
+        where = stored.get(key)
+        if where is None or where.end - where.start > SMALL_TENSOR:
+            return None
+        info = headers[shard_names[where.file]].tensors[key]
+        return stored_tensor(bytearray(source.read_range(shard_names[where.file], where.start, where.end)), info)
+
+    feed = Feed(small)
     outtype = qtype if qtype in GGUF_CONVERTER_TYPES else INTERMEDIATE
     model = convert_model(model_dir, leaves, outtype, feed.read)
     entries = [TensorEntry(t.name, t.qtype, t.shape, t.nbytes) for t in model.tensors]
@@ -148,7 +167,7 @@ def build_gguf_plan(source: Source, settings: QuantSettings, meta_dir: Path) -> 
         {key: info for name in shard_names for key, info in headers[name].tensors.items()}, stored,
     )
     plan.layout = _layout(shard_names, stored, out_files, {t.name: t.parts for t in model.tensors})
-    unread = sorted(set(stored) - {p for t in model.tensors for p in t.parts})
+    unread = sorted(set(stored) - {p for t in model.tensors for p in t.parts} - feed.read_while_planning)
     if unread:
         plan.warnings.append(_left_out_warning(unread, config))
     return plan

@@ -3,9 +3,11 @@
 recompute the scale (d = max / -8) and move most weights off the grid.
 
 A group is kept only where llama.cpp's own block does not already give back the source weights and a
-grid is found that does: a bf16 scale s, exact as Q4_0's f16 `d`, such that every weight rounds back to
-itself (bf16(d * q) == w). Every other group keeps llama.cpp's bytes, so a checkpoint that is not on a
-grid gets llama.cpp's file byte for byte.
+grid is found that does: a bf16 scale s, exact as Q4_0's f16 `d`, such that every weight comes back: a
+bf16 weight rounds back to itself (bf16(d * q) == w), a finer one (a compressed-tensors int4 source's
+codes times their scales, as the converter dequantizes them) equals d * q exactly, so such a source's
+codes and scales are written as they are. Every other group keeps llama.cpp's bytes, so a checkpoint that
+is not on a grid gets llama.cpp's file byte for byte.
 """
 
 from __future__ import annotations
@@ -49,17 +51,23 @@ def keep_grid(values: np.ndarray, blocks: np.ndarray, stats: Counter) -> np.ndar
     return out.reshape(-1)
 
 
+def _gives_back(deq: np.ndarray, x: np.ndarray, bits: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+    """Per group: every weight comes back (bf16 ones after rounding to bf16, finer ones exactly)."""
+    return np.where(coarse, _bf16_bits(deq) == bits, deq == x).all(axis=1)
+
+
 def _keep_chunk(x: np.ndarray, out: np.ndarray, stats: Counter) -> None:
     bits = _bf16_bits(x)
-    naive_exact = (_bf16_bits(_dequantize(out)) == bits).all(axis=1)
+    coarse = _bf16(bits) == x  # a bf16 value
+    naive_exact = _gives_back(_dequantize(out), x, bits, coarse)
     stats["q4_0_groups_exact_as_llama_cpp"] += int(naive_exact.sum())
     # on a grid, a group holds at most 16 distinct values (one per integer): most others stop here
-    ordered = np.sort(bits, axis=1)
+    ordered = np.sort(x, axis=1)
     distinct = 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(axis=1)
     todo = np.flatnonzero(~naive_exact & (distinct <= 16))
     if not len(todo):
         return
-    xs, wb = x[todo], bits[todo]
+    xs, wb, cs = x[todo], bits[todo], coarse[todo]
     peak = xs[np.arange(len(xs)), np.abs(xs).argmax(axis=1)]
     found = np.zeros(len(xs), dtype=bool)
     scale = np.zeros(len(xs), dtype=np.float32)
@@ -78,8 +86,8 @@ def _keep_chunk(x: np.ndarray, out: np.ndarray, stats: Counter) -> None:
             with np.errstate(divide="ignore", invalid="ignore"):
                 q = np.rint(xs / s[:, None])
             in_range = ((q >= -8) & (q <= 7)).all(axis=1)
-            back = _bf16_bits((np.clip(q, -8, 7) * s[:, None]).astype(np.float32))
-            match = left & exact_f16 & in_range & (back == wb).all(axis=1)
+            back = (np.clip(q, -8, 7) * s[:, None]).astype(np.float32)
+            match = left & exact_f16 & in_range & _gives_back(back, xs, wb, cs)
             found |= match
             scale[match] = s[match]
             codes[match] = q[match].astype(np.int8)

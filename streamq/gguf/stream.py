@@ -132,14 +132,14 @@ def _compute(plan: GgufPlan, tensor, inputs: dict, stats: Counter) -> np.ndarray
     in Q4_0, groups on a QAT grid keep it (qat.py)."""
     plan.feed.tensors = inputs
     try:
-        data = materialize(tensor)
+        data, exact = materialize(tensor)
     finally:
         plan.feed.tensors = {}
     target = plan.written[tensor.name]
     if target.qtype == tensor.qtype:
         return data
-    values = to_f32(data, tensor.qtype)
+    values = to_f32(data, tensor.qtype)  # what llama-quantize reads: the intermediate's values
     quantized = quantize_rows(values, tensor.shape[-1], target.qtype)
     if target.qtype == Q4_0:
-        return keep_grid(values, quantized, stats)
+        return keep_grid(exact if exact is not None else values, quantized, stats)
     return quantized
