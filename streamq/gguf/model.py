@@ -57,16 +57,16 @@ class _Leaf:
         return self.read(key)
 
 
-def mmproj_architecture(model_dir: Path) -> str | None:
-    """The architecture whose vision/audio projector `convert_hf_to_gguf.py --mmproj` writes, if it writes one
-    (MMPROJ_MODEL_MAP; the vision_config's own architectures first, as the converter looks)."""
+def mmproj_architecture(model_dir: Path) -> tuple[str | None, bool]:
+    """The architecture `convert_hf_to_gguf.py --mmproj` would convert (the vision_config's own first, as the
+    converter looks), and whether it writes a projector for it (MMPROJ_MODEL_MAP)."""
     conversion, _ = converter()
     hparams = conversion.ModelBase.load_hparams(model_dir, False)
     try:
         arch = conversion.get_model_architecture(hparams, conversion.ModelType.MMPROJ)
     except ValueError:
-        return None
-    return arch if arch in conversion.MMPROJ_MODEL_MAP else None
+        return None, False
+    return arch, arch in conversion.MMPROJ_MODEL_MAP
 
 
 def convert_model(

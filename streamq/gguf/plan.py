@@ -30,7 +30,7 @@ from ..plan import STORED_DTYPES, ShardPlan, _stored, _weight_files
 from ..settings import GGUF_CONVERTER_TYPES, QuantSettings
 from ..targets import TensorInfo
 from .header import FilePlan, TensorEntry, file_plan, split_files
-from .llama_cpp import converter, libraries
+from .llama_cpp import LLAMA_CPP_COMMIT, converter, libraries
 from .mixture import FTYPES, quantized_types
 from .model import ConvertedModel, GgufTensor, convert_model, mmproj_architecture
 
@@ -223,9 +223,9 @@ def _mmproj_files(model_dir: Path, leaves: dict, feed: Feed, qtype: str, name: s
     """The projector `convert_hf_to_gguf.py --mmproj` writes, named as it names it by default (`mmproj-<model
     folder>-<TYPE>.gguf`, which `llama-cli -hf` finds beside the model), in one file: llama.cpp's projector
     loader (clip) reads no split files. Else None, and why, in words, where there is no projector to write."""
-    arch = mmproj_architecture(model_dir)
-    if arch is None:
-        return None, "llama.cpp's converter writes no --mmproj projector for this architecture"
+    arch, supported = mmproj_architecture(model_dir)
+    if not supported:
+        return None, f"llama.cpp's converter (llama.cpp {LLAMA_CPP_COMMIT}) writes no --mmproj projector for {arch or 'this architecture'}"
     outtype = qtype if qtype in GGUF_CONVERTER_TYPES else MMPROJ_OUTTYPE
     try:
         model = convert_model(model_dir, leaves, outtype, feed.read, mmproj=True)
