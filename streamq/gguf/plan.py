@@ -229,7 +229,7 @@ def _mmproj_files(model_dir: Path, leaves: dict, feed: Feed, qtype: str, name: s
     outtype = qtype if qtype in GGUF_CONVERTER_TYPES else MMPROJ_OUTTYPE
     try:
         model = convert_model(model_dir, leaves, outtype, feed.read, mmproj=True)
-    except (UnsupportedModelError, ValueError, KeyError, AssertionError) as exc:  # the converter's own refusals
+    except (UnsupportedModelError, NotImplementedError, ValueError, KeyError, AssertionError) as exc:  # the converter's own refusals
         return None, f"llama.cpp's converter did not write {arch}'s --mmproj projector ({type(exc).__name__}: {exc})"
     if not model.tensors:
         return None, f"llama.cpp's converter found no projector tensors for {arch}"
