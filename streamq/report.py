@@ -70,6 +70,9 @@ def gguf_plan_summary(plan: Any, *, downloads: bool) -> dict[str, Any]:
         "outputs": outputs,
         "tensors": {"quantize": quantized, "keep": kept},
         "tensor_types": plan.type_counts(),
+        # the vision/audio projector llama.cpp's tools load with --mmproj (convert_hf_to_gguf.py --mmproj), or None
+        "mmproj": {"name": plan.mmproj.files[0].name, "architecture": plan.mmproj.model.arch, "quant_type": plan.mmproj.quant_type,
+                   "tensor_types": plan.mmproj.type_counts()} if plan.mmproj else None,
         "input_bytes": plan.input_bytes,
         "expected_output_bytes": out_total,
         "compression_ratio": plan.input_bytes / out_total if out_total else 0.0,
@@ -92,6 +95,8 @@ def format_gguf_plan(summary: dict[str, Any]) -> str:
         + ", ".join(f"{n} {t}" for t, n in summary["tensor_types"].items()),
         "",
         *(f"{o['name']:<60} {human_size(o['expected_bytes']):>10} {o['tensors']:>5} tensors" for o in summary["outputs"]),
+        *([f"--mmproj projector {summary['mmproj']['name']} ({summary['mmproj']['quant_type'].upper()}): "
+           + ", ".join(f"{n} {t}" for t, n in summary["mmproj"]["tensor_types"].items())] if summary.get("mmproj") else []),
         "",
         f"{human_size(summary['input_bytes'])} -> {human_size(summary['expected_output_bytes'])}; "
         f"disk needed {human_size(summary['disk_needed_bytes'])}",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .converters import converter_for
 from .errors import CorruptShardError, SourceNotFoundError, StreamqError
@@ -155,6 +155,8 @@ def _load_and_run_gguf(output: Source, problems: list[str]) -> bool:
 
     with tempfile.TemporaryDirectory(prefix="streamq-verify-") as tmp:
         names = sorted(n for n in output.files() if n.endswith(".gguf"))
+        # the model's first file (llama.cpp's gguf_filename_is_model: a --mmproj projector is not a model)
+        names.sort(key=lambda n: "mmproj" in PurePosixPath(n).name)
         for name in names:
             fetched = output.fetch(name, Path(tmp) / "dl")
             dest = Path(tmp) / "model" / name

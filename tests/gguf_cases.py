@@ -362,6 +362,60 @@ def make_checkpoint(path: Path, family: str, *, dtype: torch.dtype = torch.bfloa
     return path
 
 
+# --- Gemma 3 with its vision tower, as Google ships it (text model + --mmproj) ------------------------------
+#
+# Gemma3ForConditionalGeneration: the Gemma 3 text model under `language_model.model.`, a SigLIP vision tower
+# under `vision_tower.vision_model.` (no pooling head: vision_use_head false) and the projector
+# `multi_modal_projector.` (mm_input_projection_weight, mm_soft_emb_norm), names as google/gemma-3-4b-it's
+# checkpoint has them (transformers 5 saves the tower as `vision_tower.` and the converter's Gemma3VisionModel
+# reads only `vision_tower.vision_model.`). llama.cpp's converter writes the text model from it as Gemma 3
+# (Gemma3Model, which skips vision_/projector. names) and, with --mmproj, the projector file (Gemma3VisionModel,
+# which needs preprocessor_config.json's image_mean/image_std and reads its image_seq_length). 64 x 64 images in
+# patches of 8 and 16 image tokens: a projector pooling of 2 (not Gemma 3's 4), which the converter writes.
+
+GEMMA3_VISION = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=8,
+                     vision_use_head=False)
+GEMMA3_IMAGE_TOKENS = 16
+
+
+def make_gemma3_vision_checkpoint(path: Path, *, seed: int = 0, max_shard_size: str = "2MB") -> Path:
+    """A tiny Gemma 3 with a vision tower (above). Same arguments, same bytes."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tokenizer(path, spm=True)
+    text = family_config("gemma3", vocab_size, SHAPE | dict(num_hidden_layers=2))
+    config = Gemma3Config(text_config=text.to_dict(), vision_config=SiglipVisionConfig(**GEMMA3_VISION).to_dict(),
+                          mm_tokens_per_image=GEMMA3_IMAGE_TOKENS, boi_token_index=4, eoi_token_index=5, image_token_index=3,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.copy_(torch.randn(param.shape, dtype=torch.float32).mul_(0.1).add_(1.0).to(torch.bfloat16))
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    # Google's names (the converter's): the tower under vision_tower.vision_model.
+    index_file = path / "model.safetensors.index.json"
+    rename = lambda key: key.replace("vision_tower.", "vision_tower.vision_model.", 1) if key.startswith("vision_tower.") else key  # noqa: E731
+    for shard in sorted(path.glob("*.safetensors")):
+        tensors = load_file(shard)
+        save_file({rename(k): v for k, v in tensors.items()}, shard, metadata={"format": "pt"})
+    if index_file.is_file():
+        index = json.loads(index_file.read_text())
+        index["weight_map"] = dict(sorted((rename(k), v) for k, v in index["weight_map"].items()))
+        index_file.write_text(json.dumps(index, indent=2) + "\n")
+    preprocessor = {
+        "image_processor_type": "Gemma3ImageProcessor", "processor_class": "Gemma3Processor", "do_normalize": True,
+        "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "image_seq_length": GEMMA3_IMAGE_TOKENS, "resample": 2, "rescale_factor": 1 / 255,
+        "size": {"height": GEMMA3_VISION["image_size"], "width": GEMMA3_VISION["image_size"]},
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    return path
+
+
 # --- DeepSeek-V3 as DeepSeek ships it: block FP8 ---------------------------------------------------------
 #
 # DeepseekV3ForCausalLM with MLA attention (q/kv low-rank projections, kv_b split by the converter into

@@ -5,6 +5,7 @@ tests/int4_reference.py:
 
     python gguf_reference.py SRC OUT TYPE [--intermediate bf16|f16|auto] [--binding]
                              [--split-max-tensors N | --split-max-size S] [--split-by gguf-split|convert]
+                             [--mmproj MMPROJ [--mmproj-outtype f16|bf16|q8_0|f32]]
 
 SRC: a Hugging Face checkpoint directory. OUT: the .gguf file to write; with a split option the files are
 `<OUT without .gguf>-0000k-of-0000N.gguf` (and OUT itself is not left behind). TYPE, as llama.cpp names it:
@@ -17,6 +18,8 @@ SRC: a Hugging Face checkpoint directory. OUT: the .gguf file to write; with a s
 Splitting: by default as `llama-gguf-split --split [--split-max-tensors N | --split-max-size S] OUT PREFIX`
 does on the single file; --split-by convert passes the split option to the converter instead (bf16/f16/q8_0
 only: llama-quantize writes a single file unless its input is split and --keep-split is given).
+--mmproj MMPROJ also writes the multimodal projector, `convert_hf_to_gguf.py SRC --mmproj --outtype T --outfile
+MMPROJ` (T: --mmproj-outtype, default TYPE for the converter's own types, else f16), listed last.
 
 Prints one JSON line: the files written, in order.
 """
@@ -43,8 +46,9 @@ def run(cmd: list[str]) -> None:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
 
 
-def convert(src: Path, out: Path, outtype: str, split: list[str]) -> None:
-    run([sys.executable, str(LLAMA_CPP / "convert_hf_to_gguf.py"), str(src), "--outtype", outtype, "--outfile", str(out), *split])
+def convert(src: Path, out: Path, outtype: str, split: list[str], mmproj: bool = False) -> None:
+    run([sys.executable, str(LLAMA_CPP / "convert_hf_to_gguf.py"), str(src), "--outtype", outtype, "--outfile", str(out), *split,
+         *(["--mmproj"] if mmproj else [])])
 
 
 def quantize(inp: Path, out: Path, qtype: str, binding: bool) -> None:
@@ -79,7 +83,20 @@ def main() -> None:
     group.add_argument("--split-max-tensors", type=int)
     group.add_argument("--split-max-size")
     ap.add_argument("--split-by", default="gguf-split", choices=["gguf-split", "convert"])
+    ap.add_argument("--mmproj", type=Path)
+    ap.add_argument("--mmproj-outtype", choices=sorted(CONVERTER_TYPES))
     args = ap.parse_args()
+    files = text_files(args)
+    if args.mmproj is not None:
+        mmproj = args.mmproj.resolve()
+        mmproj.parent.mkdir(parents=True, exist_ok=True)
+        outtype = args.mmproj_outtype or (args.type.lower() if args.type.lower() in CONVERTER_TYPES else "f16")
+        convert(args.src, mmproj, outtype, [], mmproj=True)
+        files.append(str(mmproj))
+    print(json.dumps(files))
+
+
+def text_files(args: argparse.Namespace) -> list[str]:
     qtype = args.type.lower()
     out = args.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -90,8 +107,7 @@ def main() -> None:
         if qtype not in CONVERTER_TYPES:
             raise SystemExit("--split-by convert: only for the converter's own types (bf16, f16, q8_0)")
         convert(args.src, out, qtype, split)  # the converter names the splits after --outfile without .gguf
-        print(json.dumps([str(p) for p in split_files(prefix)]))
-        return
+        return [str(p) for p in split_files(prefix)]
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".gguf-ref-") as tmp:
         single = out if not split else Path(tmp) / "single.gguf"
         if qtype in CONVERTER_TYPES:
@@ -101,10 +117,9 @@ def main() -> None:
             convert(args.src, intermediate, args.intermediate, [])
             quantize(intermediate, single, qtype, args.binding)
         if not split:
-            print(json.dumps([str(out)]))
-            return
+            return [str(out)]
         run([str(BIN / "llama-gguf-split"), "--split", *split, str(single), str(prefix)])
-    print(json.dumps([str(p) for p in split_files(prefix)]))
+    return [str(p) for p in split_files(prefix)]
 
 
 if __name__ == "__main__":

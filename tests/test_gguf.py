@@ -14,7 +14,8 @@ import pytest
 from huggingface_hub import HfApi, snapshot_download
 
 from gguf_cases import (
-    gguf_logits, gpt2_vocab_file, make_checkpoint, make_deepseek_fp8_checkpoint, qwen2_vocab_file, reference_python, run_reference,
+    gguf_logits, gpt2_vocab_file, make_checkpoint, make_deepseek_fp8_checkpoint, make_gemma3_vision_checkpoint, qwen2_vocab_file,
+    reference_python, run_reference,
 )
 from streamq import stream_requantize
 from streamq.cli import main as cli_main
@@ -126,6 +127,65 @@ def test_deepseek_v3_plan_says_the_mtp_layer_is_left_out(deepseek_fp8: Path, cap
     assert summary["warnings"] == ["llama.cpp's converter leaves out 51 source tensor(s), e.g. model.layers.3.eh_proj.weight "
                                    "(51 in multi-token-prediction layers past num_hidden_layers, which it drops)"]
     assert summary["tensor_types"] == {"F32": 17, "Q4_K": 28, "Q5_0": 3, "Q6_K": 3}  # attn_k_b rows are 128: Q4_K falls back
+
+
+# --- multimodal: the text model and its --mmproj projector (issue 27) -----------------------------------------
+
+@pytest.fixture(scope="module")
+def gemma3_vision(ref: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Gemma3ForConditionalGeneration with a SigLIP tower and its projector, as Google ships it (gguf_cases)."""
+    return make_gemma3_vision_checkpoint(tmp_path_factory.mktemp("mm") / "tiny-gemma3-vision")
+
+
+@pytest.mark.parametrize(("qtype", "mmproj_type"), [("q4_k_m", "F16"), pytest.param("q8_0", "Q8_0", marks=pytest.mark.slow)])
+def test_multimodal_model_and_its_mmproj_equal_llama_cpps(ref: str, gemma3_vision: Path, tmp_path: Path, qtype: str, mmproj_type: str) -> None:
+    """The text model as before, and the projector `convert_hf_to_gguf.py --mmproj` writes (f16 beside a
+    llama-quantize type, else the converter's own type), named as it names it by default; both byte for byte
+    llama.cpp's, recorded in the manifest, named in the card's run lines; the model loads from its own file."""
+    from streamq import verify_output
+
+    mmproj_name = f"mmproj-tiny-gemma3-vision-{mmproj_type}.gguf"
+    theirs = run_reference(ref, gemma3_vision, tmp_path / "ref" / f"tiny-gemma3-vision-{qtype}.gguf", qtype,
+                           "--mmproj", str(tmp_path / "ref" / mmproj_name))
+    out = tmp_path / "out"
+    result = stream_requantize(gemma3_vision, out, format="gguf", quant_type=qtype, progress=False)
+    model_name = f"tiny-gemma3-vision-{qtype.upper()}.gguf"
+    assert [p.name for p in gguf_files(out)] == [mmproj_name, model_name]
+    assert_same_files([out / model_name, out / mmproj_name], theirs)
+    assert result.shards == 2 and result.bytes_out == sum(p.stat().st_size for p in theirs)
+    manifest = json.loads((out / "streamq_manifest.json").read_text())
+    assert sorted(manifest["shards"]) == [mmproj_name, model_name]
+    card = (out / "README.md").read_text()
+    assert f"llama-mtmd-cli -m {model_name} --mmproj {mmproj_name}" in card and f"`convert_hf_to_gguf.py --mmproj --outtype {mmproj_type.lower()}`" in card
+    assert "## Not converted" not in card  # every source tensor is in one file or the other
+    report = verify_output(out, load=True)
+    assert report.ok and report.loaded and report.checked_files == 2, report.problems
+
+
+def test_plan_names_the_mmproj_file(ref: str, gemma3_vision: Path, capsys) -> None:
+    assert cli_main(["plan", str(gemma3_vision), "--format", "gguf", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["mmproj"] == {"name": "mmproj-tiny-gemma3-vision-F16.gguf", "architecture": "clip", "quant_type": "f16",
+                                 "tensor_types": {"F16": 13, "F32": 26}}
+    assert [o["name"] for o in summary["outputs"]] == ["tiny-gemma3-vision-Q4_K_M.gguf", "mmproj-tiny-gemma3-vision-F16.gguf"]
+    assert summary["tensor_types"] == {"F32": 13, "Q4_K": 12, "Q6_K": 3} and summary["warnings"] == []
+
+
+def test_a_vision_tower_the_converter_has_no_mmproj_for_is_left_out_and_said(ref: str, gemma3_vision: Path, tmp_path: Path, capsys) -> None:
+    """Gemma3ForCausalLM (a text architecture, no --mmproj class) over the same checkpoint: the text model only,
+    and the plan says which tensors are left out and why."""
+    import shutil
+
+    src = tmp_path / "tiny-gemma3-causal"
+    shutil.copytree(gemma3_vision, src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"architectures": ["Gemma3ForCausalLM"]}))
+    assert cli_main(["plan", str(src), "--format", "gguf", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["mmproj"] is None and [o["name"] for o in summary["outputs"]] == ["tiny-gemma3-causal-Q4_K_M.gguf"]
+    [warning] = summary["warnings"]
+    assert warning.startswith("llama.cpp's converter leaves out 39 source tensor(s), e.g. multi_modal_projector.")
+    assert warning.endswith("(vision or audio towers: llama.cpp's converter (llama.cpp 0c1e57098) writes no --mmproj projector for Gemma3ForCausalLM)")
 
 
 @pytest.fixture()

@@ -25,11 +25,12 @@ def render_gguf_card(plan: GgufPlan, repo_name: str, source_card: str | None, ou
     origin = f"[{plan.source}](https://huggingface.co/{plan.source}) at commit `{plan.revision}`" if is_hub else f"`{plan.source}`"
     files = "".join(f"| `{f.name}` | {f.size / 1e9:.2f} GB |\n" for f in plan.out_files)
     types = ", ".join(f"{n} {name}" for name, n in plan.type_counts().items())
-    first = plan.out_files[0].name
+    model, mmproj = plan.sets[0], plan.mmproj
+    first = model.files[0].name
     grid = grid_line(stats)
     ratio = plan.input_bytes / output_bytes if output_bytes else 0.0
-    made_by = ("`convert_hf_to_gguf.py --outtype " + plan.settings.quant_type + "`") if quant in ("BF16", "F16", "Q8_0") else (
-        f"`convert_hf_to_gguf.py --outtype bf16` followed by `llama-quantize ... {quant}`")
+    made_by = model.made_by + (f", and the projector `{mmproj.files[0].name}` with {mmproj.made_by}" if mmproj else "")
+    split = len(model.files) > 1
     text = f"""---
 {data.to_yaml()}
 ---
@@ -37,25 +38,25 @@ def render_gguf_card(plan: GgufPlan, repo_name: str, source_card: str | None, ou
 # {quant} GGUF of {plan.source}
 
 Converted from {origin} with [streamq](https://pypi.org/project/streamq/), tensor by tensor: the files are
-byte for byte what llama.cpp ({LLAMA_CPP_COMMIT}) writes with {made_by}{" (but for Q4_0 groups kept on a QAT grid, below)" if grid and stats.get("q4_0_groups_kept_from_grid") else ""}{", split as `llama-gguf-split --split` splits" if len(plan.out_files) > 1 else ""}.
+byte for byte what llama.cpp ({LLAMA_CPP_COMMIT}) writes with {made_by}{" (but for Q4_0 groups kept on a QAT grid, below)" if grid and stats.get("q4_0_groups_kept_from_grid") else ""}{", split as `llama-gguf-split --split` splits" if split else ""}.
 
 | | |
 | --- | --- |
 | type | {quant} (llama.cpp's default per-tensor mixture: {types}) |
 | size | {plan.input_bytes / 1e9:.2f} GB -> {output_bytes / 1e9:.2f} GB ({ratio:.2f}x smaller) |
-{f"| QAT grid | {grid} |{chr(10)}" if grid else ""}
+{f"| QAT grid | {grid} |{chr(10)}" if grid else ""}{_mmproj_row(mmproj)}
 | file | size |
 | --- | --- |
 {files}
 ## How to run
 
-llama.cpp (the first file is enough: it finds the others)
+llama.cpp ({_first_file_line(split, mmproj)})
 
 ```bash
 llama-cli -hf {repo_name}:{quant}
-# or, downloaded: llama-cli -m {first}
+# or, downloaded: llama-cli -m {first}{f" --mmproj {mmproj.files[0].name}" if mmproj else ""}
 ```
-
+{_mmproj_run(repo_name, quant, first, mmproj)}
 Ollama
 
 ```bash
@@ -64,8 +65,38 @@ ollama run hf.co/{repo_name}:{quant}
 
 LM Studio: search for `{repo_name}` in the Discover tab, or `lms get {repo_name}`.
 """
+    if plan.warnings:  # source tensors llama.cpp's converter writes to neither file, and why
+        text += "\n## Not converted\n\n" + "".join(f"- {w}\n" for w in plan.warnings)
     if plan.left_out:
         text += "\n## Files of the source repo not in this one\n\n" + "".join(f"- `{n}`: {r}\n" for n, r in plan.left_out.items())
     if body:
         text += f"\n## Original model card\n\n{body}\n"
     return text
+
+
+def _first_file_line(split: bool, mmproj) -> str:
+    if mmproj is None:
+        return "the first file is enough: it finds the others"
+    return "`-hf` fetches the projector too; downloaded, give the model's " + ("first file (it finds the others)" if split else "file") + " and the projector"
+
+
+def _mmproj_row(mmproj) -> str:
+    if mmproj is None:
+        return ""
+    types = ", ".join(f"{n} {name}" for name, n in mmproj.type_counts().items())
+    return f"| projector | `{mmproj.files[0].name}`, {mmproj.quant_type.upper()} ({types}): the vision/audio encoder, for llama.cpp's `--mmproj` |\n"
+
+
+def _mmproj_run(repo_name: str, quant: str, first: str, mmproj) -> str:
+    """Images and audio: llama.cpp's multimodal tools load the model with its projector."""
+    if mmproj is None:
+        return ""
+    return f"""
+Images and audio (llama.cpp's multimodal tools: the model with its `--mmproj` projector)
+
+```bash
+llama-mtmd-cli -hf {repo_name}:{quant}
+# or, downloaded: llama-mtmd-cli -m {first} --mmproj {mmproj.files[0].name} --image photo.jpg -p "Describe this image."
+llama-server -m {first} --mmproj {mmproj.files[0].name}
+```
+"""

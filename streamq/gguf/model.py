@@ -57,12 +57,26 @@ class _Leaf:
         return self.read(key)
 
 
+def mmproj_architecture(model_dir: Path) -> tuple[str | None, bool]:
+    """The architecture `convert_hf_to_gguf.py --mmproj` would convert (the vision_config's own first, as the
+    converter looks), and whether it writes a projector for it (MMPROJ_MODEL_MAP)."""
+    conversion, _ = converter()
+    hparams = conversion.ModelBase.load_hparams(model_dir, False)
+    try:
+        arch = conversion.get_model_architecture(hparams, conversion.ModelType.MMPROJ)
+    except ValueError:
+        return None, False
+    return arch, arch in conversion.MMPROJ_MODEL_MAP
+
+
 def convert_model(
-    model_dir: Path, leaves: dict[str, tuple[torch.dtype, tuple[int, ...]]], outtype: str, read: Callable[[str], torch.Tensor]
+    model_dir: Path, leaves: dict[str, tuple[torch.dtype, tuple[int, ...]]], outtype: str, read: Callable[[str], torch.Tensor],
+    *, mmproj: bool = False,
 ) -> ConvertedModel:
     """Run the converter's planning on `model_dir` (config, tokenizer, README: the small files, in a folder
     named as the checkpoint's directory would be, since llama.cpp names the model after it). `leaves`: every
-    checkpoint tensor in the order the converter indexes them (files sorted by name, names sorted in a file)."""
+    checkpoint tensor in the order the converter indexes them (files sorted by name, names sorted in a file).
+    `mmproj`: the multimodal projector (`--mmproj`) instead of the text model."""
     conversion, gguf = converter()
     lazy_tensor = conversion.LazyTorchTensor
     leaf = _Leaf(read)
@@ -77,17 +91,18 @@ def convert_model(
         return tensors
 
     hparams = conversion.ModelBase.load_hparams(model_dir, False)
-    arch = conversion.get_model_architecture(hparams, conversion.ModelType.TEXT)
+    arch = conversion.get_model_architecture(hparams, conversion.ModelType.MMPROJ if mmproj else conversion.ModelType.TEXT)
     try:
-        model_class = conversion.get_model_class(arch)
+        model_class = conversion.get_model_class(arch, mmproj=mmproj)
     except NotImplementedError as exc:
-        raise UnsupportedModelError(f"llama.cpp's converter (llama.cpp {LLAMA_CPP_COMMIT}) does not support {arch}; GGUF cannot be written for it") from exc
+        what = "its vision/audio projector (--mmproj) cannot be written" if mmproj else "GGUF cannot be written for it"
+        raise UnsupportedModelError(f"llama.cpp's converter (llama.cpp {LLAMA_CPP_COMMIT}) does not support {arch}; {what}") from exc
     streamed = type(model_class.__name__, (model_class,), {"model_arch": model_class.model_arch, "index_tensors": index_tensors})
     ftype = getattr(gguf.LlamaFileType, OUTTYPES[outtype])
     with torch.inference_mode(), _quiet(conversion.logger), _quiet(logging.getLogger("gguf")):
         model = streamed(model_dir, ftype, model_dir / "unused.gguf")
         model.prepare_tensors()
-        model.prepare_metadata(vocab_only=False)  # also the vocab (TextModel.prepare_metadata)
+        model.prepare_metadata(vocab_only=False)  # also the vocab (TextModel.prepare_metadata), or the image/audio settings (MmprojModel)
     writer = model.gguf_writer
     [kv], [infos] = writer.kv_data, writer.tensors
     tensors = [GgufTensor(name, int(ti.dtype), tuple(int(d) for d in ti.shape), int(ti.nbytes), ti.tensor, tuple(_reads(ti.tensor, leaf)))

@@ -1,6 +1,10 @@
 """Plan a GGUF run from the source's small files and safetensors headers: llama.cpp's converter on header-only
 tensors (model.py), llama-quantize's per-tensor types (mixture.py), then the output files and their headers
 (header.py), and the stream: which source tensors each GGUF tensor reads, and so when it can be written.
+
+A plan holds one or more converted models, each with its files (`GgufFiles`): the text model, and for a
+multimodal model whose vision/audio the converter supports, the projector `convert_hf_to_gguf.py --mmproj`
+writes, which llama.cpp's multimodal tools load beside it (`--mmproj`). Both are written from one stream.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -25,16 +30,21 @@ from ..manifest import MANIFEST_NAME
 from ..plan import STORED_DTYPES, ShardPlan, _stored, _weight_files, stored_tensor
 from ..settings import GGUF_CONVERTER_TYPES, QuantSettings
 from ..targets import TensorInfo
-from .header import FilePlan, TensorEntry, split_files
-from .llama_cpp import converter, libraries
+from .header import FilePlan, TensorEntry, file_plan, split_files
+from .llama_cpp import LLAMA_CPP_COMMIT, converter, libraries
 from .mixture import FTYPES, quantized_types
-from .model import ConvertedModel, convert_model
+from .model import ConvertedModel, GgufTensor, convert_model, mmproj_architecture
 
 logger = logging.getLogger(__name__)
 
 _LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")
 SMALL_FILE = 64 << 20  # files the converter may read (config, tokenizer, chat template, README) are staged up to this size
 INTERMEDIATE = "bf16"  # llama.cpp's tools/quantize/README.md converts to bf16 before llama-quantize
+# The projector's type where the model's is llama-quantize's: llama-quantize does not take projector files, and
+# llama.cpp's guide (docs/multimodal/gemma3.md) and ggml-org's multimodal GGUF repos ship it as f16 beside a
+# Q4_K_M model. Where the converter writes the model's type itself (bf16, f16, q8_0), the projector gets it too,
+# as `convert_hf_to_gguf.py --outtype T --mmproj` does.
+MMPROJ_OUTTYPE = "f16"
 
 
 SMALL_TENSOR = 4096  # bytes: a tensor the converter reads while planning (e.g. an int4 weight's shape) is read at once
@@ -63,6 +73,27 @@ class Feed:
 
 
 @dataclass
+class GgufFiles:
+    """One model llama.cpp's converter writes from the source, and its files: the text model ("model"), or the
+    multimodal projector ("mmproj") that llama.cpp's tools load with `--mmproj`."""
+
+    role: str
+    quant_type: str  # the files' type, as llama.cpp names it (q4_k_m, f16, ...)
+    model: ConvertedModel
+    written: dict[str, TensorEntry]  # every tensor as the files hold it
+    files: list[FilePlan]
+    made_by: str  # llama.cpp's commands that write these files
+
+    def type_counts(self) -> dict[str, int]:
+        """Tensors per ggml type, e.g. {"Q4_K": 25, "Q6_K": 5, "F32": 9}."""
+        names = converter()[1].GGMLQuantizationType
+        counts: dict[str, int] = {}
+        for entry in self.written.values():
+            counts[names(entry.qtype).name] = counts.get(names(entry.qtype).name, 0) + 1
+        return dict(sorted(counts.items()))
+
+
+@dataclass
 class GgufPlan:
     """What `Plan` is for safetensors outputs, for a GGUF output: the scheduler and pipeline read the same names."""
 
@@ -73,14 +104,36 @@ class GgufPlan:
     shards: list[ShardPlan]
     sizes: dict[str, int]
     files: dict[str, FileDecision]
-    model: ConvertedModel
-    written: dict[str, TensorEntry]  # every output tensor as the files hold it
-    out_files: list[FilePlan]
+    sets: list[GgufFiles]  # the text model first, then its --mmproj projector where there is one
     feed: Feed
     stored_info: dict[str, TensorInfo]
     stored_at: dict[str, Stored] = field(default_factory=dict)
     layout: Layout | None = None
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def model(self) -> ConvertedModel:
+        """The text model."""
+        return self.sets[0].model
+
+    @property
+    def mmproj(self) -> GgufFiles | None:
+        return next((s for s in self.sets if s.role == "mmproj"), None)
+
+    @property
+    def out_files(self) -> list[FilePlan]:
+        """Every output file: the model's, then the projector's."""
+        return [f for s in self.sets for f in s.files]
+
+    @cached_property
+    def written(self) -> dict[str, TensorEntry]:
+        """Every output tensor as the files hold it (llama.cpp's projector names, v./mm./a., are not the model's)."""
+        return {name: e for s in self.sets for name, e in s.written.items()}
+
+    @cached_property
+    def tensors(self) -> dict[str, GgufTensor]:
+        """Every output tensor as the converter computes it."""
+        return {t.name: t for s in self.sets for t in s.model.tensors}
 
     @property
     def extra_files(self) -> list[str]:
@@ -119,12 +172,8 @@ class GgufPlan:
         return quantized, len(self.written) - quantized
 
     def type_counts(self) -> dict[str, int]:
-        """Output tensors per ggml type, e.g. {"Q4_K": 25, "Q6_K": 5, "F32": 9}."""
-        names = converter()[1].GGMLQuantizationType
-        counts: dict[str, int] = {}
-        for entry in self.written.values():
-            counts[names(entry.qtype).name] = counts.get(names(entry.qtype).name, 0) + 1
-        return dict(sorted(counts.items()))
+        """The text model's tensors per ggml type, e.g. {"Q4_K": 25, "Q6_K": 5, "F32": 9}."""
+        return self.sets[0].type_counts()
 
 
 def build_gguf_plan(source: Source, settings: QuantSettings, meta_dir: Path) -> GgufPlan:
@@ -151,37 +200,73 @@ def build_gguf_plan(source: Source, settings: QuantSettings, meta_dir: Path) -> 
         return stored_tensor(bytearray(source.read_range(shard_names[where.file], where.start, where.end)), info)
 
     feed = Feed(small)
-    outtype = qtype if qtype in GGUF_CONVERTER_TYPES else INTERMEDIATE
-    model = convert_model(model_dir, leaves, outtype, feed.read)
-    entries = [TensorEntry(t.name, t.qtype, t.shape, t.nbytes) for t in model.tensors]
-    kv = model.kv
-    if qtype not in GGUF_CONVERTER_TYPES:
-        entries, kv = _quantized(model, entries, qtype, meta_dir)
-    prefix = f"{PurePosixPath(source.name.rstrip('/')).name}-{qtype.upper()}"
-    out_files = split_files(prefix, kv, entries, model.alignment, settings.max_shard_size)
+    name = PurePosixPath(source.name.rstrip("/")).name
+    sets = [_text_files(model_dir, leaves, feed, qtype, name, settings.max_shard_size, meta_dir)]
+    read = {p for t in sets[0].model.tensors for p in t.parts} | feed.read_while_planning
+    no_mmproj = None
+    if set(stored) - read:  # tensors the text model does not read: a vision or audio tower, or MTP layers
+        mmproj, no_mmproj = _mmproj_files(model_dir, leaves, feed, qtype, name)
+        sets += [mmproj] if mmproj is not None else []
+    names = [t.name for s in sets for t in s.model.tensors]
+    if len(set(names)) != len(names):
+        raise AssertionError("llama.cpp's model and projector files name a tensor alike; streamq keys tensors by name")
     config = json.loads(source.read_text("config.json"))
     shards = [ShardPlan(name, files[name].size, files[name].sha256, tuple(headers[name].tensors)) for name in shard_names]
     plan = GgufPlan(
         source.name, source.revision, settings, config, shards, {n: f.size for n, f in files.items()},
-        _decisions(files, shard_names), model, {e.name: e for e in entries}, out_files, feed,
+        _decisions(files, shard_names), sets, feed,
         {key: info for name in shard_names for key, info in headers[name].tensors.items()}, stored,
     )
-    plan.layout = _layout(shard_names, stored, out_files, {t.name: t.parts for t in model.tensors})
-    unread = sorted(set(stored) - {p for t in model.tensors for p in t.parts} - feed.read_while_planning)
+    plan.layout = _layout(shard_names, stored, plan.out_files, {t.name: t.parts for t in plan.tensors.values()})
+    unread = sorted(set(stored) - {p for t in plan.tensors.values() for p in t.parts} - feed.read_while_planning)
     if unread:
-        plan.warnings.append(_left_out_warning(unread, config))
+        plan.warnings.append(_left_out_warning(unread, config, no_mmproj))
     return plan
 
 
-def _left_out_warning(unread: list[str], config: dict[str, Any]) -> str:
+def _text_files(model_dir: Path, leaves: dict, feed: Feed, qtype: str, name: str, max_size: int, work: Path) -> GgufFiles:
+    """The text model: the converter's file in `qtype`, or its bf16 intermediate then llama-quantize's."""
+    outtype = qtype if qtype in GGUF_CONVERTER_TYPES else INTERMEDIATE
+    model = convert_model(model_dir, leaves, outtype, feed.read)
+    entries = [TensorEntry(t.name, t.qtype, t.shape, t.nbytes) for t in model.tensors]
+    kv = model.kv
+    made_by = f"`convert_hf_to_gguf.py --outtype {qtype}`"
+    if qtype not in GGUF_CONVERTER_TYPES:
+        entries, kv = _quantized(model, entries, qtype, work)
+        made_by = f"`convert_hf_to_gguf.py --outtype {INTERMEDIATE}` followed by `llama-quantize ... {qtype.upper()}`"
+    files = split_files(f"{name}-{qtype.upper()}", kv, entries, model.alignment, max_size)
+    return GgufFiles("model", qtype, model, {e.name: e for e in entries}, files, made_by)
+
+
+def _mmproj_files(model_dir: Path, leaves: dict, feed: Feed, qtype: str, name: str) -> tuple[GgufFiles | None, str | None]:
+    """The projector `convert_hf_to_gguf.py --mmproj` writes, named as it names it by default (`mmproj-<model
+    folder>-<TYPE>.gguf`, which `llama-cli -hf` finds beside the model), in one file: llama.cpp's projector
+    loader (clip) reads no split files. Else None, and why, in words, where there is no projector to write."""
+    arch, supported = mmproj_architecture(model_dir)
+    if not supported:
+        return None, f"llama.cpp's converter (llama.cpp {LLAMA_CPP_COMMIT}) writes no --mmproj projector for {arch or 'this architecture'}"
+    outtype = qtype if qtype in GGUF_CONVERTER_TYPES else MMPROJ_OUTTYPE
+    try:
+        model = convert_model(model_dir, leaves, outtype, feed.read, mmproj=True)
+    except (UnsupportedModelError, NotImplementedError, ValueError, KeyError, AssertionError) as exc:  # the converter's own refusals
+        return None, f"llama.cpp's converter did not write {arch}'s --mmproj projector ({type(exc).__name__}: {exc})"
+    if not model.tensors:
+        return None, f"llama.cpp's converter found no projector tensors for {arch}"
+    entries = [TensorEntry(t.name, t.qtype, t.shape, t.nbytes) for t in model.tensors]
+    files = [file_plan(f"mmproj-{name}-{outtype.upper()}.gguf", model.kv, entries, model.alignment)]
+    return GgufFiles("mmproj", outtype, model, {e.name: e for e in entries}, files, f"`convert_hf_to_gguf.py --mmproj --outtype {outtype}`"), None
+
+
+def _left_out_warning(unread: list[str], config: dict[str, Any], no_mmproj: str | None) -> str:
     """Says which source tensors the converter does not write, and why where it is known: layers past
     num_hidden_layers are multi-token-prediction layers (DeepSeek-V3's num_nextn_predict_layers), which it
-    drops; vision or audio towers go to an --mmproj file (not written by streamq)."""
+    drops; the others are vision or audio towers whose --mmproj projector is not written (`no_mmproj` says
+    why), or, where it is, tensors neither the model nor the projector reads."""
     layers = config.get("num_hidden_layers")
     mtp = [k for k in unread if isinstance(layers, int) and (m := _LAYER.match(k)) and int(m.group(1)) >= layers]
     reasons = [f"{len(mtp)} in multi-token-prediction layers past num_hidden_layers, which it drops"] if mtp else []
     if len(mtp) < len(unread):
-        reasons.append("vision or audio towers go to an --mmproj file")
+        reasons.append(f"vision or audio towers: {no_mmproj}" if no_mmproj else "read by neither the model nor its --mmproj projector")
     example = next((k for k in unread if k not in mtp), unread[0])
     return f"llama.cpp's converter leaves out {len(unread)} source tensor(s), e.g. {example} ({'; '.join(reasons)})"
 

@@ -80,7 +80,7 @@ def gguf_stream(
     writers: dict[int, GgufFileWriter] = {}
     stats: dict[int, Counter] = {}
     left = set(todo)
-    tensors = {t.name: t for t in plan.model.tensors}
+    tensors = plan.tensors
     users = {key: {i for i in items if layout.owner[i] in left} for key, items in layout.waiting.items()}
     held: dict[str, bytearray] = {}
 
