@@ -35,7 +35,8 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 VENDORED = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
 CONVERTER_PARTS = ("conversion/", "gguf-py/gguf/", "convert_hf_to_gguf.py", "LICENSE")
 INSTALL = 'pip install "streamq[gguf]"'
-GGML_Q4_0 = 2  # ggml_type of Q4_0 (fixed in the GGUF format)
+GGML_Q4_0 = 2  # ggml_type values, fixed in the GGUF format
+GGML_BF16 = 30
 
 
 def cache_root() -> Path:

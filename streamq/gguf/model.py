@@ -131,22 +131,22 @@ def _reads(data: Any, leaf: _Leaf) -> Iterator[str]:
     return iter(found)
 
 
-def materialize(tensor: GgufTensor) -> tuple[np.ndarray, np.ndarray | None]:
-    """The converter's bytes for a tensor (its leaves read through `read`), as it would write them; for a
-    bf16 tensor also the f32 values it rounds (exact where the source is finer than bf16, e.g. int4 codes
-    times their scales), else None."""
+def materialize(tensor: GgufTensor) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Run a tensor's recorded graph (its leaves read through `read`): (the converter's bytes, None), or, for a
+    tensor the converter rounds to bf16, (None, the f32 values it rounds), which are exact where the source
+    is finer than bf16 (e.g. int4 codes times their scales); the caller rounds them, in pieces."""
     _, gguf = converter()
     data = tensor.data
     tensor.data = None
-    values = None
     if isinstance(data, gguf.LazyBase) and data._func == gguf.quants.BF16._Quant__quantize_array:
         values = np.ascontiguousarray(gguf.LazyNumpyTensor.to_eager(data._args[0]), dtype=np.float32)
-        array = gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16)
-    else:
-        array = gguf.LazyNumpyTensor.to_eager(data) if isinstance(data, gguf.LazyBase) else np.asarray(data)
+        if values.size * 2 != tensor.nbytes:
+            raise AssertionError(f"{tensor.name}: the converter made {values.size} values, its header says {tensor.nbytes} bytes of bf16")
+        return None, values
+    array = gguf.LazyNumpyTensor.to_eager(data) if isinstance(data, gguf.LazyBase) else np.asarray(data)
     if array.nbytes != tensor.nbytes:
         raise AssertionError(f"{tensor.name}: the converter made {array.nbytes} bytes, its header says {tensor.nbytes}")
-    return array, values
+    return array, None
 
 
 @contextlib.contextmanager

@@ -23,11 +23,14 @@ from ..plan import stored_tensor
 from ..window import TensorBytes
 from ..write import WrittenShard
 from .header import FilePlan
-from .llama_cpp import GGML_Q4_0 as Q4_0
+from .llama_cpp import GGML_BF16 as BF16, GGML_Q4_0 as Q4_0, converter
 from .model import materialize
 from .plan import GgufPlan
 from .qat import keep_grid
 from .quantize import quantize_rows, to_f32
+
+
+PIECE = 64 << 20  # bytes of f32 values rounded and quantized at a time
 
 
 class GgufFileWriter:
@@ -129,17 +132,36 @@ def gguf_stream(
 
 def _compute(plan: GgufPlan, tensor, inputs: dict, stats: Counter) -> np.ndarray:
     """The tensor's bytes as llama.cpp writes them: the converter's, then llama-quantize's type if it differs;
-    in Q4_0, groups on a QAT grid keep it (qat.py)."""
+    in Q4_0, groups on a QAT grid keep it (qat.py). After the converter's f32 values, rows go in pieces, so
+    memory holds the values and the output, not every intermediate of the whole tensor."""
     plan.feed.tensors = inputs
     try:
-        data, exact = materialize(tensor)
+        data, values = materialize(tensor)
     finally:
         plan.feed.tensors = {}
     target = plan.written[tensor.name]
-    if target.qtype == tensor.qtype:
-        return data
-    values = to_f32(data, tensor.qtype)  # what llama-quantize reads: the intermediate's values
-    quantized = quantize_rows(values, tensor.shape[-1], target.qtype)
-    if target.qtype == Q4_0:
-        return keep_grid(exact if exact is not None else values, quantized, stats)
-    return quantized
+    if values is None:
+        if target.qtype == tensor.qtype:
+            return data
+        values, data = to_f32(data, tensor.qtype), None
+    n = tensor.shape[-1]
+    rows = values.reshape(-1, n)
+    out = np.empty(target.nbytes, dtype=np.uint8).reshape(len(rows), -1)
+    step = max(1, PIECE // (4 * n))
+    for first in range(0, len(rows), step):
+        piece = rows[first:first + step]
+        # the intermediate file's bf16, what llama-quantize reads (the converter's own rounding)
+        read = to_f32(bf16(piece), BF16) if tensor.qtype == BF16 else piece
+        if target.qtype == BF16:
+            out[first:first + step] = bf16(piece).reshape(len(piece), -1)
+            continue
+        quantized = quantize_rows(read, n, target.qtype)
+        if target.qtype == Q4_0:
+            quantized = keep_grid(piece, quantized, stats)
+        out[first:first + step] = quantized.reshape(len(piece), -1)
+    return out.reshape(-1)
+
+
+def bf16(values: np.ndarray) -> np.ndarray:
+    _, gguf = converter()
+    return gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16)
