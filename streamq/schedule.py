@@ -84,7 +84,8 @@ class Scheduler:
     def input_bytes(self, index: int) -> int:
         """Bytes of the stored tensors an output shard is made from."""
         stored = self.plan.stored_at
-        return sum(stored[p].end - stored[p].start for item in self.layout.outputs[index].items for p in self.layout.parts[item])
+        parts = {p for item in self.layout.outputs[index].items for p in self.layout.parts[item]}  # a GGUF tensor may share its source
+        return sum(stored[p].end - stored[p].start for p in parts)
 
     def run(self, todo: list[int]) -> Iterator[ShardRecord]:
         """Yield a record per output shard of `todo`, in order, as each is published."""

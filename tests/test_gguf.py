@@ -379,3 +379,17 @@ def result_warnings(src: Path) -> list[str]:
     from streamq import plan_requantize
 
     return plan_requantize(src, format="gguf", quant_type="q4_0").warnings
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_k_m"])
+def test_fp32_and_fp16_sources_equal_llama_cpp(ref: str, tmp_path: Path, dtype: str, qtype: str) -> None:
+    """llama.cpp's route for them: the converter's own q8_0 from the source's values; llama-quantize from a bf16
+    intermediate (tools/quantize/README.md), which streamq's plan uses whatever the source dtype."""
+    import torch
+
+    src = make_checkpoint(tmp_path / f"tiny-llama-{dtype}", "llama", dtype=getattr(torch, dtype))
+    theirs = reference(ref, src, tmp_path / "ref", qtype, split=True)
+    stream_requantize(src, tmp_path / "out", format="gguf", quant_type=qtype, max_shard_size=SPLIT_BYTES, progress=False)
+    assert_same_files(gguf_files(tmp_path / "out"), theirs)
