@@ -12,7 +12,9 @@ is not on a grid gets llama.cpp's file byte for byte.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -46,8 +48,10 @@ def keep_grid(values: np.ndarray, blocks: np.ndarray, stats: Counter) -> np.ndar
     x = np.ascontiguousarray(values, dtype=np.float32).reshape(-1, QK)
     out = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, BLOCK_BYTES).copy()
     stats["q4_0_groups"] += len(x)
-    for start in range(0, len(x), CHUNK):
-        _keep_chunk(x[start:start + CHUNK], out[start:start + CHUNK], stats)
+    starts = range(0, len(x), CHUNK)
+    with ThreadPoolExecutor(min(len(starts), os.cpu_count() or 1)) as pool:  # numpy lets go of the GIL
+        for counted in pool.map(lambda start: _keep_chunk(x[start:start + CHUNK], out[start:start + CHUNK]), starts):
+            stats.update(counted)
     return out.reshape(-1)
 
 
@@ -56,18 +60,22 @@ def _gives_back(deq: np.ndarray, x: np.ndarray, bits: np.ndarray, coarse: np.nda
     return np.where(coarse, _bf16_bits(deq) == bits, deq == x).all(axis=1)
 
 
-def _keep_chunk(x: np.ndarray, out: np.ndarray, stats: Counter) -> None:
-    bits = _bf16_bits(x)
-    coarse = _bf16(bits) == x  # a bf16 value
-    naive_exact = _gives_back(_dequantize(out), x, bits, coarse)
-    stats["q4_0_groups_exact_as_llama_cpp"] += int(naive_exact.sum())
-    # on a grid, a group holds at most 16 distinct values (one per integer): most others stop here
+def _keep_chunk(x: np.ndarray, out: np.ndarray) -> Counter:
+    stats: Counter = Counter()
+    # a Q4_0 block holds at most 16 values: a group with more never comes back, from llama.cpp's block or a grid
     ordered = np.sort(x, axis=1)
-    distinct = 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(axis=1)
-    todo = np.flatnonzero(~naive_exact & (distinct <= 16))
+    few = np.flatnonzero(1 + (ordered[:, 1:] != ordered[:, :-1]).sum(axis=1) <= 16)
+    if not len(few):
+        return stats
+    xs = x[few]
+    bits = _bf16_bits(xs)
+    coarse = _bf16(bits) == xs  # a bf16 value
+    naive_exact = _gives_back(_dequantize(out[few]), xs, bits, coarse)
+    stats["q4_0_groups_exact_as_llama_cpp"] += int(naive_exact.sum())
+    todo = few[~naive_exact]
     if not len(todo):
-        return
-    xs, wb, cs = x[todo], bits[todo], coarse[todo]
+        return stats
+    xs, wb, cs = xs[~naive_exact], bits[~naive_exact], coarse[~naive_exact]
     peak = xs[np.arange(len(xs)), np.abs(xs).argmax(axis=1)]
     found = np.zeros(len(xs), dtype=bool)
     scale = np.zeros(len(xs), dtype=np.float32)
@@ -97,6 +105,7 @@ def _keep_chunk(x: np.ndarray, out: np.ndarray, stats: Counter) -> None:
         nib = (codes[found] + 8).astype(np.uint8)
         out[kept, :2] = scale[found].astype(np.float16).view(np.uint8).reshape(-1, 2)
         out[kept, 2:] = nib[:, :QK // 2] | (nib[:, QK // 2:] << 4)
+    return stats
 
 
 def grid_line(stats: dict[str, int]) -> str | None:
