@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -106,24 +107,31 @@ def gguf_stream(
             if users.get(stored.key):
                 held[stored.key] = source.read(stored)
             completes = [item for item in layout.last_part.get(stored.key, ()) if layout.owner[item] in left]
-            arrived = source.read(stored) if completes else None
-            for item in completes:
-                index = layout.owner[item]
-                inputs = {key: held[key] if key in held else arrived for key in layout.parts[item]}
-                out = writer(index)
-                out.write(item, _compute(plan, tensors[item], {k: stored_tensor(b, plan.stored_info[k]) for k, b in inputs.items()}, stats[index]))
-                for key in layout.parts[item]:
-                    waiting = users.get(key)
-                    if waiting is not None:
-                        waiting.discard(item)
-                        if not waiting:
-                            held.pop(key, None)
-                if out.done:
-                    written = writers.pop(index).finalize()
-                    left.discard(index)
-                    _return_freed_memory()
-                    yield Made(index, layout.outputs[index], written, stats.pop(index))
-            del arrived
+            with ExitStack() as stack:
+                arrived = held.get(stored.key) if completes else None
+                if completes and arrived is None:
+                    # mapped from the window, not copied, where the converter's first step makes a new tensor
+                    # (it widens what is not F16/F32), so nothing writes into it or keeps it
+                    copy = plan.stored_info[stored.key].dtype in ("F16", "F32")
+                    arrived = source.read(stored) if copy else stack.enter_context(source.mapped(stored))
+                for item in completes:
+                    index = layout.owner[item]
+                    inputs = {key: held[key] if key in held else arrived for key in layout.parts[item]}
+                    out = writer(index)
+                    out.write(item, _compute(plan, tensors[item], {k: stored_tensor(b, plan.stored_info[k]) for k, b in inputs.items()}, stats[index]))
+                    del inputs
+                    for key in layout.parts[item]:
+                        waiting = users.get(key)
+                        if waiting is not None:
+                            waiting.discard(item)
+                            if not waiting:
+                                held.pop(key, None)
+                    if out.done:
+                        written = writers.pop(index).finalize()
+                        left.discard(index)
+                        _return_freed_memory()
+                        yield Made(index, layout.outputs[index], written, stats.pop(index))
+                del arrived
             source.release(Position(stored.file, stored.end))
     finally:
         for open_writer in writers.values():
