@@ -71,6 +71,17 @@ resume, then in the older one of 13 files of 5 GB:
     python benchmarks/bench_pipeline.py $GEMMA --shard-mb 5000 --hub-dir /dev/shm/hub-13x5 --scenarios raw,strict \
         --json pipeline_h200_gemma31b_13x5gb.json
 
+GGUF (issue 27): `gguf_TYPE` is streamq to GGUF (format="gguf", quant_type=TYPE); `llamacpp_TYPE` is llama.cpp's
+own route (snapshot_download of the whole repo, convert_hf_to_gguf.py to bf16, llama-quantize on os.cpu_count()
+threads, upload_file), the converter from $STREAMQ_LLAMA_CPP (or streamq's cached copy), llama-quantize from
+$LLAMA_QUANTIZE; the source repo gets the small tokenizer of tests/gguf_cases.py, and `--shapes-from gguf_TYPE`
+makes the raw run upload files of the GGUF plan's sizes. A sparse source is all zeros, which the quantizers
+handle faster than real weights: there the walls say what the pipeline costs, not what quantizing does
+(benchmarks/gguf_speed.py measures that on real values):
+
+    python benchmarks/bench_pipeline.py $GEMMA --shard-mb 50000 --hub-dir /dev/shm/hub --scenarios raw,gguf_q4_k_m,gguf_q4_0 \
+        --shapes-from gguf_q4_k_m --json gguf_pipeline.json
+
 `--child-cpus N` pins every scenario to N cores and the emulator to the others, so that a machine with
 many cores measures what a small VM would see from a Hub elsewhere (on the 2-core machine itself the
 emulator and the scenario share the cores).
@@ -120,6 +131,17 @@ POLL_SECONDS = 0.02
 SCENARIOS = ("raw", "strict", "overlap", "recipe", "int4", "llmcompressor")
 INT4_GROUP = 32  # int4's group size, for streamq and for llm-compressor's W4A16 alike
 ABLATIONS = ("unchecked",)  # run only when asked for
+GGUF_ROUTES = ("gguf", "llamacpp")  # `gguf_TYPE`: streamq to GGUF; `llamacpp_TYPE`: llama.cpp's own route (issue 27)
+
+
+def base_scenario(name: str) -> str:
+    """`gguf_q4_k_m` -> `gguf`, `llamacpp_q4_0` -> `llamacpp`; any other scenario is its own base."""
+    head, sep, _ = name.partition("_")
+    return head if sep and head in GGUF_ROUTES else name
+
+
+def gguf_type(name: str) -> str:
+    return name.partition("_")[2]
 DEVICES = ("auto", "cpu", "cuda")
 METADATA_ALLOWANCE = 65_536  # config.json and huggingface_hub metadata beside the shards, 4 KiB blocks each
 
@@ -187,6 +209,7 @@ def llama_config(spec: ModelSpec) -> Any:
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
         head_dim=spec.head_dim or spec.hidden // spec.heads, max_position_embeddings=2048,
         tie_word_embeddings=spec.tie_embeddings, dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],  # as save_pretrained of a model writes it; llama.cpp's converter needs it
     )
 
 
@@ -466,22 +489,24 @@ def child_main(payload: dict[str, Any]) -> None:
     area = Path(payload["area"])
     scenario = {
         "probe": probe, "raw": raw_transfer, "strict": streamq_run, "overlap": streamq_run, "unchecked": streamq_run,
-        "int4": streamq_run,
-        "recipe": transformers_recipe, "llmcompressor": llmcompressor_route,
+        "int4": streamq_run, "gguf": streamq_run,
+        "recipe": transformers_recipe, "llmcompressor": llmcompressor_route, "llamacpp": llamacpp_route,
     }
     with ExitStack() as stack:
         if payload["scenario"] == "unchecked":
             stack.enter_context(ablation.input_check_removed())
         events = stack.enter_context(timeline.recording()) if payload.get("timeline") else None
         started = time.perf_counter()
-        work = scenario[payload["scenario"]](payload, area)
+        work = scenario[base_scenario(payload["scenario"])](payload, area)
         setup_s = time.perf_counter() - started
         rss_after_setup = _proc_status("VmRSS")  # imports (and inputs made up front): what the work adds is above it
         started = time.perf_counter()
         with ThreadCpu() as threads:
             details = work()
         wall_s = time.perf_counter() - started
-    result = {"thread_cpu_s": threads.by_name(), "wall_s": wall_s, "setup_s": setup_s, "rss_after_setup": rss_after_setup, "peak_rss": _proc_status("VmHWM"), **details}
+    # a route that runs tools as subprocesses (llamacpp) reports their peaks: the largest process counts
+    peak_rss = max(_proc_status("VmHWM"), details.get("tool_peak_rss", 0))
+    result = {"thread_cpu_s": threads.by_name(), "wall_s": wall_s, "setup_s": setup_s, "rss_after_setup": rss_after_setup, "peak_rss": peak_rss, **details}
     if events is not None:  # on the work's clock, stages of the setup left out
         result["timeline"] = [(stage, detail, thread, start - started, end - started) for stage, detail, thread, start, end in events if end >= started]
     Path(payload["result"]).write_text(json.dumps(result))
@@ -744,6 +769,64 @@ def llmcompressor_route(p: dict[str, Any], area: Path) -> Callable[[], dict[str,
     return work
 
 
+def _run_tool(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Run one tool to the end: (seconds, its peak RSS in bytes from wait4's ru_maxrss)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = proc.stdout.read() if proc.stdout else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.stderr.write(output.decode(errors="replace")[-4000:])
+        raise RuntimeError(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def llamacpp_route(p: dict[str, Any], area: Path) -> Callable[[], dict[str, Any]]:
+    """llama.cpp's own way to a GGUF (as its tools/quantize/README.md and the gguf-my-repo Space do): the whole
+    repo downloaded (snapshot_download), `convert_hf_to_gguf.py --outtype bf16` (or the type itself for the
+    converter's own bf16/f16/q8_0), `llama-quantize BF16 OUT TYPE NTHREADS`, then the file uploaded. Each step
+    timed; the download is deleted once converted and the bf16 file once quantized (the peak is the same).
+    The converter comes from streamq's pinned tree ($STREAMQ_LLAMA_CPP), llama-quantize from $LLAMA_QUANTIZE."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    from streamq.gguf.llama_cpp import converter_tree
+
+    qtype = gguf_type(p["scenario"])
+    script = converter_tree() / "convert_hf_to_gguf.py"
+    quantize = os.environ.get("LLAMA_QUANTIZE", "llama-quantize")
+    threads = os.cpu_count() or 1
+    api = HfApi(endpoint=p["endpoint"], token=TOKEN)
+    _read_sockets_in_larger_pieces()
+
+    def work() -> dict[str, Any]:
+        steps: dict[str, float] = {}
+        peaks: dict[str, int] = {}
+        started = time.perf_counter()
+        # into a folder named as the repo: the converter names the model after the folder, streamq after the repo
+        src = Path(snapshot_download(SOURCE, local_dir=area / SOURCE.split("/")[1], endpoint=p["endpoint"], token=TOKEN))
+        steps["download_s"] = time.perf_counter() - started
+        out = area / "out" / f"model-{qtype.upper()}.gguf"
+        out.parent.mkdir()
+        converter_type = qtype if qtype in ("bf16", "f16", "q8_0") else "bf16"
+        first = out if converter_type == qtype else area / "model-BF16.gguf"
+        steps["convert_s"], peaks["convert"] = _run_tool(
+            [sys.executable, str(script), str(src), "--outtype", converter_type, "--outfile", str(first)],
+            {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+        shutil.rmtree(src)
+        if first != out:
+            steps["quantize_s"], peaks["quantize"] = _run_tool([quantize, str(first), str(out), qtype.upper(), str(threads)])
+            first.unlink()
+        started = time.perf_counter()
+        api.create_repo(p["dst"])
+        api.upload_file(path_or_fileobj=str(out), path_in_repo=out.name, repo_id=p["dst"])
+        steps["upload_s"] = time.perf_counter() - started
+        return {**steps, "tool_peak_rss": max(peaks.values()), "tool_peak_rss_by_step": peaks, "threads": threads,
+                "output_bytes": out.stat().st_size}
+
+    return work
+
+
 # ---------------------------------------------------------------- the benchmark (parent)
 
 
@@ -774,12 +857,13 @@ class Shapes:
         return sum(pools(self.largest_tensor, self.output_pair, True))
 
 
-def shard_shapes(endpoint: str, max_shard_size: int | str | None = None) -> Shapes:
+def shard_shapes(endpoint: str, max_shard_size: int | str | None = None, quant: dict[str, Any] | None = None) -> Shapes:
     """Input sizes from the Hub, output shards as streamq's plan cuts them (the raw run uploads files of
-    these sizes, each once the stream has passed its last source byte)."""
+    these sizes, each once the stream has passed its last source byte). `quant`: the plan of those options
+    (e.g. format="gguf", quant_type="q4_k_m") instead of the default nf4."""
     from streamq import plan_requantize
 
-    plan = plan_requantize(SOURCE, endpoint=endpoint, token=TOKEN, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    plan = plan_requantize(SOURCE, endpoint=endpoint, token=TOKEN, **({"max_shard_size": max_shard_size} if max_shard_size else {}), **(quant or {}))
     layout = plan.layout
     ready = []
     for output in plan.outputs:
@@ -812,8 +896,10 @@ def scenario_params(scenario: str, shapes: Shapes, endpoint: str, scratch: Path,
         params.update(input=max(shapes.inputs, key=lambda s: s[1]), upload_bytes=shapes.largest_out, download_bytes=setup.probe_bytes)
     if scenario == "raw":
         params.update(inputs=[n for n, _ in shapes.inputs], outputs=shapes.outputs, ready=shapes.ready, staging=str(scratch / "staging"))
-    if scenario in ("strict", "overlap", "unchecked", "int4"):
+    if scenario in ("strict", "overlap", "unchecked", "int4") or base_scenario(scenario) == "gguf":
         params["max_shard_size"] = shapes.max_shard_size
+    if base_scenario(scenario) == "gguf":  # the default disk budget, sized from the GGUF plan
+        params.update(quant={"format": "gguf", "quant_type": gguf_type(scenario)})
     if scenario in ("overlap", "unchecked"):
         params["disk_budget"] = shapes.largest_tensor + OVERLAP_READ_AHEAD + shapes.output_pair
     if scenario == "int4":  # the default disk budget: streamq sizes the output pool from int4's own plan
@@ -867,7 +953,7 @@ def output_shards(endpoint: str, repo_id: str) -> dict[str, tuple[int, str | Non
     from huggingface_hub import HfApi
 
     info = HfApi(endpoint=endpoint, token=TOKEN).model_info(repo_id, files_metadata=True)
-    return {s.rfilename: (s.size or 0, s.lfs.sha256 if s.lfs else None) for s in info.siblings or [] if s.rfilename.endswith(".safetensors")}
+    return {s.rfilename: (s.size or 0, s.lfs.sha256 if s.lfs else None) for s in info.siblings or [] if s.rfilename.endswith((".safetensors", ".gguf"))}
 
 
 def probe_rates(hub: Any, network: Network | None, shapes: Shapes, scratch: Path, setup: Setup, tries: int = 2) -> dict[str, float]:
@@ -1236,6 +1322,8 @@ def parse_args() -> argparse.Namespace:
                         help="--kill-resume: kill once this fraction of the largest source file has been sent")
     parser.add_argument("--kill-json", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "kill_resume.json")
     parser.add_argument("--timeline", action="store_true", help="print when each stage of each run started and ended, by thread")
+    parser.add_argument("--shapes-from", default=None,
+                        help="gguf_TYPE: the raw run uploads the GGUF plan's files of TYPE (and the source gets a tokenizer), not nf4's shards")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "pipeline.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -1247,13 +1335,14 @@ SOURCE_MARK = "bench-source.json"  # in the hub's root: the model and seed its s
 
 def publish_model(
     hub: Any, spec: ModelSpec | MoESpec, seed: int, scratch: Path, direct: bool, sparse: bool = False, max_shard_size: int | str | None = None,
+    tokenizer: bool = False, quant: dict[str, Any] | None = None,
 ) -> tuple[Shapes, dict[str, Any]]:
     """Put the source model on the emulator, unthrottled, keeping no other copy of it; a source already
     there from the same model and seed (a kept --hub-dir) is used as it is."""
     from huggingface_hub import HfApi
 
     started = time.monotonic()
-    mark, wanted = hub.root / SOURCE_MARK, {"model": asdict(spec), "seed": seed, **({"sparse": True} if sparse else {})}
+    mark, wanted = hub.root / SOURCE_MARK, {"model": asdict(spec), "seed": seed, **({"sparse": True} if sparse else {}), **({"tokenizer": True} if tokenizer else {})}
     facts: dict[str, Any] = {}
     if mark.is_file() and json.loads(mark.read_text()) == wanted:
         how = "reused"
@@ -1262,20 +1351,22 @@ def publish_model(
         api = HfApi(endpoint=hub.endpoint, token=TOKEN)
         api.delete_repo(SOURCE, missing_ok=True)
         if direct:
-            facts = write_source_direct(hub.root, spec, seed, sparse)
+            facts = write_source_direct(hub.root, spec, seed, sparse, tokenizer)
             how = "written sparse into the emulator's storage" if sparse else "written into the emulator's storage"
         else:
             _builder(spec)(spec, scratch / "src", seed)
+            if tokenizer:
+                add_tokenizer(scratch / "src")
             api.create_repo(SOURCE)
             api.upload_folder(repo_id=SOURCE, folder_path=scratch / "src")
             shutil.rmtree(scratch / "src")
             how = "uploaded"
         mark.write_text(json.dumps(wanted))  # only once the source is whole
     seconds = time.monotonic() - started
-    shapes = shard_shapes(hub.endpoint, max_shard_size)
+    shapes = shard_shapes(hub.endpoint, max_shard_size, quant)
     print(f"model: {len(shapes.inputs)} source files ({', '.join(f'{s / GB:.2f}' for _, s in shapes.inputs)} GB), "
           f"{sum(s for _, s in shapes.inputs) / GB:.2f} GB {'fp8' if isinstance(spec, MoESpec) else 'bf16'} -> "
-          f"{len(shapes.outputs)} output shards, {sum(s for _, s in shapes.outputs) / GB:.2f} GB nf4 (at most); largest tensor "
+          f"{len(shapes.outputs)} output shards, {sum(s for _, s in shapes.outputs) / GB:.2f} GB {(quant or {}).get('quant_type', 'nf4')} (at most); largest tensor "
           f"{shapes.largest_tensor / GB:.2f} GB; default disk budget {shapes.default_budget / GB:.2f} GB "
           f"(source {how} in {seconds:.0f} s)", flush=True)
     return shapes, {"source": how, "seconds": round(seconds, 1), **facts}
@@ -1285,7 +1376,16 @@ def _builder(spec: ModelSpec | MoESpec) -> Callable[[Any, Path, int], None]:
     return build_fp8_model if isinstance(spec, MoESpec) else build_model
 
 
-def write_source_direct(root: Path, spec: ModelSpec | MoESpec, seed: int, sparse: bool = False) -> dict[str, Any]:
+def add_tokenizer(folder: Path) -> None:
+    """The small trained BPE tokenizer of tests/gguf_cases.py (tokenizer.json and its config), which llama.cpp's
+    converter reads for Llama (it pads the vocabulary up to the config's vocab_size)."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from gguf_cases import write_tokenizer
+
+    write_tokenizer(folder, spm=False)
+
+
+def write_source_direct(root: Path, spec: ModelSpec | MoESpec, seed: int, sparse: bool = False, tokenizer: bool = False) -> dict[str, Any]:
     """Build the model inside the emulator's storage and commit it there, as upload_folder would have:
     pushing 61 GB through the emulator's HTTP uploads takes minutes, a rename takes nothing.
 
@@ -1315,6 +1415,8 @@ def write_source_direct(root: Path, spec: ModelSpec | MoESpec, seed: int, sparse
             raise SystemExit("--sparse builds the bf16 Llama-shaped model only (not --fp8-moe)")
         staging.mkdir(parents=True)
         llama_config(spec).save_pretrained(staging)
+        if tokenizer:
+            add_tokenizer(staging)
         groups = spec.shards()
         files, weight_map = [], {}
         for number, group in enumerate(groups, 1):
@@ -1336,6 +1438,8 @@ def write_source_direct(root: Path, spec: ModelSpec | MoESpec, seed: int, sparse
         operations += [stored(path) for path in sorted(staging.iterdir()) if path.suffix != ".safetensors"]
     else:
         _builder(spec)(spec, staging, seed)
+        if tokenizer:
+            add_tokenizer(staging)
         with ThreadPoolExecutor(os.cpu_count()) as pool:  # hashing releases the GIL
             operations = list(pool.map(stored, sorted(staging.iterdir())))
     repo.commit_changes("main", operations, title="Upload folder using huggingface_hub", message="", author=DEFAULT_USER)
@@ -1400,7 +1504,7 @@ def main() -> None:
     if args.sparse and not args.source_direct:
         raise SystemExit("--sparse writes the source into the emulator's storage: add --source-direct")
     runs = [split_run(name, args.device) for name in args.scenarios]
-    if "raw" not in args.scenarios or any(s not in SCENARIOS + ABLATIONS or d not in DEVICES for s, d in runs):
+    if "raw" not in args.scenarios or any(base_scenario(s) not in SCENARIOS + ABLATIONS + GGUF_ROUTES or d not in DEVICES for s, d in runs):
         raise SystemExit(f"--scenarios: a subset of {','.join(SCENARIOS + ABLATIONS)} that includes raw (the baseline), "
                          f"each but raw optionally @{'/@'.join(DEVICES)}")
     for scenario, _ in runs:
@@ -1430,6 +1534,7 @@ def main() -> None:
             "git": {**git_before, "changed_during_run": git_commit() != git_before}, "machine": {**machine_facts(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
             "model": {"kind": "fp8-moe" if args.fp8_moe else "bf16", **asdict(spec)}, "shards": asdict(shapes), "source": source, "repeat": args.repeat,
             "setup": {"child_cpus": sorted(setup.cpus) if setup.cpus else None, "device": setup.device}, "networks": results,
+            "shapes_from": args.shapes_from or "nf4",
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
@@ -1448,7 +1553,9 @@ def main() -> None:
     try:
         with LocalHub(hub_root) as hub:
             SERVED.hub = hub
-            shapes, source = publish_model(hub, spec, args.seed, scratch, args.source_direct, args.sparse, args.max_shard_size)
+            gguf = any(base_scenario(s) in GGUF_ROUTES for s, _ in runs)
+            quant = {"format": "gguf", "quant_type": gguf_type(args.shapes_from)} if args.shapes_from else None
+            shapes, source = publish_model(hub, spec, args.seed, scratch, args.source_direct, args.sparse, args.max_shard_size, gguf, quant)
             results = run_all(hub, shapes, scratch, args, setup, save)
             for result in results:
                 print_network(result)
