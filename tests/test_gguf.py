@@ -393,3 +393,12 @@ def test_fp32_and_fp16_sources_equal_llama_cpp(ref: str, tmp_path: Path, dtype: 
     theirs = reference(ref, src, tmp_path / "ref", qtype, split=True)
     stream_requantize(src, tmp_path / "out", format="gguf", quant_type=qtype, max_shard_size=SPLIT_BYTES, progress=False)
     assert_same_files(gguf_files(tmp_path / "out"), theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["q5_k_m", "q6_k", "f16", "Q4_K_S"])
+def test_the_other_offered_types_equal_llama_cpp(ref: str, checkpoints: dict[str, Path], tmp_path: Path, qtype: str) -> None:
+    src = checkpoints["gemma4_moe"]
+    theirs = reference(ref, src, tmp_path / "ref", qtype.lower(), split=True)
+    stream_requantize(src, tmp_path / "out", format="gguf", quant_type=qtype, max_shard_size=SPLIT_BYTES, progress=False)
+    assert_same_files(gguf_files(tmp_path / "out"), theirs)
