@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -126,17 +127,8 @@ def _load_and_run(output: Source, problems: list[str]) -> bool:
     from transformers import AutoModelForCausalLM
 
     with tempfile.TemporaryDirectory(prefix="streamq-verify-") as tmp:
-        local = Path(tmp)
-        for name in output.files():
-            fetched = output.fetch(name, local / "dl")
-            dest = local / "model" / name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if fetched.temporary:
-                fetched.path.replace(dest)
-            else:
-                dest.symlink_to(fetched.path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(local / "model", device_map="cpu")
+            model = AutoModelForCausalLM.from_pretrained(_gather(output, output.files(), Path(tmp)), device_map="cpu")
             with torch.no_grad():
                 logits = model(torch.tensor([[1, 2, 3, 4]])).logits
         except Exception as exc:  # any failure here is the finding we report
@@ -148,6 +140,19 @@ def _load_and_run(output: Source, problems: list[str]) -> bool:
     return True
 
 
+def _gather(output: Source, names: Iterable[str], tmp: Path) -> Path:
+    """The output's files `names` in one local folder (linked where they are local already), as a user has them."""
+    for name in names:
+        fetched = output.fetch(name, tmp / "dl")
+        dest = tmp / "model" / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if fetched.temporary:
+            fetched.path.replace(dest)
+        else:
+            dest.symlink_to(fetched.path)
+    return tmp / "model"
+
+
 def _load_and_run_gguf(output: Source, problems: list[str]) -> bool:
     """Load with llama.cpp (llama-cpp-python), from the first file as a user would, and evaluate four tokens."""
     import numpy as np
@@ -157,16 +162,9 @@ def _load_and_run_gguf(output: Source, problems: list[str]) -> bool:
         names = sorted(n for n in output.files() if n.endswith(".gguf"))
         # the model's first file (llama.cpp's gguf_filename_is_model: a --mmproj projector is not a model)
         names.sort(key=lambda n: "mmproj" in PurePosixPath(n).name)
-        for name in names:
-            fetched = output.fetch(name, Path(tmp) / "dl")
-            dest = Path(tmp) / "model" / name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if fetched.temporary:
-                fetched.path.replace(dest)
-            else:
-                dest.symlink_to(fetched.path)
+        folder = _gather(output, names, Path(tmp))
         try:
-            llm = Llama(model_path=str(Path(tmp) / "model" / names[0]), n_ctx=32, logits_all=True, verbose=False)
+            llm = Llama(model_path=str(folder / names[0]), n_ctx=32, logits_all=True, verbose=False)
             llm.eval([1, 2, 3, 4])
             logits = np.asarray(llm.scores[: llm.n_tokens])
             llm.close()

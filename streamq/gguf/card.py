@@ -3,8 +3,7 @@ llama.cpp, Ollama and LM Studio."""
 
 from __future__ import annotations
 
-from huggingface_hub import ModelCard, ModelCardData
-
+from ..modelcard import card_tail, front_matter, origin
 from .llama_cpp import LLAMA_CPP_COMMIT
 from .plan import GgufPlan
 from .qat import grid_line
@@ -12,17 +11,7 @@ from .qat import grid_line
 
 def render_gguf_card(plan: GgufPlan, repo_name: str, source_card: str | None, output_bytes: int, stats: dict[str, int]) -> str:
     quant = plan.settings.quant_type.upper()
-    license_, body = None, ""
-    if source_card:
-        card = ModelCard(source_card, ignore_metadata_errors=True)
-        license_ = card.data.get("license")
-        body = card.text.strip()
-    is_hub = plan.revision is not None
-    data = ModelCardData(
-        base_model=plan.source if is_hub else None, base_model_relation="quantized" if is_hub else None,
-        license=license_, tags=["gguf", "llama.cpp", "streamq"],
-    )
-    origin = f"[{plan.source}](https://huggingface.co/{plan.source}) at commit `{plan.revision}`" if is_hub else f"`{plan.source}`"
+    front, body = front_matter(plan, source_card, ["gguf", "llama.cpp", "streamq"])
     files = "".join(f"| `{f.name}` | {f.size / 1e9:.2f} GB |\n" for f in plan.out_files)
     types = ", ".join(f"{n} {name}" for name, n in plan.type_counts().items())
     model, mmproj = plan.sets[0], plan.mmproj
@@ -31,13 +20,11 @@ def render_gguf_card(plan: GgufPlan, repo_name: str, source_card: str | None, ou
     ratio = plan.input_bytes / output_bytes if output_bytes else 0.0
     made_by = model.made_by + (f", and the projector `{mmproj.files[0].name}` with {mmproj.made_by}" if mmproj else "")
     split = len(model.files) > 1
-    text = f"""---
-{data.to_yaml()}
----
+    text = f"""{front}
 
 # {quant} GGUF of {plan.source}
 
-Converted from {origin} with [streamq](https://pypi.org/project/streamq/), tensor by tensor: the files are
+Converted from {origin(plan)} with [streamq](https://pypi.org/project/streamq/), tensor by tensor: the files are
 byte for byte what llama.cpp ({LLAMA_CPP_COMMIT}) writes with {made_by}{" (but for Q4_0 groups kept on a QAT grid, below)" if grid and stats.get("q4_0_groups_kept_from_grid") else ""}{", split as `llama-gguf-split --split` splits" if split else ""}.
 
 | | |
@@ -67,11 +54,7 @@ LM Studio: search for `{repo_name}` in the Discover tab, or `lms get {repo_name}
 """
     if plan.warnings:  # source tensors llama.cpp's converter writes to neither file, and why
         text += "\n## Not converted\n\n" + "".join(f"- {w}\n" for w in plan.warnings)
-    if plan.left_out:
-        text += "\n## Files of the source repo not in this one\n\n" + "".join(f"- `{n}`: {r}\n" for n, r in plan.left_out.items())
-    if body:
-        text += f"\n## Original model card\n\n{body}\n"
-    return text
+    return text + card_tail(plan.left_out, body)
 
 
 def _first_file_line(split: bool, mmproj) -> str:

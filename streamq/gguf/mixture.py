@@ -13,15 +13,19 @@ import ctypes
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 from ..errors import StreamqError
 from .header import FilePlan
 from .llama_cpp import libraries
 
-# streamq's names (llama.cpp's, lower case) -> llama_ftype
-FTYPES = {"q4_0": "Q4_0", "q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K", "q4_k_s": "Q4_K_S", "q5_k_s": "Q5_K_S", "q5_0": "Q5_0", "q3_k_m": "Q3_K_M"}
 _LINE = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+), size =\s*[\d.]+ MiB(?: ->\s*[\d.]+ MiB \((\w+)\))?")
 _LOG_LOCK = threading.Lock()  # llama.cpp's log callback is process-wide
+
+
+def llama_ftype(llama_cpp: Any, qtype: str) -> int:
+    """llama.cpp's file type for one of streamq's GGUF type names (llama.cpp's, lower case)."""
+    return int(getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}"))
 
 
 def quantized_types(intermediate: FilePlan, ftype: str, work: Path) -> list[tuple[str, str]]:
@@ -32,7 +36,7 @@ def quantized_types(intermediate: FilePlan, ftype: str, work: Path) -> list[tupl
         f.write(intermediate.header)
         f.truncate(intermediate.size)  # a hole: no disk
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{FTYPES[ftype]}")
+    params.ftype = llama_ftype(llama_cpp, ftype)
     params.dry_run = True
     text: list[str] = []
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -32,7 +31,7 @@ from ..settings import GGUF_CONVERTER_TYPES, QuantSettings
 from ..targets import TensorInfo
 from .header import FilePlan, TensorEntry, file_plan, split_files
 from .llama_cpp import LLAMA_CPP_COMMIT, converter, libraries
-from .mixture import FTYPES, quantized_types
+from .mixture import llama_ftype, quantized_types
 from .model import ConvertedModel, GgufTensor, convert_model, mmproj_architecture
 
 logger = logging.getLogger(__name__)
@@ -59,12 +58,10 @@ class Feed:
         self.tensors: dict[str, torch.Tensor] = {}
         self.small = small
         self.read_while_planning: set[str] = set()
-        self._lock = threading.Lock()
 
     def read(self, key: str) -> torch.Tensor:
-        with self._lock:
-            if key in self.tensors:
-                return self.tensors[key]
+        if key in self.tensors:
+            return self.tensors[key]
         found = self.small(key)
         if found is None:
             raise AssertionError(f"the converter read {key}, which the stream has not provided")
@@ -276,7 +273,7 @@ def _quantized(model: ConvertedModel, entries: list[TensorEntry], qtype: str, wo
     intermediate's, with the quantization version and file type set again, which moves them last)."""
     _, gguf = converter()
     _, llama_cpp = libraries()
-    intermediate = split_files("intermediate", model.kv, entries, model.alignment, 1 << 62)[0]
+    intermediate = file_plan("intermediate.gguf", model.kv, entries, model.alignment)
     by_name = {e.name: e for e in entries}
     out = []
     for name, type_name in quantized_types(intermediate, qtype, work):
@@ -289,7 +286,7 @@ def _quantized(model: ConvertedModel, entries: list[TensorEntry], qtype: str, wo
         out.append(TensorEntry(name, target, source.shape, int(np.prod(source.shape)) // block * type_size))
     kv = {k: v for k, v in model.kv.items() if k not in (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE)}
     kv[gguf.Keys.General.QUANTIZATION_VERSION] = gguf.GGUFValue(gguf.GGML_QUANT_VERSION, gguf.GGUFValueType.UINT32)
-    kv[gguf.Keys.General.FILE_TYPE] = gguf.GGUFValue(int(getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{FTYPES[qtype]}")), gguf.GGUFValueType.UINT32)
+    kv[gguf.Keys.General.FILE_TYPE] = gguf.GGUFValue(llama_ftype(llama_cpp, qtype), gguf.GGUFValueType.UINT32)
     return out, kv
 
 

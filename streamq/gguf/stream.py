@@ -158,11 +158,11 @@ def _compute(plan: GgufPlan, tensor, inputs: dict, stats: Counter) -> np.ndarray
     step = max(1, PIECE // (4 * n))
     for first in range(0, len(rows), step):
         piece = rows[first:first + step]
-        # the intermediate file's bf16, what llama-quantize reads (the converter's own rounding)
-        read = to_f32(bf16(piece), BF16) if tensor.qtype == BF16 else piece
         if target.qtype == BF16:
             out[first:first + step] = bf16(piece).reshape(len(piece), -1)
             continue
+        # the intermediate file's bf16, what llama-quantize reads (the converter's own rounding)
+        read = to_f32(bf16(piece), BF16) if tensor.qtype == BF16 else piece
         quantized = quantize_rows(read, n, target.qtype)
         if target.qtype == Q4_0:
             quantized = keep_grid(piece, quantized, stats)
