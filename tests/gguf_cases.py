@@ -263,16 +263,32 @@ def gpt2_vocab_file(reference_python: str) -> Path:
     return llama_cpp_vocab(reference_python, "gpt-2")
 
 
-def write_qwen2_tokenizer(path: Path, vocab_file: Path) -> int:
-    """Qwen2's tokenizer.json + tokenizer_config.json, rebuilt from `vocab_file`; returns the vocab size."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, Regex
+def _bpe_from_vocab(vocab_file: Path) -> tuple[Any, list[tuple[int, str]]]:
+    """A BPE tokenizer of a llama.cpp vocab file's normal tokens and merges, and its control tokens (id, text)."""
+    from tokenizers import Tokenizer, models
 
     kv = read_gguf_vocab(vocab_file)
     tokens, types, merges = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"], kv["tokenizer.ggml.merges"]
     normal = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k == 1}
-    control = [(i, t) for i, (t, k) in enumerate(zip(tokens, types)) if k == 3]  # <|endoftext|>, <|im_start|>, <|im_end|>
-    model = models.BPE(vocab=normal, merges=[tuple(m.split(" ", 1)) for m in merges], byte_fallback=False)
-    tok = Tokenizer(model)
+    control = [(i, t) for i, (t, k) in enumerate(zip(tokens, types)) if k == 3]
+    return Tokenizer(models.BPE(vocab=normal, merges=[tuple(m.split(" ", 1)) for m in merges], byte_fallback=False)), control
+
+
+def _write_with_control(path: Path, tok: Any, control: list[tuple[int, str]]) -> None:
+    """Add the control tokens at their ids (they follow the normal ones) and write tokenizer.json."""
+    from tokenizers import AddedToken
+
+    for i, text in control:
+        assert tok.get_vocab_size(with_added_tokens=True) == i, (i, text)
+        tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
+    (path / "tokenizer.json").write_text(tok.to_str(pretty=True))
+
+
+def write_qwen2_tokenizer(path: Path, vocab_file: Path) -> int:
+    """Qwen2's tokenizer.json + tokenizer_config.json, rebuilt from `vocab_file`; returns the vocab size."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors
+
+    tok, control = _bpe_from_vocab(vocab_file)  # control: <|endoftext|>, <|im_start|>, <|im_end|>
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
@@ -280,10 +296,7 @@ def write_qwen2_tokenizer(path: Path, vocab_file: Path) -> int:
     ])
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    for i, text in control:
-        assert tok.get_vocab_size(with_added_tokens=True) == i, (i, text)
-        tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
-    (path / "tokenizer.json").write_text(tok.to_str(pretty=True))
+    _write_with_control(path, tok, control)
     config = {
         "add_bos_token": False, "add_prefix_space": False, "bos_token": None, "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>", "unk_token": None, "chat_template": QWEN2_CHAT_TEMPLATE,
@@ -298,20 +311,13 @@ def write_gpt2_tokenizer(path: Path, vocab_file: Path, chat_template: str | None
     (byte-level BPE with GPT-2's own split regex, <|endoftext|> as bos/eos): the smallest tokenizer the GPT-2
     path recognises (50,257 tokens; "gpt-2", and all 47 cases of ggml-vocab-gpt-2.gguf.inp give the ids in
     .out). Returns the vocab size."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import decoders, pre_tokenizers, processors
 
-    kv = read_gguf_vocab(vocab_file)
-    tokens, types, merges = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"], kv["tokenizer.ggml.merges"]
-    normal = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k == 1}
-    control = [(i, t) for i, (t, k) in enumerate(zip(tokens, types)) if k == 3]  # <|endoftext|>
-    tok = Tokenizer(models.BPE(vocab=normal, merges=[tuple(m.split(" ", 1)) for m in merges], byte_fallback=False))
+    tok, control = _bpe_from_vocab(vocab_file)  # control: <|endoftext|>
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    for i, text in control:
-        assert tok.get_vocab_size(with_added_tokens=True) == i, (i, text)
-        tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
-    (path / "tokenizer.json").write_text(tok.to_str(pretty=True))
+    _write_with_control(path, tok, control)
     config = {
         "add_bos_token": True, "add_eos_token": False, "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>", "model_max_length": 1024, "clean_up_tokenization_spaces": False,
@@ -530,6 +536,20 @@ def reference_python() -> str | None:
 
     path = os.environ.get("STREAMQ_GGUF_REFERENCE")
     return path if path and Path(path).exists() else None
+
+
+def reference_or_skip() -> str:
+    """The reference venv's python for a test: skipped without it, failed with STREAMQ_REQUIRE_GGUF_REFERENCE=1 (CI)."""
+    import os
+
+    import pytest
+
+    python = reference_python()
+    if python is None:
+        if os.environ.get("STREAMQ_REQUIRE_GGUF_REFERENCE") == "1":
+            pytest.fail("the GGUF reference virtualenv is missing (STREAMQ_GGUF_REFERENCE; tests/gguf_reference_setup.sh builds it)")
+        pytest.skip("no GGUF reference virtualenv (bash tests/gguf_reference_setup.sh DEST; STREAMQ_GGUF_REFERENCE=DEST/bin/python)")
+    return python
 
 
 def _in_reference(python: str, script: str, *args: str, timeout: int = 900) -> str:

@@ -7,7 +7,6 @@ skipped without $STREAMQ_GGUF_REFERENCE, failed with STREAMQ_REQUIRE_GGUF_REFERE
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from huggingface_hub import HfApi, snapshot_download
 
 from gguf_cases import (
     gguf_logits, gpt2_vocab_file, make_checkpoint, make_deepseek_fp8_checkpoint, make_gemma3_vision_checkpoint, qwen2_vocab_file,
-    reference_python, run_reference,
+    reference_or_skip, run_reference,
 )
 from streamq import stream_requantize
 from streamq.cli import main as cli_main
@@ -29,12 +28,7 @@ TYPES = ("q8_0", "q4_0", "q4_k_m", "bf16")
 
 @pytest.fixture(scope="module")
 def ref() -> str:
-    python = reference_python()
-    if python is None:
-        if os.environ.get("STREAMQ_REQUIRE_GGUF_REFERENCE") == "1":
-            pytest.fail("the GGUF reference virtualenv is missing (STREAMQ_GGUF_REFERENCE; tests/gguf_reference_setup.sh builds it)")
-        pytest.skip("no GGUF reference virtualenv (bash tests/gguf_reference_setup.sh DEST; STREAMQ_GGUF_REFERENCE=DEST/bin/python)")
-    return python
+    return reference_or_skip()
 
 
 @pytest.fixture(scope="module")

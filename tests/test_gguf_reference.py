@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 
-from gguf_cases import gguf_logits, make_checkpoint, read_gguf, reference_python, run_reference
+from gguf_cases import gguf_logits, make_checkpoint, read_gguf, reference_or_skip, run_reference
 
 SPLIT_TENSORS = 16
 TYPES = ("q8_0", "q4_k_m")
@@ -22,12 +21,7 @@ TYPES = ("q8_0", "q4_k_m")
 
 @pytest.fixture(scope="module")
 def ref() -> str:
-    python = reference_python()
-    if python is None:
-        if os.environ.get("STREAMQ_REQUIRE_GGUF_REFERENCE") == "1":
-            pytest.fail("the GGUF reference virtualenv is missing (STREAMQ_GGUF_REFERENCE; tests/gguf_reference_setup.sh builds it)")
-        pytest.skip("no GGUF reference virtualenv (bash tests/gguf_reference_setup.sh DEST; STREAMQ_GGUF_REFERENCE=DEST/bin/python)")
-    return python
+    return reference_or_skip()
 
 
 @pytest.fixture(scope="module")
