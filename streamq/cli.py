@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="discard an existing output made from another revision or with other settings")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to quantize (recorded in the manifest)")
     run.add_argument("--disk-budget", type=float, metavar="GB", help="the most work_dir may hold (default: two output shards, the largest tensor and 1 GB of read-ahead)")
+    run.add_argument("--cluster", metavar="ADDRESS", help='run on a Ray cluster: "auto" (this machine is in it), ray://host:10001, or host:port; needs pip install "streamq[ray]"')
     run.add_argument(
         "--commits-per-hour", type=int, default=DEFAULT_COMMITS_PER_HOUR, metavar="N",
         help=f"most Hub commits in any hour, counting the output's recent ones (default {DEFAULT_COMMITS_PER_HOUR}); more shards are committed in batches",
@@ -162,7 +163,7 @@ def _requantize(args: argparse.Namespace) -> int:
     from .pipeline import stream_requantize
     from .report import human_size
 
-    options = _options(args, *PLAN_OPTIONS, "work_dir", "private", "branch", "create_pr", "progress", "overwrite", "device", "commits_per_hour")
+    options = _options(args, *PLAN_OPTIONS, "work_dir", "private", "branch", "create_pr", "progress", "overwrite", "device", "commits_per_hour", "cluster")
     if args.disk_budget is not None:
         options["disk_budget"] = int(args.disk_budget * 1e9)
     if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1" or not sys.stderr.isatty():

@@ -1,10 +1,12 @@
-"""The download: the source's weight files, in order, from the resume point to the end, into the window.
+"""The download: byte ranges of the source's weight files, in order, into the window.
 
-Every byte of a file passes through its sha256, from the file's first byte or from a hash state saved
-at a planned offset by an earlier run (see `sha256.py`), so a file of any size is checked against the
-Hub's sha256 without being on disk whole. The hash state is saved where each output shard starts, so a
-run that resumes at a shard downloads from there, not from the start of its file. The hashing runs on
-a thread of its own beside the socket reads and the window writes.
+A range that checks its file passes every byte through its sha256, from the file's first byte or from
+a hash state saved at a planned offset by an earlier run (see `sha256.py`), to the file's end, so a
+file of any size is checked against the Hub's sha256 without being on disk whole. The hash state is
+saved where each output shard starts, so a run that resumes at a shard downloads from there, not from
+the start of its file. The hashing runs on a thread of its own beside the socket reads and the window
+writes. A range that does not check its file (a cluster job's share of a file another job checks) is
+read by one Range request and not hashed.
 """
 
 from __future__ import annotations
@@ -47,6 +49,17 @@ class Checkpoint:
     state: str | None
 
 
+@dataclass(frozen=True)
+class Read:
+    """Bytes [start.offset, end) of file `file` (end None: to the file's end); `check`: hash them,
+    from `start`'s state, and compare the whole file's sha256 (needs end None)."""
+
+    file: int
+    start: Checkpoint
+    end: int | None = None
+    check: bool = True
+
+
 class FileFeed:
     """One file's bytes as `HubSource.stream` delivers them: gathered into 4 MiB batches (once per socket
     read, the bookkeeping cost a 2-core VM as much CPU as the transfer), written to the window, and
@@ -54,8 +67,10 @@ class FileFeed:
 
     BLOCK = 4 << 20
 
-    def __init__(self, window: Window, file: int, start: Checkpoint, marks: list[int], saved: Callable[[int, Checkpoint], None]) -> None:
-        self._window, self._file = window, file
+    def __init__(
+        self, window: Window, file: int, start: Checkpoint, marks: list[int], saved: Callable[[int, Checkpoint], None], check: bool = True,
+    ) -> None:
+        self._window, self._file, self._check = window, file, check
         self._position = start.offset  # the next byte the window and the hash take
         self._received = start.offset  # where the response stands (0 again after a server ignored Range)
         self._pending: list[bytes] = []
@@ -65,7 +80,8 @@ class FileFeed:
         self._saved = saved
         self._blocks: queue.Queue[tuple[int, list[bytes]] | None] = queue.Queue(maxsize=4)
         self._hasher = threading.Thread(target=self._hash, name="streamq-sha256", daemon=True)
-        self._hasher.start()
+        if check:
+            self._hasher.start()
 
     @property
     def size(self) -> int:
@@ -93,7 +109,8 @@ class FileFeed:
         if not self._pending:
             return
         pieces, self._pending = self._pending, []
-        self._blocks.put((self._position, pieces))
+        if self._check:
+            self._blocks.put((self._position, pieces))
         for piece in pieces:
             self._window.write(self._file, self._position, memoryview(piece))
             self._position += len(piece)
@@ -116,37 +133,42 @@ class FileFeed:
     def close(self) -> str:
         """The sha256 of the whole file (once every byte has come)."""
         self._flush()
-        self._blocks.put(None)
-        self._hasher.join()
+        self._stop_hashing()
         return self._sha.hexdigest()
 
     def abandon(self) -> None:
         self._pending.clear()
-        self._blocks.put(None)
-        self._hasher.join()
+        self._stop_hashing()
+
+    def _stop_hashing(self) -> None:
+        if self._check:
+            self._blocks.put(None)
+            self._hasher.join()
 
 
 def download(
-    source: HubSource, files: list[InputFile], first: int, last: int, start: Checkpoint, marks: Callable[[int, int], list[int]],
+    source: HubSource, files: list[InputFile], reads: list[Read], marks: Callable[[int, int], list[int]],
     window: Window, saved: Callable[[int, Checkpoint], None], checked: Callable[[int], None],
 ) -> None:
-    """Download files `first`..`last` (indices into `files`), the first from `start`, each to its end.
-    `checked(file)` is called once a file's sha256 matches the Hub's; a mismatch raises."""
-    for file in range(first, last + 1):
-        info = files[file]
-        begin = start if file == first else Checkpoint(0, None)
-        window.begin_file(file)
-        feed = FileFeed(window, file, begin, marks(file, info.size), saved)
+    """Download `reads`, in order. `checked(file)` is called once a checked file's sha256 matches the
+    Hub's; a mismatch raises."""
+    for read in reads:
+        info = files[read.file]
+        window.begin_file(read.file)
+        feed = FileFeed(window, read.file, read.start, marks(read.file, info.size) if read.check else [], saved, read.check)
         try:
-            source.stream(info.name, feed)
+            source.stream(info.name, feed, read.end)
         except BaseException:
             feed.abandon()
             raise
+        if not read.check:
+            feed.close()
+            continue
         digest = feed.close()
         if digest != info.sha256:
-            raise ChecksumMismatch(f"{info.name}: the downloaded bytes have sha256 {digest}, but the Hub lists {info.sha256}", file)
+            raise ChecksumMismatch(f"{info.name}: the downloaded bytes have sha256 {digest}, but the Hub lists {info.sha256}", read.file)
         logger.info("%s: sha256 checked over all %d bytes", info.name, info.size)
-        checked(file)
+        checked(read.file)
 
 
 def resume_point(start: Position, checkpoint: Checkpoint | None) -> Checkpoint:

@@ -161,8 +161,8 @@ class Sink(Protocol):
     def restart(self) -> None: ...
 
 
-def _append_body(url: str, headers: dict[str, str], f: Sink, watch: StallWatch) -> None:
-    """Append the body of `url` from byte `f.size` on (a Range request) to `f`.
+def _append_body(url: str, headers: dict[str, str], f: Sink, watch: StallWatch, end: int | None = None) -> None:
+    """Append the body of `url` from byte `f.size` on (a Range request) to `f`, up to `end` if given.
 
     The same request as huggingface_hub's `http_get` (its session, headers, timeout and status
     retries), but each piece goes to `f` as it comes off the socket: `http_get` first re-chunks the
@@ -172,18 +172,20 @@ def _append_body(url: str, headers: dict[str, str], f: Sink, watch: StallWatch) 
     """
     start = f.size
     watch.restart(start)
-    ranged = {**headers, "Range": f"bytes={start}-"} if start else headers
+    ranged = {**headers, "Range": f"bytes={start}-{'' if end is None else end - 1}"} if start or end is not None else headers
     with http_stream_backoff(
         "GET", url, headers=ranged, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT, retry_on_exceptions=(),
         retry_on_status_codes=(408, 429),
     ) as response:
         hf_raise_for_status(response)
-        if start and response.status_code == 200:  # the server ignored Range: this is the whole file
+        if (start or end is not None) and response.status_code == 200:  # the server ignored Range: this is the whole file
             f.restart()
             watch.restart(0)
         for chunk in response.iter_bytes():
-            f.append(chunk)
+            f.append(chunk if end is None else chunk[: end - f.size])
             watch.update(f.size)
+            if end is not None and f.size >= end:
+                break
 
 
 def _size(path: Path) -> int:
@@ -306,15 +308,17 @@ class HubSource:
         with hub.reading(self.repo_id):
             return retrying(attempt, f"reading {path}")
 
-    def stream(self, path: str, sink: Sink) -> None:
-        """Send the file's bytes from `sink.size` to its end into `sink`, by Range requests: a broken or
-        trickling connection resumes where the sink stands, on a fresh one (bounded retries)."""
+    def stream(self, path: str, sink: Sink, end: int | None = None) -> None:
+        """Send the file's bytes from `sink.size` to `end` (default: its end) into `sink`, by Range
+        requests: a broken or trickling connection resumes where the sink stands, on a fresh one
+        (bounded retries)."""
         url, headers = self._url(path), build_hf_headers(token=self.api.token, library_name="streamq")
 
         def attempt() -> None:
             meta = get_hf_file_metadata(url, token=self.api.token, endpoint=self.api.endpoint)
-            if sink.size < (meta.size or 0):
-                _append_body(meta.location, headers, sink, StallWatch(self._speeds, f"download of {path}"))
+            stop = (meta.size or 0) if end is None else end
+            if sink.size < stop:
+                _append_body(meta.location, headers, sink, StallWatch(self._speeds, f"download of {path}"), None if end is None else stop)
 
         try:
             with hub.reading(self.repo_id):

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .budget import DiskBudget, pools
+from .cluster import check_cluster, cluster_scheduler, job_context
 from .commits import DEFAULT_COMMITS_PER_HOUR
 from .converters import converter_for
 from .errors import InsufficientDiskError, OutputNotWritableError, StreamqError
@@ -34,7 +35,8 @@ from .manifest import Manifest, stats_total
 from .modelcard import render_model_card
 from .plan import INDEX_NAME, Plan, build_plan
 from .publish import HubSink, LocalSink, Payload, Sink
-from .schedule import Scheduler, ShardRecord
+from .record import ShardRecord
+from .schedule import Scheduler
 from .settings import DEFAULT_MAX_SHARD_SIZE, QuantSettings
 from .surface import remedy
 from .workdir import WorkDir, default_root, folder_for
@@ -97,6 +99,7 @@ def iter_requantize(
     disk_budget: int | Callable[[Plan], int | None] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     create_pr: bool = False,
+    cluster: str | None = None,
     tqdm_class: type[tqdm] = tqdm,
 ) -> Generator[ShardRecord, None, RequantizeResult]:
     """Yield a `ShardRecord` per shard as it is published; the generator returns the `RequantizeResult`.
@@ -117,6 +120,10 @@ def iter_requantize(
     what is left of it lets the download run ahead (default: 1 GB of read-ahead). It may be a function
     of the run's plan (bytes, or None for the default), for a caller that sizes it from the model
     without planning it a second time.
+    `cluster` ("auto", "ray://host:10001" or a Ray address) runs the conversion on that Ray cluster
+    (`pip install "streamq[ray]"` there and here): jobs of consecutive output shards, each downloading,
+    converting and uploading its own bytes on a worker node within `disk_budget`, while this process
+    records and commits them. Source and output must both be Hub repos.
     `tqdm_class` makes the run's one progress bar (as in huggingface_hub's `snapshot_download`): its
     `desc` and `postfix` name the phase, `n` of `total` the input bytes published; a subclass can
     show them elsewhere, as the web app (`streamq.app`) does.
@@ -130,9 +137,14 @@ def iter_requantize(
         raise ValueError("create_pr needs a Hub repo as output, not a directory")
     if _same_location(src_loc, dst_loc):
         raise StreamqError(f"the output {dst} is the source itself; choose another output repo or directory")
+    if cluster is not None:
+        check_cluster(src_loc, dst_loc, settings)
     if isinstance(dst_loc, HubRepo):
         require_online(dst_loc.repo_id)
-    device = _resolve_device(device) if settings.format == "safetensors" else "cpu"  # llama.cpp's quantizers run on the CPU
+    if cluster is not None:
+        device = "cuda" if device == "cuda" else "cpu"  # the nodes' devices, not this machine's
+    else:
+        device = _resolve_device(device) if settings.format == "safetensors" else "cpu"  # llama.cpp's quantizers run on the CPU
 
     api = make_api(token, endpoint)
     finished = False
@@ -148,7 +160,7 @@ def iter_requantize(
         for warning in plan.warnings:
             logger.warning(warning)
         chosen = disk_budget(plan) if callable(disk_budget) else disk_budget
-        budget = _disk_budget(work, plan, downloads, chosen)  # refused here, before a byte is written
+        budget = _disk_budget(work, plan, downloads, chosen, cluster is not None)  # refused here, before a byte is written
         sink: Sink = (
             HubSink(
                 api, dst_loc.repo_id, private=private, commits_per_hour=commits_per_hour, branch=branch, create_pr=create_pr,
@@ -162,9 +174,14 @@ def iter_requantize(
         todo = [i for i, o in enumerate(plan.outputs) if not _done(manifest, o, plan)]
 
         bar = stack.enter_context(tqdm_class(total=plan.input_bytes, unit="B", unit_scale=True, disable=not progress, desc="streamq"))
-        gguf = isinstance(plan, GgufPlan)
-        stream = {"stream": gguf_stream, "warm": lambda plan, device: None} if gguf else {}
-        scheduler = Scheduler(source, sink, plan, manifest, work, device, budget, bar, **stream)
+        if cluster is not None:
+            assert isinstance(sink, HubSink) and isinstance(dst_loc, HubRepo) and isinstance(source, HubSource)
+            context = job_context(api, source.repo_id, source.revision, dst_loc.repo_id, sink.branch, device, chosen)
+            scheduler = cluster_scheduler(cluster, plan, manifest, sink, context, bar)
+        else:
+            gguf = isinstance(plan, GgufPlan)
+            stream = {"stream": gguf_stream, "warm": lambda plan, device: None} if gguf else {}
+            scheduler = Scheduler(source, sink, plan, manifest, work, device, budget, bar, **stream)
         stack.callback(scheduler.close)
         for index, output in enumerate(plan.outputs):
             if index not in todo:
@@ -172,7 +189,8 @@ def iter_requantize(
                 bar.update(scheduler.input_bytes(index))
                 yield ShardRecord(index + 1, len(plan.outputs), output.name, scheduler.input_bytes(index), entry.output_size, True, True, 0.0)
         yield from scheduler.run(todo)
-        logger.info("peak work_dir use %d bytes of a %d byte budget", budget.peak, budget.limit)
+        if cluster is None:
+            logger.info("peak work_dir use %d bytes of a %d byte budget", budget.peak, budget.limit)
         if manifest.pending:
             raise StreamqError(f"{len(manifest.pending)} output shard(s) still wait for their source files' sha256 check; run again to finish")
 
@@ -292,9 +310,10 @@ def _open_manifest(sink: Sink, plan: Plan, settings: QuantSettings, device: str,
     return fresh
 
 
-def _disk_budget(work: Path, plan: Plan, downloads: bool, disk_budget: int | None) -> DiskBudget:
-    """The budget, once the disk is known to hold it (and the files carried over, fetched at the end)."""
-    window, output = pools(plan.largest_tensor(), plan.output_pair(), downloads, disk_budget)
+def _disk_budget(work: Path, plan: Plan, downloads: bool, disk_budget: int | None, cluster: bool = False) -> DiskBudget:
+    """The budget, once the disk is known to hold it (and the files carried over, fetched at the end).
+    A cluster run's jobs check their nodes' disks; the driver only fetches the carried files."""
+    window, output = (0, 0) if cluster else pools(plan.largest_tensor(), plan.output_pair(), downloads, disk_budget)
     carried = plan.carried_bytes if downloads else 0
     need = max(window + output, carried)
     free = shutil.disk_usage(work).free

@@ -326,19 +326,20 @@ class HubSink:
         The local file is deleted as soon as its bytes are on the Hub, so batching commits costs no disk.
         """
         entry = manifest.shards.get(name) or manifest.pending[name]
-        op = CommitOperationAdd(name, str(local))
-        op.upload_info.sha256 = bytes.fromhex(entry.output_sha256)  # hashed once, when written
-        with hub.writing(self.repo_id), WatchedReader(local, self._uploads, f"upload of {name}") as reader:
-            op.path_or_fileobj = reader  # huggingface_hub sends the bytes it reads from here
-            self.api.preupload_lfs_files(self.repo_id, [op], revision=self.branch)
-        if getattr(op, "_is_uploaded", False):  # LFS: the commit only needs its sha256 from now on
-            local.unlink()
-            if self._journal is not None:
-                progress = {"verified": manifest.verified, "checkpoints": manifest.checkpoints}
-                self._journal_call(self._journal.record, self._ident(manifest), name, entry, progress)
-        else:  # a regular upload is read at commit time
-            op.path_or_fileobj = str(local)
+        op = upload_shard(self.api, self.repo_id, self.branch, local, name, entry.output_sha256, self._uploads)
+        if not getattr(op, "_is_uploaded", False):  # a regular upload is read at commit time
             self._delete_after_commit[name] = local
+        return self._add(op, name, manifest, remaining)
+
+    def add_uploaded(self, name: str, manifest: Manifest, remaining: int = 0) -> bool:
+        """As `add_shard`, for a shard whose bytes another machine uploaded (a cluster job)."""
+        entry = manifest.shards.get(name) or manifest.pending[name]
+        return self._add(_uploaded(name, entry), name, manifest, remaining)
+
+    def _add(self, op: CommitOperationAdd, name: str, manifest: Manifest, remaining: int) -> bool:
+        if getattr(op, "_is_uploaded", False) and self._journal is not None:  # LFS: the commit only needs its sha256 from now on
+            progress = {"verified": manifest.verified, "checkpoints": manifest.checkpoints}
+            self._journal_call(self._journal.record, self._ident(manifest), name, manifest.shards.get(name) or manifest.pending[name], progress)
         self._ready = [o for o in self._ready if o.path_in_repo != name]  # a shard made again replaces its upload
         self._waiting.pop(name, None)
         if name in manifest.shards:
@@ -466,6 +467,21 @@ class HubSink:
             return None
         with tempfile.TemporaryDirectory() as scratch:
             return head if self._read_manifest_text(head, Path(scratch)).encode() == manifest_json else None
+
+
+def upload_shard(api: HfApi, repo_id: str, branch: str | None, local: Path, name: str, sha256: str, history: SpeedHistory) -> CommitOperationAdd:
+    """Upload an output shard's bytes as an LFS object (`preupload_lfs_files`), watched for a trickle; the
+    local file is deleted once they are on the Hub. Returns the operation a commit takes it with."""
+    op = CommitOperationAdd(name, str(local))
+    op.upload_info.sha256 = bytes.fromhex(sha256)  # hashed once, when written
+    with hub.writing(repo_id), WatchedReader(local, history, f"upload of {name}") as reader:
+        op.path_or_fileobj = reader  # huggingface_hub sends the bytes it reads from here
+        api.preupload_lfs_files(repo_id, [op], revision=branch)
+    if getattr(op, "_is_uploaded", False):
+        local.unlink()
+    else:  # a regular upload is read at commit time
+        op.path_or_fileobj = str(local)
+    return op
 
 
 def _uploaded(name: str, entry: ShardEntry) -> CommitOperationAdd:
