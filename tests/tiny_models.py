@@ -17,6 +17,11 @@ FAMILIES = {
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True,
     ),
+    # weights of 64-512 KB, above what Ray passes inline: the cluster tests' model
+    "llama_wide": lambda: __import__("transformers").LlamaConfig(
+        vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    ),
     "qwen": lambda: __import__("transformers").Qwen2Config(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
