@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     app.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
     app.add_argument("--work-dir", help="where conversions keep partial downloads (default: STREAMQ_WORK_DIR, /data/streamq, or the temp dir)")
+    app.add_argument("--cluster", metavar="ADDRESS", help="run the page's conversions (but GGUF) on this Ray cluster, as requantize --cluster")
     return parser
 
 
@@ -217,7 +218,7 @@ def _app(args: argparse.Namespace) -> int:
         from .app import build_app, launch
     except ImportError as exc:
         raise StreamqError(f'the app needs its extra packages ({exc.name} is missing): pip install "streamq[app]"') from exc
-    launch(build_app(endpoint=args.endpoint, work_dir=args.work_dir), host=args.host, port=args.port)
+    launch(build_app(endpoint=args.endpoint, work_dir=args.work_dir, cluster=args.cluster), host=args.host, port=args.port)
     return 0
 
 

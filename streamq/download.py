@@ -33,6 +33,9 @@ class ChecksumMismatch(CorruptShardError):
         super().__init__(message)
         self.file = file
 
+    def __reduce__(self) -> tuple:  # pickled whole: a cluster job's error reaches the driver so
+        return (ChecksumMismatch, (str(self), self.file))
+
 
 @dataclass(frozen=True)
 class InputFile:

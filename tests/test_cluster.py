@@ -105,22 +105,26 @@ def test_int4_on_three_nodes_is_the_one_machine_output(tmp_path: Path, hub: Loca
 
 @pytest.mark.slow
 def test_a_worker_node_lost_mid_run_has_its_job_run_again_elsewhere_and_the_output_is_the_same(
-    tmp_path: Path, hub: LocalHub, cluster: Cluster, one_machine: dict
+    tmp_path: Path, hub: LocalHub, cluster: Cluster, one_machine: dict, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Downloads held to ~40 kB/s per connection, so every node is inside a job when the first shard is
     published; then one node goes (its raylet and workers killed, as when a VM vanishes)."""
     slow = hub.faults.add(Fault.throttle(4096, 0.1, path="/storage/", times=None))
     worker_nodes = [n for n in cluster.list_all_nodes() if n is not cluster.head_node]
     run = iter_requantize("org/model", "me/lost-node", endpoint=hub.endpoint, token=TOKEN, progress=False, max_shard_size=OUT_SHARD, cluster=cluster.address)
+    caplog.set_level("INFO", logger="streamq.cluster.driver")
     try:
         first = next(run)
+        lost = worker_nodes[0].node_id[:8]
         cluster.remove_node(worker_nodes[0], allow_graceful=False)
-        later = list(run_to_end(run))
+        hub.faults.remove(slow)  # connections already open stay slow
+        records, result = run_to_end(run)
     finally:
-        hub.faults.remove(slow)
+        hub.faults.clear()
         cluster.add_node(num_cpus=1)  # three nodes again for the next tests
         cluster.wait_for_nodes()
-    assert len([first, *later[0]]) == 7 and later[1].shards_skipped == 0
+    assert len([first, *records]) == 7 and result.shards_skipped == 0
+    assert any(f"lost its node {lost}" in m for m in caplog.messages), "\n".join(caplog.messages)  # the node was inside a job, which ran again
     assert output_files(hub, "me/lost-node", tmp_path) == one_machine["nf4"]
 
 
@@ -227,3 +231,20 @@ def test_a_file_only_pending_shards_wait_for_gets_a_job_that_checks_it(hub: Loca
     last = len(plan.outputs) - 1
     jobs = split_jobs(plan.layout, sizes, [last], {0, len(sizes) - 1}, 3)
     assert [(j.outputs, j.checks) for j in jobs] == [((last,), (len(sizes) - 1,)), ((), (0,))]
+
+
+def test_the_page_runs_its_conversions_on_the_cluster_and_shows_the_whole_clusters_progress(
+    tmp_path: Path, hub: LocalHub, cluster: Cluster, one_machine: dict
+) -> None:
+    from streamq.app.run import Conversion, RunProgress
+
+    run = RunProgress(Conversion("org/model", "me/page", token=TOKEN, endpoint=hub.endpoint, cluster=cluster.address), tmp_path / "w")
+    run.start()
+    phases = []
+    while not run.wait(0.2):
+        phases.append(run.snapshot().phase)
+    done = run.snapshot()
+    assert done.error is None and done.result is not None and done.phase == "done"
+    assert any("jobs on 3 nodes" in p for p in phases), set(phases)
+    assert done.bytes_done == done.bytes_total == done.result.bytes_in
+    assert verify_output("me/page", endpoint=hub.endpoint, token=TOKEN).ok

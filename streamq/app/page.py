@@ -61,8 +61,9 @@ def page_error(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
-def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None) -> gr.Blocks:
-    """The page. `endpoint`: the Hub (default HF_ENDPOINT or huggingface.co); `work_dir`: see `work_root`.
+def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None, cluster: Optional[str] = None) -> gr.Blocks:
+    """The page. `endpoint`: the Hub (default HF_ENDPOINT or huggingface.co); `work_dir`: see `work_root`;
+    `cluster`: a Ray cluster's address, where conversions (but GGUF) run.
 
     On a Space (`hf_oauth: true`) visitors log in and their own token is used; elsewhere the token is
     HF_TOKEN or the saved login, as for `streamq requantize`, unless a script passes its own
@@ -132,7 +133,7 @@ def build_app(*, endpoint: Optional[str] = None, work_dir: Optional[str] = None)
                 raise ValueError("give an output repo name (org/name): your Hub user name could not be found")
             job = Conversion(
                 source.strip(), output.strip(), quant_type, double_quant, compute_dtype, private, group_size=int(group_size),
-                overwrite=overwrite, token=token, endpoint=endpoint,
+                overwrite=overwrite, token=token, endpoint=endpoint, cluster=cluster,
             )
         except ValueError as exc:
             yield "**Phase:** failed", f"**Error:** {exc}", None

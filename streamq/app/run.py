@@ -73,6 +73,7 @@ class Conversion:
     overwrite: bool = False
     token: str | None = field(default=None, repr=False)  # never printed, logged or stored
     endpoint: str | None = None
+    cluster: str | None = None  # the server's Ray cluster (`streamq app --cluster`), for the formats it runs
 
     def __post_init__(self) -> None:
         """Hub repos only: a page anyone may open must not read or write the server's own files."""
@@ -195,6 +196,7 @@ class RunProgress:
                         self.conversion.source, self.conversion.output, **self.conversion.options(),
                         private=self.conversion.private, overwrite=self.conversion.overwrite, work_dir=self.root,
                         disk_budget=self._choose_budget, progress=True, tqdm_class=_bar_class(self),
+                        cluster=None if gguf_type(self.conversion.quant_type) else self.conversion.cluster,  # GGUF runs on the server
                     )
                     while True:
                         try:

@@ -6,26 +6,29 @@ on one machine. Ray schedules the jobs and runs a job again elsewhere when its n
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import ray
 from tqdm.auto import tqdm
 
+from ..download import ChecksumMismatch
 from ..errors import StreamqError
 from ..manifest import Manifest
 from ..plan import Plan
 from ..publish import HubSink
 from ..report import human_size
 from ..record import Record, ShardRecord, Written
-from .board import Checked, Made, start_board
-from .jobs import downloaded_bytes, split_jobs
+from .board import Checked, Made, Message, Started, start_board
+from .jobs import Job, downloaded_bytes, split_jobs
 from .worker import JobContext, run_job
 
 logger = logging.getLogger(__name__)
 
 JOBS_PER_NODE = 2  # enough to even out jobs of unequal speed, few enough that shared files cost little
-MAX_RETRIES = 3  # runs of a job whose node (or worker process) is lost, before the run gives up
+MAX_RETRIES = 3  # new starts of a job whose node (or worker process) is lost, before the run gives up
 POLL_SECONDS = 0.5
 
 _remote_job = ray.remote(run_job)
@@ -38,9 +41,11 @@ class ClusterScheduler:
         self.address, self.plan, self.manifest, self.sink, self.context, self.bar = address, plan, manifest, sink, context, bar
         self.record = Record(plan, manifest, sink, set(manifest.verified))
         self._connected = False
-        self._tasks: dict[Any, int] = {}
+        self._tasks: dict[Any, tuple[Job, int]] = {}  # running -> its job and how many times it has been started
         self._board: Any = None
-        self._failed_file: str | None = None
+        self._plan: Any = None
+        self._options: dict[str, Any] = {}
+        self._nodes: dict[int, str] = {}  # job -> the node it last started on
 
     def input_bytes(self, index: int) -> int:
         return self.record.input_bytes(index)
@@ -63,26 +68,45 @@ class ClusterScheduler:
             "%d jobs on %d nodes; they download %s in all, for %s of source files",
             len(jobs), len(nodes), human_size(downloaded_bytes(layout, sizes, jobs)), human_size(sum(sizes)),
         )
-        checked = {i for i, name in enumerate(names) if name in self.record.checked}
-        self._board = start_board({i for i in range(len(layout.outputs)) if i not in todo}, checked)
-        plan = ray.put(self.plan)  # the headers' plan, once for all jobs
-        options = {
+        self._board = start_board()
+        self._plan = ray.put(self.plan)  # the headers' plan, once for all jobs
+        self._options = {
             "num_cpus": min(n["Resources"]["CPU"] for n in nodes), "num_gpus": 1 if self.context.device == "cuda" else 0,
-            "max_retries": MAX_RETRIES, "retry_exceptions": False,
+            "max_retries": 0,  # a job whose node is lost is started again by `run`, without what it already published
         }
-        self._tasks = {_remote_job.options(**options).remote(job, plan, self.context, self._board): job.index for job in jobs}
+        for job in jobs:
+            self._start(job, 1)
         self.bar.set_description(f"{len(jobs)} jobs on {len(nodes)} nodes")
-        running = list(self._tasks)
-        while running:
-            finished, running = ray.wait(running, num_returns=len(running), timeout=POLL_SECONDS)
-            yield from self._take()
+        while self._tasks:
+            finished, _ = ray.wait(list(self._tasks), num_returns=len(self._tasks), timeout=POLL_SECONDS)
+            yield from self._take(ray.get(self._board.take.remote()))
             for task in finished:
+                job, starts = self._tasks.pop(task)
                 try:
-                    ray.get(task)
-                except Exception as exc:
-                    yield from self._take()  # what the job did before it failed (a file that failed its check drops its shards)
-                    raise self._error(exc, self._tasks[task]) from exc
-        yield from self._take()
+                    posted = ray.get(task)
+                except ray.exceptions.RayTaskError as exc:  # the job raised: the run ends with its error
+                    yield from self._take(ray.get(self._board.take.remote()))
+                    raise self._error(exc) from exc
+                except ray.exceptions.RayError as exc:  # its node or worker process was lost
+                    self._again(job, starts, exc)
+                    continue
+                yield from self._take(posted)
+
+    def _start(self, job: Job, starts: int) -> None:
+        self._tasks[_remote_job.options(**self._options).remote(job, self._plan, self.context, self._board)] = (job, starts)
+
+    def _again(self, job: Job, starts: int, exc: Exception) -> None:
+        """Start a job whose node was lost once more, on whichever node Ray finds, for what it has not published."""
+        outputs = tuple(i for i in job.outputs if self.plan.outputs[i].name not in self.record.recorded)
+        checks = tuple(f for f in job.checks if self.plan.shards[f].name not in self.record.checked)
+        node = self._nodes.get(job.index, "?")
+        if starts > MAX_RETRIES:
+            raise StreamqError(f"job {job.index} lost its node {starts} times (last {node}: {type(exc).__name__}); run again to resume with what the other jobs published")
+        logger.warning(
+            "job %d lost its node %s (%s); it runs again on another node, for the %d of its %d shards not published yet",
+            job.index, node, type(exc).__name__, len(outputs), len(job.outputs),
+        )
+        self._start(replace(job, outputs=outputs, checks=checks), starts + 1)
 
     def _connect(self) -> list[dict[str, Any]]:
         """The cluster's alive nodes that can run a job."""
@@ -98,37 +122,37 @@ class ClusterScheduler:
             raise StreamqError(f"the Ray cluster at {self.address} has no node with a {resource}; add worker nodes, or run without cluster")
         return nodes
 
-    def _take(self) -> Iterator[ShardRecord]:
-        """Record what the jobs posted since the last look."""
-        for message in ray.get(self._board.take.remote()):
-            name = self.plan.shards[message.file].name if isinstance(message, Checked) else None
-            if isinstance(message, Checked) and message.ok:
-                self.record.promote(name)
+    def _take(self, messages: list[Message]) -> Iterator[ShardRecord]:
+        """Record what the jobs posted (a finished job's return repeats its posts: each is taken once)."""
+        for message in messages:
+            if isinstance(message, Started):
+                logger.info("job %d started on node %s", message.job, message.node)
+                self._nodes[message.job] = message.node
             elif isinstance(message, Checked):
-                self._failed_file = message.message
-                self.record.discard(name)
-            elif isinstance(message, Made) and self.record.refused(message.index) is None:
+                name = self.plan.shards[message.file].name
+                if name not in self.record.checked:
+                    self.record.promote(name)
+            elif self.plan.outputs[message.index].name not in self.record.recorded and self.record.refused(message.index) is None:
                 yield self._add(message)
 
     def _add(self, made: Made) -> ShardRecord:
         name = self.plan.outputs[made.index].name
         self.bar.set_postfix_str(f"publishing {name}")
-        written = Written(made.size, made.sha256, made.tensor_bytes, made.keys, made.stats)
+        written = Written(made.size, made.sha256, made.tensor_bytes, made.keys, Counter(made.stats))
         record = self.record.add(made.index, written, lambda remaining: self.sink.add_uploaded(name, self.manifest, remaining))
         self.bar.update(record.input_bytes)
         return record
 
-    def _error(self, exc: Exception, job: int) -> StreamqError:
-        """The one line a failed job ends the run with."""
-        cause = getattr(exc, "cause", None)
-        if self._failed_file is not None:
-            return self.record.dropped(self._failed_file)
+    def _error(self, exc: ray.exceptions.RayTaskError) -> Exception:
+        """What a failed job ends the run with: its own error (one line), or a line that names the job."""
+        cause = exc.cause
+        if isinstance(cause, ChecksumMismatch):
+            self.record.discard(self.plan.shards[cause.file].name)
+            return self.record.dropped(str(cause))
         if isinstance(cause, StreamqError):
-            return type(cause)(str(cause))
-        if isinstance(exc, (ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError, ray.exceptions.OwnerDiedError)):
-            return StreamqError(f"job {job} lost its node {MAX_RETRIES + 1} times; run again to resume with what the other jobs published")
-        what = cause if cause is not None else exc
-        return StreamqError(f"job {job} failed on the cluster: {type(what).__name__}: {str(what).splitlines()[0] if str(what) else ''}; run again to resume")
+            return cause
+        text = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
+        return StreamqError(f"a job failed on the cluster: {type(cause).__name__}: {text}; run again to resume")
 
     def close(self) -> None:
         """Stop the jobs still running (what they published is recorded already) and leave the cluster."""
