@@ -89,10 +89,10 @@ def test_broken_download_resumes_with_range_instead_of_starting_over(big_hub: Lo
     hub = big_hub
     real_stream, armed = HubSource.stream, []
 
-    def stream_with_fault(self, path, sink):  # arm the fault once planning (header reads) is over
+    def stream_with_fault(self, path, sink, end=None):  # arm the fault once planning (header reads) is over
         if not armed:
             armed.append(hub.faults.add(Fault.truncate(after_bytes=11_000_000, method="GET", path=SHARD_BYTES, times=1)))
-        return real_stream(self, path, sink)
+        return real_stream(self, path, sink, end)
 
     monkeypatch.setattr(HubSource, "stream", stream_with_fault)
     run(hub, max_shard_size="2MB")
@@ -111,10 +111,10 @@ def test_a_stream_that_keeps_breaking_goes_on_while_it_moves_forward(big_hub: Lo
     hub, breaks = big_hub, streamq.retry.ATTEMPTS + 2
     real_stream, armed = HubSource.stream, []
 
-    def stream_with_fault(self, path, sink):
+    def stream_with_fault(self, path, sink, end=None):
         if not armed:
             armed.append(hub.faults.add(Fault.truncate(after_bytes=2_000_000, method="GET", path=SHARD_BYTES, times=breaks)))
-        return real_stream(self, path, sink)
+        return real_stream(self, path, sink, end)
 
     monkeypatch.setattr(HubSource, "stream", stream_with_fault)
     run(hub, max_shard_size="2MB")
@@ -141,10 +141,10 @@ def test_a_download_that_gives_up_is_resumed_by_the_next_run_inside_its_file(tmp
     hub = big_hub
     real_stream = HubSource.stream
 
-    def stream_with_fault(self, path, sink):
+    def stream_with_fault(self, path, sink, end=None):
         hub.faults.add(Fault.truncate(after_bytes=11_000_000, method="GET", path=SHARD_BYTES, times=1))
         hub.faults.add(Fault.status(503, method="GET", path=SHARD_BYTES, times=None))
-        return real_stream(self, path, sink)
+        return real_stream(self, path, sink, end)
 
     monkeypatch.setattr(HubSource, "stream", stream_with_fault)
     with pytest.raises(streamq.StreamqError, match="reading org/model failed: .*503.*run again to resume"):

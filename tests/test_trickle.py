@@ -62,10 +62,10 @@ def test_a_trickling_download_is_resumed_by_range_on_a_fresh_connection(
     trickle = Fault.trickle(8192, 128, 0.1, method="GET", path=rf"^/storage/.*/{oid}$", times=1)
     real_stream = HubSource.stream
 
-    def stream(self, path, sink):  # armed for the download, not the header reads of the plan
+    def stream(self, path, sink, end=None):  # armed for the download, not the header reads of the plan
         if path == target and trickle not in list(hub.faults):
             hub.faults.add(trickle)
-        return real_stream(self, path, sink)
+        return real_stream(self, path, sink, end)
 
     monkeypatch.setattr(HubSource, "stream", stream)
     hub.requests.clear()
@@ -90,11 +90,11 @@ def arm_on_first_download(monkeypatch, hub: LocalHub, *faults: Fault) -> None:
     """Add `faults` when the run's first download starts: the plan's header reads are not affected."""
     real_stream = HubSource.stream
 
-    def stream(self, path, sink):
+    def stream(self, path, sink, end=None):
         if not any(f in list(hub.faults) for f in faults):
             for fault in faults:
                 hub.faults.add(fault)
-        return real_stream(self, path, sink)
+        return real_stream(self, path, sink, end)
 
     monkeypatch.setattr(HubSource, "stream", stream)
 
