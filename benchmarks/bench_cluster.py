@@ -68,6 +68,7 @@ def convert(hub: Any, out: str, args: argparse.Namespace, cluster: str | None) -
     return {
         "wall_s": round(wall, 2), "bytes_in": result.bytes_in, "bytes_out": result.bytes_out, "shards": result.shards,
         "downloaded_bytes": hub.requests.sent(r"^/storage/"), "input_mb_per_s": round(result.bytes_in / wall / MB, 2),
+        "hub_requests": sum(1 for _ in hub.requests), "commits": sum(1 for r in hub.requests if r.method == "POST" and "/commit/" in r.path),
     }
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from huggingface_hub import HfApi, hf_hub_download
 from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 from ray.cluster_utils import Cluster
@@ -52,7 +53,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
 
 
 def convert(hub: LocalHub, out: str, **options) -> streamq.RequantizeResult:
-    return stream_requantize("org/model", out, endpoint=hub.endpoint, token=TOKEN, progress=False, max_shard_size=OUT_SHARD, **options)
+    options = {"max_shard_size": OUT_SHARD, **options}
+    return stream_requantize("org/model", out, endpoint=hub.endpoint, token=TOKEN, progress=False, **options)
 
 
 def output_files(hub: LocalHub, repo: str, scratch: Path) -> dict[str, bytes]:
@@ -101,6 +103,20 @@ def test_nf4_on_three_nodes_is_the_one_machine_output_and_no_tensor_bytes_pass_t
 def test_int4_on_three_nodes_is_the_one_machine_output(tmp_path: Path, hub: LocalHub, cluster: Cluster, one_machine: dict) -> None:
     convert(hub, "me/int4", quant_type="int4", cluster=cluster.address)
     assert output_files(hub, "me/int4", tmp_path) == one_machine["int4"]
+
+
+def test_the_nodes_thread_count_does_not_change_the_bytes(tmp_path: Path, cluster: Cluster) -> None:
+    """NF4's double quant stores the mean of a weight's absmax values, a float32 whose last bits depend on
+    how many threads torch sums them on (as in transformers' own save); the nodes here have one CPU, and
+    Ray gives a task one thread per CPU, this process two. The jobs use the driver's count."""
+    assert torch.get_num_threads() > 1
+    with LocalHub(tmp_path / "hub") as hub:
+        api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+        api.create_repo("org/model")
+        api.upload_folder(repo_id="org/model", folder_path=make_model(tmp_path / "src", family="llama_long_mlp", dtype=torch.float32, max_shard_size="10MB"))
+        convert(hub, "me/one", max_shard_size="8MB")
+        convert(hub, "me/many", max_shard_size="8MB", cluster=cluster.address)
+        assert output_files(hub, "me/many", tmp_path) == output_files(hub, "me/one", tmp_path)
 
 
 @pytest.mark.slow

@@ -22,6 +22,12 @@ FAMILIES = {
         vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
     ),
+    # MLP weights of 2.2 M values, whose 34816 absmax values torch averages on several threads when it has them (in
+    # float32, the bits of that mean depend on how many)
+    "llama_long_mlp": lambda: __import__("transformers").LlamaConfig(
+        vocab_size=128, hidden_size=256, intermediate_size=8704, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    ),
     "qwen": lambda: __import__("transformers").Qwen2Config(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,

@@ -32,10 +32,12 @@ def check_cluster(src: HubRepo | LocalDir, dst: HubRepo | LocalDir, settings: Qu
 
 def job_context(api: HfApi, source: str, revision: str, output: str, branch: str | None, device: str, disk_budget: int | None) -> JobContext:
     """What the jobs need besides the plan; the nodes get this run's token (they download and upload)."""
+    import torch
+
     from .. import __version__
 
     token = api.token if isinstance(api.token, str) else (get_token() if api.token is None else None)
-    return JobContext(api.endpoint, token, source, revision, output, branch, device, disk_budget, __version__)
+    return JobContext(api.endpoint, token, source, revision, output, branch, device, disk_budget, __version__, torch.get_num_threads())
 
 
 def cluster_scheduler(address: str, *args: Any) -> ClusterScheduler:

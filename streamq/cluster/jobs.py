@@ -31,6 +31,7 @@ class JobContext:
     device: str
     disk_budget: int | None
     version: str  # the driver's streamq: every node must run the same
+    threads: int  # torch's thread count on the driver: NF4's double-quant offset is a float32 mean whose last bits depend on it
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 
 from .. import __version__
 from ..budget import DiskBudget, disk_full_is_clear, pools
@@ -45,6 +46,7 @@ def run_job(job: Job, plan: Plan, context: JobContext, board: Any) -> list[Messa
     if context.version != __version__:
         raise StreamqError(f"node {node} runs streamq {__version__} but the driver runs {context.version}; install the same version on every node")
     board.post.remote(Started(job.index, node))
+    torch.set_num_threads(context.threads)  # the bytes a run on the driver's machine writes (Ray gives a task one thread per CPU)
     posted: list[Message] = []
     outputs, checks = list(job.outputs), list(job.checks)
     layout = plan.layout
