@@ -15,9 +15,11 @@ one-machine run's, and the object store's created bytes are read from Ray.
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -91,6 +93,7 @@ def main() -> None:
     from streamq.testing import LocalHub
 
     area = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    atexit.register(shutil.rmtree, area, ignore_errors=True)
     os.environ["STREAMQ_WORK_DIR"] = str(area / "work")
     build_source(args.model, area / "src")
     report: dict[str, Any] = {"model": args.model, "link_mb_per_s": args.link_mbps, "cpus_per_node": args.cpus_per_node,
