@@ -18,6 +18,7 @@ import argparse
 import atexit
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -57,17 +58,42 @@ def plasma_created(address: str) -> int:
     return get_memory_info_reply(get_state_from_address(address)).store_stats.cumulative_created_bytes
 
 
+class Said(logging.Handler):
+    """The records streamq logs during a run: the one-machine peak of work_dir, each cluster job's end."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def convert(hub: Any, out: str, args: argparse.Namespace, cluster: str | None) -> dict[str, Any]:
     from streamq import stream_requantize
 
     hub.requests.clear()
+    said = Said()
+    for name in ("streamq.pipeline", "streamq.cluster.driver"):
+        logging.getLogger(name).addHandler(said)
+        logging.getLogger(name).setLevel(logging.INFO)
     started = time.monotonic()
-    result = stream_requantize(
-        "org/model", out, endpoint=hub.endpoint, token=TOKEN, progress=False, max_shard_size=args.max_shard_size,
-        quant_type=args.quant_type, cluster=cluster,
-    )
+    try:
+        result = stream_requantize(
+            "org/model", out, endpoint=hub.endpoint, token=TOKEN, progress=False, max_shard_size=args.max_shard_size,
+            quant_type=args.quant_type, cluster=cluster,
+        )
+    finally:
+        for name in ("streamq.pipeline", "streamq.cluster.driver"):
+            logging.getLogger(name).removeHandler(said)
     wall = time.monotonic() - started
+    ends = [r.job_end for r in said.records if hasattr(r, "job_end")]
+    peaks = [r.args for r in said.records if r.getMessage().startswith("peak work_dir use")]
+    disk = {"peak_disk": max(e.peak_disk for e in ends), "disk_budget": ends[0].disk_budget, "peak_worker_rss": max(e.peak_rss for e in ends)} if ends else (
+        {"peak_disk": peaks[0][0], "disk_budget": peaks[0][1]} if peaks else {}
+    )
     return {
+        **disk,
         "wall_s": round(wall, 2), "bytes_in": result.bytes_in, "bytes_out": result.bytes_out, "shards": result.shards,
         "downloaded_bytes": hub.requests.sent(r"^/storage/"), "input_mb_per_s": round(result.bytes_in / wall / MB, 2),
         "hub_requests": sum(1 for _ in hub.requests), "commits": sum(1 for r in hub.requests if r.method == "POST" and "/commit/" in r.path),

@@ -20,6 +20,7 @@ from ray.cluster_utils import Cluster
 
 import streamq
 from streamq import iter_requantize, plan_requantize, stream_requantize, verify_output
+from streamq.budget import pools
 from streamq.cluster.jobs import job_reads, spans, split_jobs
 from streamq.fetch import HubSource
 from streamq.testing import Fault, LocalHub
@@ -79,13 +80,14 @@ def plasma_bytes_created(cluster: Cluster) -> int:
 
 
 def test_nf4_on_three_nodes_is_the_one_machine_output_and_no_tensor_bytes_pass_through_the_driver_or_ray(
-    tmp_path: Path, hub: LocalHub, cluster: Cluster, one_machine: dict, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, hub: LocalHub, cluster: Cluster, one_machine: dict, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     def not_here(*args, **kwargs):
         raise AssertionError("the driver moved tensor bytes")
 
     monkeypatch.setattr(HubSource, "stream", not_here)  # in this process, the driver's, only: the nodes are processes of their own
     monkeypatch.setattr("streamq.publish.upload_shard", not_here)
+    caplog.set_level("INFO", logger="streamq.cluster.driver")
     ray.init(address=cluster.address)
     try:
         before = plasma_bytes_created(cluster)
@@ -97,6 +99,11 @@ def test_nf4_on_three_nodes_is_the_one_machine_output_and_no_tensor_bytes_pass_t
     assert result.shards == 7 and result.shards_skipped == 0 and verify_output("me/nf4", endpoint=hub.endpoint, token=TOKEN).ok
     # Only the plan went into the object store (13 kB pickled): far less than one quantized weight (131 kB).
     assert through_ray < 64_000, through_ray
+    # each job held at most the disk budget a run on one machine has, and every job said so
+    plan = plan_requantize("org/model", endpoint=hub.endpoint, token=TOKEN, max_shard_size=OUT_SHARD)
+    ends = [r.job_end for r in caplog.records if hasattr(r, "job_end")]
+    assert len(ends) == 6 and {e.disk_budget for e in ends} == {sum(pools(plan.largest_tensor(), plan.output_pair(), True))}
+    assert all(0 < e.peak_disk <= e.disk_budget for e in ends)
     print(f"object store: {through_ray} bytes created during a run of {result.bytes_in} source bytes")
 
 

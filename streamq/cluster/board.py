@@ -40,7 +40,17 @@ class Started:
     node: str
 
 
-Message = Made | Checked | Started
+@dataclass(frozen=True)
+class Finished:
+    """A job's end on its node: the most its work folder held, of its disk budget, and the worker process's peak RSS."""
+
+    job: int
+    peak_disk: int
+    disk_budget: int
+    peak_rss: int
+
+
+Message = Made | Checked | Started | Finished
 
 
 @ray.remote(num_cpus=0, max_restarts=0)

@@ -21,7 +21,7 @@ from ..plan import Plan
 from ..publish import HubSink
 from ..report import human_size
 from ..record import Record, ShardRecord, Written
-from .board import Checked, Made, Message, Started, start_board
+from .board import Checked, Finished, Made, Message, Started, start_board
 from .jobs import Job, downloaded_bytes, split_jobs
 from .worker import JobContext, run_job
 
@@ -46,6 +46,7 @@ class ClusterScheduler:
         self._plan: Any = None
         self._options: dict[str, Any] = {}
         self._nodes: dict[int, str] = {}  # job -> the node it last started on
+        self._finished: set[int] = set()
 
     def input_bytes(self, index: int) -> int:
         return self.record.input_bytes(index)
@@ -128,6 +129,15 @@ class ClusterScheduler:
             if isinstance(message, Started):
                 logger.info("job %d started on node %s", message.job, message.node)
                 self._nodes[message.job] = message.node
+            elif isinstance(message, Finished) and message.job not in self._finished:
+                self._finished.add(message.job)
+                logger.info(
+                    "job %d done on node %s: its work folder held at most %s of its %s budget; the worker's peak RSS %s",
+                    message.job, self._nodes.get(message.job, "?"), human_size(message.peak_disk), human_size(message.disk_budget), human_size(message.peak_rss),
+                    extra={"job_end": message},
+                )
+            elif isinstance(message, Finished):
+                continue  # said already (a finished job's return repeats it)
             elif isinstance(message, Checked):
                 name = self.plan.shards[message.file].name
                 if name not in self.record.checked:

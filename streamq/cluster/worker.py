@@ -7,6 +7,7 @@ source file to the board; the driver records and commits them.
 from __future__ import annotations
 
 import contextvars
+import resource
 from contextlib import ExitStack
 import shutil
 import tempfile
@@ -32,7 +33,7 @@ from ..publish import upload_shard
 from ..stall import SpeedHistory
 from ..window import Window, WindowFailed
 from ..workdir import default_root
-from .board import Checked, Made, Message, Started
+from .board import Checked, Finished, Made, Message, Started
 from .jobs import Job, JobContext, job_reads
 
 
@@ -117,4 +118,5 @@ def run_job(job: Job, plan: Plan, context: JobContext, board: Any) -> list[Messa
                 raise failure[0]
             for upload in uploads:
                 upload.result()
+        post(Finished(job.index, budget.peak, budget.limit, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
         return posted
