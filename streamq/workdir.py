@@ -29,8 +29,9 @@ from .surface import remedy
 ROOT_ENV = "STREAMQ_WORK_DIR"
 LOCK_NAME = ".streamq-work.lock"
 # Remade by every run and never trusted from an earlier one: the window of the source's bytes, output
-# shards, carried-over files, the source's model card, the meta model's config, the output's manifest.
-SCRATCH = ("in", "out", "extra", "card", "meta", "meta-out")
+# shards, carried-over files, the source's model card, the meta model's config, the output's manifest,
+# and an upload journal's next version that a killed run was writing (the journal is replaced by it whole).
+SCRATCH = ("in", "out", "extra", "card", "meta", "meta-out", f"{JOURNAL_NAME}.partial")
 
 
 def default_root() -> Path:

@@ -130,6 +130,17 @@ def test_a_later_run_of_another_output_clears_a_dead_runs_bulk(tmp_path: Path, h
         assert left == []
 
 
+def test_a_journal_write_cut_by_a_kill_is_cleared_with_the_dead_runs_bulk(hub: LocalHub, work_root: Path) -> None:
+    """kill -9 while the journal's next version is written leaves its `.partial` (the journal itself is
+    replaced only by a whole one): never trusted, so cleared like the rest of a dead run's bulk."""
+    dead = folder_for(work_root, parse_location("me/dead"), hub.endpoint)
+    dead.mkdir(parents=True)
+    (dead / LOCK_NAME).touch()  # no process holds it: a dead run's
+    (dead / "uploaded-not-committed.json.partial").write_text('{"identity": {}, "shards": {"model-00001')
+    stream_requantize("org/model", "me/other", endpoint=hub.endpoint, progress=False, max_shard_size=OUT_SHARD)
+    assert everything_in(work_root) == []
+
+
 def test_a_live_runs_folder_is_neither_shared_nor_cleared_and_a_users_files_are_not_touched(tmp_path: Path, hub: LocalHub) -> None:
     given = tmp_path / "scratch"
     (given / "out").mkdir(parents=True)
