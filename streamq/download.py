@@ -33,7 +33,7 @@ class ChecksumMismatch(CorruptShardError):
         super().__init__(message)
         self.file = file
 
-    def __reduce__(self) -> tuple:  # pickled whole: a cluster job's error reaches the driver so
+    def __reduce__(self) -> tuple:  # pickled with its file: how a cluster job's mismatch reaches the driver
         return (ChecksumMismatch, (str(self), self.file))
 
 
@@ -164,10 +164,9 @@ def download(
         except BaseException:
             feed.abandon()
             raise
-        if not read.check:
-            feed.close()
-            continue
         digest = feed.close()
+        if not read.check:
+            continue
         if digest != info.sha256:
             raise ChecksumMismatch(f"{info.name}: the downloaded bytes have sha256 {digest}, but the Hub lists {info.sha256}", read.file)
         logger.info("%s: sha256 checked over all %d bytes", info.name, info.size)

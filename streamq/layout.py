@@ -118,6 +118,12 @@ def plan_layout(
     return Layout(outputs, order, dict(items), last_part, waiting, owner)
 
 
+def source_bytes(layout: Layout, stored: dict[str, Stored], index: int) -> int:
+    """Bytes of the stored tensors output shard `index` is made from (a GGUF tensor may share its source)."""
+    parts = {p for item in layout.outputs[index].items for p in layout.parts[item]}
+    return sum(stored[p].end - stored[p].start for p in parts)
+
+
 def quantized_entries(out_key: str, ndim: int) -> list[tuple[str, int]]:
     """Header entries to reserve for one quantized weight, before its converter has named them."""
     return [(out_key + LONGEST_SUFFIX, ndim)] * QUANTIZED_OUTPUTS

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import CorruptShardError, StreamqError
+from .layout import source_bytes
 from .manifest import Manifest, ShardEntry, now
 from .plan import Plan
 from .publish import Sink
@@ -55,10 +56,7 @@ class Record:
         self._started = time.monotonic()
 
     def input_bytes(self, index: int) -> int:
-        """Bytes of the stored tensors an output shard is made from."""
-        stored = self.plan.stored_at
-        parts = {p for item in self.layout.outputs[index].items for p in self.layout.parts[item]}  # a GGUF tensor may share its source
-        return sum(stored[p].end - stored[p].start for p in parts)
+        return source_bytes(self.layout, self.plan.stored_at, index)
 
     def refused(self, index: int) -> str | None:
         """Why the shard must not be published, if it must not."""

@@ -23,6 +23,7 @@ from . import surface
 from .budget import DiskBudget, disk_full_is_clear
 from .convert import Made, convert_stream
 from .download import Checkpoint, ChecksumMismatch, InputFile, Read, download, resume_point
+from .errors import StreamqError
 from .fetch import HubSource, LocalSource, Source, file_sha256
 from .layout import Position
 from .manifest import Manifest
@@ -149,8 +150,9 @@ class Scheduler:
     def _publish(self, made: Made, digest: Future[str]) -> ShardRecord:
         name = made.shard.name
         try:
-            if self.record.refused(made.index) is not None:
+            if (why := self.record.refused(made.index)) is not None:
                 made.written.path.unlink(missing_ok=True)
+                raise StreamqError(why)  # before waiting for the hash of the file just removed
             self.bar.set_postfix_str(f"publishing {name}")
             written = Written(made.written.size, digest.result(), made.written.tensor_bytes, made.written.keys, made.stats)
             put = lambda remaining: self.sink.add_shard(made.written.path, name, self.manifest, remaining=remaining)  # noqa: E731

@@ -234,15 +234,15 @@ def test_jobs_cover_every_output_once_and_check_every_file_once(hub: LocalHub, c
     plan = plan_requantize("org/model", endpoint=hub.endpoint, token=TOKEN, max_shard_size="300KB")
     layout, sizes = plan.layout, [s.size for s in plan.shards]
     todo = list(range(len(plan.outputs)))
-    jobs = split_jobs(layout, sizes, todo, set(range(len(sizes))), count)
+    jobs = split_jobs(plan, todo, set(range(len(sizes))), count)
     assert [i for job in jobs for i in job.outputs] == todo  # consecutive, in order, each once
     assert sorted(f for job in jobs for f in job.checks) == list(range(len(sizes)))
     assert len(jobs) == min(count, len(todo))
     shares = [sum(plan.stored_at[p].end - plan.stored_at[p].start for i in job.outputs for item in layout.outputs[i].items for p in layout.parts[item]) for job in jobs]
     assert max(shares) <= 2.5 * plan.input_bytes / len(jobs)  # about even
     for job in jobs:
-        reads = {r.file: r for r in job_reads(layout, sizes, job.outputs, job.checks)}
-        for f, (start, end) in spans(layout, job.outputs).items():  # every byte the job converts is read
+        reads = {r.file: r for r in job_reads(plan, job.outputs, job.checks)}
+        for f, (start, end) in spans(plan, job.outputs).items():  # every byte the job converts is read
             assert reads[f].start.offset <= start and (reads[f].end is None or end <= reads[f].end)
         for f in job.checks:  # a checked file is read whole, from its first byte, and hashed
             assert reads[f].start.offset == 0 and reads[f].end is None and reads[f].check
@@ -252,7 +252,7 @@ def test_a_file_only_pending_shards_wait_for_gets_a_job_that_checks_it(hub: Loca
     plan = plan_requantize("org/model", endpoint=hub.endpoint, token=TOKEN, max_shard_size="300KB")
     sizes = [s.size for s in plan.shards]
     last = len(plan.outputs) - 1
-    jobs = split_jobs(plan.layout, sizes, [last], {0, len(sizes) - 1}, 3)
+    jobs = split_jobs(plan, [last], {0, len(sizes) - 1}, 3)
     assert [(j.outputs, j.checks) for j in jobs] == [((last,), (len(sizes) - 1,)), ((), (0,))]
 
 

@@ -57,17 +57,16 @@ class ClusterScheduler:
         self.record.promote_ready()  # pending shards of an earlier run whose files were checked since
         layout = self.plan.layout
         assert layout is not None
-        names = [s.name for s in self.plan.shards]
-        sizes = [s.size for s in self.plan.shards]
+        file_index = {s.name: i for i, s in enumerate(self.plan.shards)}
         needed = {f for i in todo for f in layout.outputs[i].files} | {f for e in self.manifest.pending.values() for f in e.inputs}
-        unchecked = {names.index(f) for f in needed if f not in self.record.checked}
+        unchecked = {file_index[f] for f in needed if f not in self.record.checked}
         if not todo and not unchecked:
             return
         nodes = self._connect()
-        jobs = split_jobs(layout, sizes, todo, unchecked, JOBS_PER_NODE * len(nodes))
+        jobs = split_jobs(self.plan, todo, unchecked, JOBS_PER_NODE * len(nodes))
         logger.info(
             "%d jobs on %d nodes; they download %s in all, for %s of source files",
-            len(jobs), len(nodes), human_size(downloaded_bytes(layout, sizes, jobs)), human_size(sum(sizes)),
+            len(jobs), len(nodes), human_size(downloaded_bytes(self.plan, jobs)), human_size(sum(s.size for s in self.plan.shards)),
         )
         self._board = start_board()
         self._plan = ray.put(self.plan)  # the headers' plan, once for all jobs
@@ -129,15 +128,14 @@ class ClusterScheduler:
             if isinstance(message, Started):
                 logger.info("job %d started on node %s", message.job, message.node)
                 self._nodes[message.job] = message.node
-            elif isinstance(message, Finished) and message.job not in self._finished:
-                self._finished.add(message.job)
-                logger.info(
-                    "job %d done on node %s: its work folder held at most %s of its %s budget; the worker's peak RSS %s",
-                    message.job, self._nodes.get(message.job, "?"), human_size(message.peak_disk), human_size(message.disk_budget), human_size(message.peak_rss),
-                    extra={"job_end": message},
-                )
             elif isinstance(message, Finished):
-                continue  # said already (a finished job's return repeats it)
+                if message.job not in self._finished:  # a finished job's return repeats it
+                    self._finished.add(message.job)
+                    logger.info(
+                        "job %d done on node %s: its work folder held at most %s of its %s budget; the worker's peak RSS %s",
+                        message.job, self._nodes.get(message.job, "?"), human_size(message.peak_disk), human_size(message.disk_budget),
+                        human_size(message.peak_rss), extra={"job_end": message},
+                    )
             elif isinstance(message, Checked):
                 name = self.plan.shards[message.file].name
                 if name not in self.record.checked:

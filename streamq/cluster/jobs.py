@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..download import Checkpoint, Read
-from ..layout import Layout
+from ..layout import Layout, source_bytes
+from ..plan import Plan
 
 CUT_SLACK = 0.25  # a cut may move this share of a job's size away from the even split, to a cheaper place
 
@@ -41,38 +42,37 @@ class Job:
     checks: tuple[int, ...]  # source files (indices) whose sha256 this job checks
 
 
-def spans(layout: Layout, outputs: Iterable[int]) -> dict[int, tuple[int, int]]:
+def spans(plan: Plan, outputs: Iterable[int]) -> dict[int, tuple[int, int]]:
     """Per source file, the byte range [start, end) the output shards' stored tensors lie in."""
+    layout = _layout(plan)
     found: dict[int, tuple[int, int]] = {}
-    stored = {s.key: s for s in layout.order}
     for index in outputs:
         for item in layout.outputs[index].items:
             for part in layout.parts[item]:
-                s = stored[part]
+                s = plan.stored_at[part]
                 lo, hi = found.get(s.file, (s.start, s.end))
                 found[s.file] = (min(lo, s.start), max(hi, s.end))
     return found
 
 
-def job_reads(layout: Layout, sizes: list[int], outputs: Iterable[int], checks: Iterable[int]) -> list[Read]:
+def job_reads(plan: Plan, outputs: Iterable[int], checks: Iterable[int]) -> list[Read]:
     """What a job downloads: each checked file whole, from its first byte; of the others, the span its
     output shards need, by one ranged read."""
-    needed = spans(layout, outputs)
     reads = {f: Read(f, Checkpoint(0, None)) for f in checks}
-    for f, (start, end) in needed.items():
+    for f, (start, end) in spans(plan, outputs).items():
         if f not in reads:
             reads[f] = Read(f, Checkpoint(start, None), end, check=False)
     return [reads[f] for f in sorted(reads)]
 
 
-def split_jobs(layout: Layout, sizes: list[int], todo: list[int], unchecked: set[int], count: int) -> list[Job]:
+def split_jobs(plan: Plan, todo: list[int], unchecked: set[int], count: int) -> list[Job]:
     """Cut `todo` (output indices, in order) into at most `count` jobs of about even input, and give each
     file of `unchecked` (source file indices) to the job that reads most of it; a file no job reads
     (it only holds tensors of shards waiting for its check) gets a job of its own."""
-    weights = [_input_bytes(layout, i) for i in todo]
-    cuts = _cuts(layout, sizes, todo, weights, max(1, min(count, len(todo))))
+    weights = [source_bytes(_layout(plan), plan.stored_at, i) for i in todo]
+    cuts = _cuts(plan, todo, weights, max(1, min(count, len(todo))))
     groups = [tuple(todo[a:b]) for a, b in zip([0, *cuts], [*cuts, len(todo)]) if b > a]
-    shares = [spans(layout, g) for g in groups]
+    shares = [spans(plan, g) for g in groups]
     checks: list[list[int]] = [[] for _ in groups]
     alone: list[int] = []
     for f in sorted(unchecked):
@@ -85,21 +85,20 @@ def split_jobs(layout: Layout, sizes: list[int], todo: list[int], unchecked: set
     return jobs + [Job(len(jobs) + k, (), (f,)) for k, f in enumerate(alone)]
 
 
-def downloaded_bytes(layout: Layout, sizes: list[int], jobs: list[Job]) -> int:
+def downloaded_bytes(plan: Plan, jobs: list[Job]) -> int:
     """Bytes all jobs download together (one machine downloads every file once, whole)."""
     return sum(
-        (sizes[r.file] if r.end is None else r.end) - r.start.offset
-        for job in jobs for r in job_reads(layout, sizes, job.outputs, job.checks)
+        (plan.shards[r.file].size if r.end is None else r.end) - r.start.offset
+        for job in jobs for r in job_reads(plan, job.outputs, job.checks)
     )
 
 
-def _input_bytes(layout: Layout, index: int) -> int:
-    stored = {s.key: s for s in layout.order}
-    parts = {p for item in layout.outputs[index].items for p in layout.parts[item]}
-    return sum(stored[p].end - stored[p].start for p in parts)
+def _layout(plan: Plan) -> Layout:
+    assert plan.layout is not None
+    return plan.layout
 
 
-def _cuts(layout: Layout, sizes: list[int], todo: list[int], weights: list[int], count: int) -> list[int]:
+def _cuts(plan: Plan, todo: list[int], weights: list[int], count: int) -> list[int]:
     """Positions in `todo` to cut before: near each even share of the input, where the file the cut
     falls in is shared most cheaply (the smaller side of it is read twice)."""
     total = sum(weights)
@@ -108,18 +107,17 @@ def _cuts(layout: Layout, sizes: list[int], todo: list[int], weights: list[int],
         before.append(before[-1] + w)
     cuts: list[int] = []
     for j in range(1, count):
-        ideal, slack = total * j / count, total / count * CUT_SLACK
         lo = cuts[-1] + 1 if cuts else 1
-        near = [k for k in range(lo, len(todo)) if abs(before[k] - ideal) <= slack]
-        if not near:
-            near = [min(range(lo, len(todo)), key=lambda k: abs(before[k] - ideal), default=None)]
-            if near[0] is None:
-                break
-        cuts.append(min(near, key=lambda k: (_shared(layout, sizes, todo[k]), abs(before[k] - ideal))))
+        if lo >= len(todo):
+            break
+        ideal, slack = total * j / count, total / count * CUT_SLACK
+        candidates = range(lo, len(todo))
+        near = [k for k in candidates if abs(before[k] - ideal) <= slack] or [min(candidates, key=lambda k: abs(before[k] - ideal))]
+        cuts.append(min(near, key=lambda k: (_shared(plan, todo[k]), abs(before[k] - ideal))))
     return cuts
 
 
-def _shared(layout: Layout, sizes: list[int], index: int) -> int:
+def _shared(plan: Plan, index: int) -> int:
     """What cutting before output `index` costs: the smaller side of the file its first byte lies in."""
-    start = layout.outputs[index].start
-    return min(start.offset, sizes[start.file] - start.offset)
+    start = _layout(plan).outputs[index].start
+    return min(start.offset, plan.shards[start.file].size - start.offset)

@@ -54,7 +54,7 @@ def run_job(job: Job, plan: Plan, context: JobContext, board: Any) -> list[Messa
     assert layout is not None
     files = [InputFile(s.name, s.size, s.sha256 or "") for s in plan.shards]
     sizes = [f.size for f in files]
-    reads = job_reads(layout, sizes, outputs, checks)
+    reads = job_reads(plan, outputs, checks)
     window_pool, output_pool = pools(plan.largest_tensor(), plan.output_pair(), True, context.disk_budget)
     root = default_root()
     root.mkdir(parents=True, exist_ok=True)
